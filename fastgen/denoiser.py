@@ -1,0 +1,191 @@
+"""A denoiser: any diffusers denoising network + its noise schedule + its conditioning.
+
+``Denoiser(model, schedule)(x_t, t, cond)`` returns a :class:`Prediction` from which the
+clean sample ``x0``, the noise ``eps``, ``v`` and the flow velocity are all available,
+whatever the teacher's own parameterisation. Classifier-free guidance is applied here and
+nowhere else. ``capture_features()`` exposes the bottleneck activations through a forward
+hook (never a patched forward), for GAN heads.
+
+Supported networks: ``UNet2DModel`` (unconditional), ``UNet2DConditionModel`` (text
+conditioning, optional ``timestep_cond`` guidance embedding) and ``SD3Transformer2DModel``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, fields, replace
+
+import torch
+from torch import nn
+
+from .schedule import NoiseSchedule
+
+
+@dataclass
+class Conditioning:
+    """Inputs of the network besides ``x_t`` and ``t``; every field is optional.
+
+    Args:
+        encoder_hidden_states: text embeddings ``[B, L, D]`` (UNet2DConditionModel, SD3).
+        pooled_projections: pooled text embeddings ``[B, D]`` (SD3).
+        timestep_cond: guidance-scale embedding ``[B, time_cond_proj_dim]`` (LCM-style UNets).
+    """
+
+    encoder_hidden_states: torch.Tensor | None = None
+    pooled_projections: torch.Tensor | None = None
+    timestep_cond: torch.Tensor | None = None
+
+    def _map(self, fn) -> "Conditioning":
+        return replace(self, **{f.name: (None if getattr(self, f.name) is None else fn(getattr(self, f.name)))
+                                for f in fields(self)})
+
+    def to(self, *args, **kwargs) -> "Conditioning":
+        return self._map(lambda x: x.to(*args, **kwargs))
+
+    def index(self, idx) -> "Conditioning":
+        """Select rows (e.g. a random subset of a prompt batch)."""
+        return self._map(lambda x: x[idx])
+
+    def repeat(self, n: int) -> "Conditioning":
+        """Repeat each row ``n`` times (``repeat_interleave``, as diffusers' ``num_images_per_prompt``)."""
+        return self._map(lambda x: x.repeat_interleave(n, dim=0))
+
+    @staticmethod
+    def cat(items: list["Conditioning"]) -> "Conditioning":
+        first = items[0]
+        return replace(first, **{f.name: (None if getattr(first, f.name) is None
+                                          else torch.cat([getattr(c, f.name) for c in items]))
+                                 for f in fields(first)})
+
+
+class Prediction:
+    """A network output at ``(x_t, t)``, viewable in every parameterisation."""
+
+    def __init__(self, raw: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule):
+        self.raw, self.x_t, self.t, self.schedule = raw, x_t, t, schedule
+        self._x0_eps = None
+
+    def _pair(self):
+        if self._x0_eps is None:
+            self._x0_eps = self.schedule.to_x0_eps(self.raw, self.x_t, self.t)
+        return self._x0_eps
+
+    @property
+    def x0(self) -> torch.Tensor:
+        return self._pair()[0]
+
+    @property
+    def eps(self) -> torch.Tensor:
+        return self._pair()[1]
+
+    @property
+    def v(self) -> torch.Tensor:
+        """``alpha eps - sigma x0`` (diffusers' ``v_prediction``)."""
+        return self.schedule.from_x0_eps(*self._pair(), self.t, "v_prediction")
+
+    @property
+    def flow(self) -> torch.Tensor:
+        """``eps - x0`` (the rectified-flow velocity)."""
+        return self.schedule.from_x0_eps(*self._pair(), self.t, "flow")
+
+    def as_type(self, prediction_type: str) -> torch.Tensor:
+        return self.schedule.from_x0_eps(*self._pair(), self.t, prediction_type)
+
+
+def bottleneck_module(model: nn.Module) -> nn.Module:
+    """The module whose output is the network's bottleneck: the UNet mid block, or SD3's middle block."""
+    if getattr(model, "mid_block", None) is not None:
+        return model.mid_block
+    blocks = getattr(model, "transformer_blocks", None)
+    if blocks is not None and len(blocks) > 0:
+        return blocks[len(blocks) // 2]
+    raise TypeError(f"{type(model).__name__} has no mid_block or transformer_blocks to take features from.")
+
+
+class Denoiser(nn.Module):
+    """Wraps a diffusers denoising network with its schedule.
+
+    Args:
+        model: a ``UNet2DModel``, ``UNet2DConditionModel`` or ``SD3Transformer2DModel``.
+        schedule: the teacher's :class:`~fastgen.schedule.NoiseSchedule`; its
+            ``prediction_type`` says what ``model`` outputs.
+    """
+
+    def __init__(self, model: nn.Module, schedule: NoiseSchedule):
+        super().__init__()
+        from diffusers import SD3Transformer2DModel, UNet2DConditionModel, UNet2DModel
+
+        if isinstance(model, UNet2DModel):
+            self.kind = "unet"
+        elif isinstance(model, UNet2DConditionModel):
+            self.kind = "unet_cond"
+        elif isinstance(model, SD3Transformer2DModel):
+            self.kind = "sd3"
+        else:
+            raise TypeError(
+                f"Denoiser supports UNet2DModel, UNet2DConditionModel and SD3Transformer2DModel, "
+                f"not {type(model).__name__}.")
+        self.model = model
+        self.schedule = schedule
+
+    @property
+    def is_conditional(self) -> bool:
+        return self.kind != "unet"
+
+    def model_output(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning | None) -> torch.Tensor:
+        """One raw network evaluation (the teacher's own parameterisation)."""
+        cond = cond or Conditioning()
+        if self.kind == "unet":
+            return self.model(x_t, t).sample
+        if self.kind == "unet_cond":
+            if cond.encoder_hidden_states is None:
+                raise ValueError("UNet2DConditionModel needs Conditioning.encoder_hidden_states.")
+            return self.model(x_t, t, encoder_hidden_states=cond.encoder_hidden_states,
+                              timestep_cond=cond.timestep_cond).sample
+        return self.model(hidden_states=x_t, timestep=t, encoder_hidden_states=cond.encoder_hidden_states,
+                          pooled_projections=cond.pooled_projections).sample
+
+    def forward(self, x_t: torch.Tensor, t, cond: Conditioning | None = None, uncond: Conditioning | None = None,
+                guidance_scale: float | None = None) -> Prediction:
+        """Predict at ``(x_t, t)``.
+
+        Args:
+            x_t: noisy input ``[B, C, H, W]``.
+            t: timestep(s), a scalar or ``[B]``, in the network's own units.
+            cond: conditioning of the prompts (``None`` for unconditional networks).
+            uncond: conditioning of the empty / negative prompt, needed for guidance.
+            guidance_scale: classifier-free guidance ``w``: ``uncond + w (cond - uncond)``.
+                ``None`` or 1 means no guidance (one network evaluation).
+        """
+        t = torch.as_tensor(t, device=x_t.device)
+        if t.ndim == 0:
+            t = t.expand(x_t.shape[0])
+        if guidance_scale is None or guidance_scale == 1.0:
+            raw = self.model_output(x_t, t, cond)
+        else:
+            if uncond is None:
+                raise ValueError("Classifier-free guidance needs `uncond` (the empty-prompt conditioning).")
+            both = self.model_output(torch.cat([x_t, x_t]), torch.cat([t, t]), Conditioning.cat([uncond, cond]))
+            raw_uncond, raw_cond = both.chunk(2)
+            raw = raw_uncond + guidance_scale * (raw_cond - raw_uncond)
+        return Prediction(raw, x_t, t, self.schedule)
+
+    @contextlib.contextmanager
+    def capture_features(self):
+        """Collect the bottleneck activations of every forward inside the ``with`` block.
+
+        Yields a list that receives one tensor per network evaluation (through a forward hook).
+        """
+        captured: list[torch.Tensor] = []
+
+        def hook(_module, _inputs, output):
+            captured.append(output[-1] if isinstance(output, tuple) else output)
+
+        handle = bottleneck_module(self.model).register_forward_hook(hook)
+        try:
+            yield captured
+        finally:
+            handle.remove()
+
+
+__all__ = ["Conditioning", "Prediction", "Denoiser", "bottleneck_module"]

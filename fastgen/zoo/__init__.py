@@ -1,0 +1,52 @@
+"""The zoo: tiny real teachers trained on real data, shipped as plain diffusers folders.
+
+* ``digits-ddpm`` -- pixel-space ``UNet2DModel`` on scikit-learn's 8x8 digits (``DDPMPipeline``).
+* ``fmnist-ldm`` -- a tiny Stable Diffusion on Fashion-MNIST (``StableDiffusionPipeline``).
+
+``fastgen.zoo.path(name)`` is the folder that ``DiffusionPipeline.from_pretrained`` loads.
+The builders and training code live in :mod:`fastgen.train.teachers` (``fastgen zoo train``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ZOO_DIR = Path(__file__).resolve().parent
+
+TEACHERS = {
+    "digits-ddpm": "UNet2DModel DDPM on scikit-learn's 8x8 digits (unconditional, 1x8x8 pixels).",
+    "fmnist-ldm": "Tiny Stable Diffusion on Fashion-MNIST (text-conditional, 32x32 images, 4x8x8 latents).",
+}
+
+FMNIST_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+                  "ankle boot")
+PROMPT_TEMPLATE = "a photo of a {}"
+
+
+def names() -> list[str]:
+    """Names of the zoo's teachers."""
+    return list(TEACHERS)
+
+
+def prompts() -> list[str]:
+    """The fmnist-ldm prompts, one per class, in label order."""
+    return [PROMPT_TEMPLATE.format(c) for c in FMNIST_CLASSES]
+
+
+def path(name: str, check: bool = True) -> Path:
+    """Folder of a zoo teacher, loadable with ``DiffusionPipeline.from_pretrained``.
+
+    Raises ``KeyError`` for an unknown name and ``FileNotFoundError`` when the weights are
+    missing (``check=True``); ``fastgen zoo train NAME`` rebuilds them.
+    """
+    if name not in TEACHERS:
+        raise KeyError(f"Unknown zoo teacher {name!r}; available: {', '.join(TEACHERS)}.")
+    folder = ZOO_DIR / name
+    if check and not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(f"Zoo teacher {name!r} has no weights at {folder}; run `fastgen zoo train {name}`.")
+    return folder
+
+
+def resolve(name_or_path: str) -> str:
+    """A zoo name becomes its folder; anything else (a folder or a hub id) is returned unchanged."""
+    return str(path(name_or_path)) if name_or_path in TEACHERS else name_or_path

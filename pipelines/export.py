@@ -1,0 +1,145 @@
+"""Export a student as a plain diffusers folder: the teacher's built-in pipeline class with a
+built-in scheduler that reproduces fastgen's sampler.
+
+``DiffusionPipeline.from_pretrained(folder)`` loads the result with no extra arguments and
+without fastgen installed:
+
+* multistep students (DMD2, LCM, SiD) -> ``LCMScheduler`` whose ``set_timesteps(N)`` gives the
+  trained timesteps (``original_inference_steps=N``); flow teachers ->
+  ``FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)``.
+* DDIM students (progressive distillation) -> ``DDIMScheduler(timestep_spacing="trailing",
+  set_alpha_to_one=True)``; flow teachers -> ``FlowMatchEulerDiscreteScheduler``.
+
+fastgen's metadata (method, trained timesteps, recommended guidance) is kept as extra keys of
+``scheduler/scheduler_config.json``, which diffusers preserves. Pipeline call defaults cannot be
+set by config, so the folder's README.md states the exact call.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .sampler import check_timesteps
+
+METADATA_KEY = "fastgen"
+
+
+def _built_in_scheduler(teacher_config: dict, timesteps: list[int], sampler: str):
+    """The diffusers scheduler (and ``num_inference_steps``) that reproduces fastgen's sampler."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, LCMScheduler
+
+    config = {k: v for k, v in teacher_config.items() if not k.startswith("_") and k != METADATA_KEY}
+    n = len(timesteps)
+    if teacher_config.get("_class_name", "").startswith("FlowMatch"):
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(config, stochastic_sampling=(sampler == "multistep"))
+    elif sampler == "multistep":
+        scheduler = LCMScheduler.from_config(config, original_inference_steps=n, set_alpha_to_one=True)
+    elif sampler == "ddim":
+        T = config.get("num_train_timesteps", 1000)
+        if [t - T // n for t in timesteps] != timesteps[1:] + [timesteps[-1] - T // n] or timesteps[-1] - T // n >= 0:
+            raise ValueError(
+                f"DDIMScheduler steps from t to t - T//N, so it reproduces only evenly spaced trailing timesteps "
+                f"ending at T//N - 1 (N dividing T={T}); got {timesteps}.")
+        scheduler = DDIMScheduler.from_config(config, timestep_spacing="trailing", set_alpha_to_one=True)
+    else:
+        raise ValueError(f"Unknown sampler {sampler!r}; expected 'multistep' or 'ddim'.")
+    scheduler.set_timesteps(n)
+    default = [int(round(float(t))) for t in scheduler.timesteps]
+    return scheduler, default == timesteps
+
+
+def _model_card(pipe_class: str, scheduler_class: str, meta: dict, call: str, is_text: bool) -> str:
+    example = 'pipe("a photo of a sneaker", ' if is_text else "pipe("
+    return f"""---
+library_name: diffusers
+tags:
+- fastgen
+- distillation
+- {meta['method']}
+---
+
+# {meta['num_steps']}-step {meta['method']} student of `{meta['teacher']}`
+
+Distilled with [fastgen](https://pypi.org/project/fastgen/) (method: `{meta['method']}`). This is a plain
+`{pipe_class}` with a `{scheduler_class}`; fastgen is not needed to run it.
+
+```python
+import torch
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained("path/to/this/folder")
+image = {example}{call}, generator=torch.Generator().manual_seed(0)).images[0]
+```
+
+Pass these arguments exactly: pipeline call defaults cannot be changed by a config file, and the
+student was trained for these timesteps ({meta['timesteps']}) and guidance scale
+({meta['guidance_scale']}; guidance at or below 1 disables classifier-free guidance).
+
+fastgen metadata (also in `scheduler/scheduler_config.json` under `"{METADATA_KEY}"`):
+
+```json
+{json.dumps(meta, indent=2)}
+```
+"""
+
+
+def export_student(teacher, out_dir: str | Path, *, model: torch.nn.Module | None = None,
+                   timesteps: Sequence[int], sampler: str = "multistep", method: str = "student",
+                   guidance_scale: float = 0.0, extra_metadata: dict | None = None) -> Path:
+    """Write a student as a plain diffusers folder.
+
+    Args:
+        teacher: the teacher pipeline (loaded) or its folder / hub id; supplies every component
+            but the denoising network.
+        out_dir: folder to write.
+        model: the student network (same class as the teacher's ``unet`` / ``transformer``). A peft
+            LoRA student must be fused first (:func:`fastgen.pipelines.lora.fuse_student`).
+        timesteps: the trained, descending network timesteps, e.g. ``[999, 749, 499, 249]``.
+        sampler: ``"multistep"`` (x0 then re-noise) or ``"ddim"``.
+        method: name recorded in the metadata and model card.
+        guidance_scale: the guidance to call the student with (0 for guidance-distilled students).
+    Returns:
+        ``out_dir`` as a Path.
+    """
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(teacher)) if isinstance(teacher, (str, Path)) else teacher
+    network_name = "unet" if "unet" in pipe.components else "transformer"
+    teacher_config = dict(pipe.scheduler.config)
+    timesteps = check_timesteps(timesteps, teacher_config.get("num_train_timesteps", 1000))
+    scheduler, default_matches = _built_in_scheduler(teacher_config, timesteps, sampler)
+    is_text = hasattr(pipe, "encode_prompt")
+    call = f"num_inference_steps={len(timesteps)}"
+    if not default_matches:
+        call = f"timesteps={timesteps}"
+    if is_text:
+        call += f", guidance_scale={guidance_scale}"
+    meta = {"method": method, "sampler": sampler, "num_steps": len(timesteps), "timesteps": timesteps,
+            "guidance_scale": guidance_scale, "teacher": str(getattr(pipe, "name_or_path", "") or teacher_config.get(
+                "_name_or_path", "teacher")), "call": call, **(extra_metadata or {})}
+    scheduler.register_to_config(**{METADATA_KEY: meta})
+
+    components = dict(pipe.components)
+    if model is not None:
+        if hasattr(model, "peft_config"):
+            raise ValueError("The student still carries peft adapters; fuse them first with "
+                             "fastgen.pipelines.lora.fuse_student(model).")
+        components[network_name] = model
+    components["scheduler"] = scheduler
+    student = type(pipe)(**components)
+    out = Path(out_dir)
+    student.save_pretrained(out)
+    (out / "README.md").write_text(_model_card(type(pipe).__name__, type(scheduler).__name__, meta, call, is_text))
+    return out
+
+
+def read_metadata(folder: str | Path) -> dict:
+    """The fastgen metadata of an exported folder ({} for a folder fastgen did not write)."""
+    path = Path(folder) / "scheduler" / "scheduler_config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} has no scheduler/scheduler_config.json; is it a diffusers pipeline folder?")
+    return json.loads(path.read_text()).get(METADATA_KEY, {})

@@ -1,0 +1,112 @@
+"""fastgen's own generation over a loaded diffusers pipeline: prompts -> noise -> sampler -> images.
+
+:class:`PipelineSampler` mirrors what the diffusers pipeline does around its denoising loop
+(prompt encoding, latent shape, initial noise, VAE decoding, ``[0, 1]`` output) and runs one of
+fastgen's samplers in between. It is what training, evaluation and the export tests use; an
+exported folder loaded with plain diffusers must give the same images for the same seed.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+from fastgen.denoiser import Conditioning, Denoiser
+from fastgen.schedule import schedule_from_scheduler_config
+
+from .sampler import SAMPLERS, check_timesteps
+
+
+def denoiser_from_pipeline(pipe, model: torch.nn.Module | None = None) -> Denoiser:
+    """A :class:`Denoiser` for the pipeline's network (or ``model``) with the pipeline's schedule."""
+    network = model if model is not None else getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    if network is None:
+        raise TypeError(f"{type(pipe).__name__} has no `unet` or `transformer` component.")
+    return Denoiser(network, schedule_from_scheduler_config(pipe.scheduler.config))
+
+
+def encode_prompts(pipe, prompts: Sequence[str], negative_prompt: str = "") -> tuple[Conditioning, Conditioning]:
+    """Conditioning of ``prompts`` and of the negative prompt, with the pipeline's own ``encode_prompt``."""
+    if not hasattr(pipe, "encode_prompt"):
+        raise TypeError(f"{type(pipe).__name__} is not text-conditional; pass batch_size instead of prompts.")
+    device = pipe.device
+    if "text_encoder_3" in getattr(pipe, "components", {}):  # SD3: (embeds, neg, pooled, neg_pooled)
+        embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
+            prompt=list(prompts), prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=1,
+            do_classifier_free_guidance=True, negative_prompt=[negative_prompt] * len(prompts))
+        return Conditioning(embeds, pooled), Conditioning(neg, neg_pooled)
+    embeds, neg = pipe.encode_prompt(list(prompts), device, 1, True, [negative_prompt] * len(prompts))
+    return Conditioning(embeds), Conditioning(neg)
+
+
+class PipelineSampler:
+    """Sample a diffusers pipeline's network with one of fastgen's samplers.
+
+    Args:
+        pipe: a loaded ``DDPMPipeline``, ``StableDiffusionPipeline`` (or SD3) -- teacher or student.
+        model: optional replacement network (e.g. a student being trained); defaults to the pipeline's.
+    """
+
+    def __init__(self, pipe, model: torch.nn.Module | None = None):
+        self.pipe = pipe
+        self.denoiser = denoiser_from_pipeline(pipe, model)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        cfg = self.denoiser.model.config
+        size = cfg.sample_size
+        return (cfg.in_channels, size, size)
+
+    def conditioning(self, prompts: Sequence[str] | None, guidance_scale: float | None):
+        """``(cond, uncond, w)`` with diffusers' convention: guidance only when ``w > 1``."""
+        if prompts is None:
+            if self.denoiser.is_conditional:
+                raise ValueError("This pipeline is text-conditional: pass prompts.")
+            return None, None, None
+        cond, uncond = encode_prompts(self.pipe, prompts)
+        unet_cfg = self.denoiser.model.config
+        w = guidance_scale if guidance_scale is not None and guidance_scale > 1 else None
+        if getattr(unet_cfg, "time_cond_proj_dim", None) is not None:  # guidance distilled into a w-embedding
+            scale = torch.full((len(prompts),), (guidance_scale or 1.0) - 1.0)
+            cond.timestep_cond = self.pipe.get_guidance_scale_embedding(
+                scale, embedding_dim=unet_cfg.time_cond_proj_dim).to(cond.encoder_hidden_states)
+            w = None
+        return cond, uncond, w
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (or pixels) to images in [0, 1], as the pipeline's post-processing does."""
+        vae = getattr(self.pipe, "vae", None)
+        if vae is not None:
+            latents = latents / vae.config.scaling_factor
+            if getattr(vae.config, "shift_factor", None):
+                latents = latents + vae.config.shift_factor
+            latents = vae.decode(latents.to(vae.dtype)).sample
+        return (latents / 2 + 0.5).clamp(0, 1)
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str] | None = None, batch_size: int | None = None,
+                 timesteps: Sequence[int] = (999,), sampler: str = "multistep", guidance_scale: float | None = None,
+                 generator: torch.Generator | None = None, output: str = "images", progress: bool = False):
+        """Generate images ``[B, C, H, W]`` in [0, 1] (or raw latents with ``output="latents"``).
+
+        Args:
+            prompts: one prompt per image (text-conditional pipelines).
+            batch_size: number of images (unconditional pipelines).
+            timesteps: descending network timesteps of the sampler.
+            sampler: ``"multistep"`` (x0-then-renoise) or ``"ddim"``.
+            guidance_scale: classifier-free guidance; ``None`` or ``<= 1`` disables it, as in diffusers.
+            generator: torch generator; the same seed gives the same images as the exported pipeline.
+        """
+        if sampler not in SAMPLERS:
+            raise ValueError(f"Unknown sampler {sampler!r}; expected one of {list(SAMPLERS)}.")
+        timesteps = check_timesteps(timesteps, self.denoiser.schedule.num_train_timesteps)
+        cond, uncond, w = self.conditioning(prompts, guidance_scale)
+        n = len(prompts) if prompts is not None else batch_size
+        if not n:
+            raise ValueError("Pass prompts or a positive batch_size.")
+        model = self.denoiser.model
+        noise = randn_tensor((n, *self.latent_shape), generator=generator, device=model.device, dtype=model.dtype)
+        latents = SAMPLERS[sampler](self.denoiser, noise, timesteps, cond, uncond, w, generator, progress)
+        return latents if output == "latents" else self.decode(latents)

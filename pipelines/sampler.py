@@ -1,0 +1,117 @@
+"""The student samplers fastgen uses in training, evaluation and export tests.
+
+Two samplers, each a short function over a :class:`~fastgen.denoiser.Denoiser`:
+
+* :func:`sample_multistep` -- DMD2 / LCM / few-step SiD: at each timestep predict x0, then
+  re-noise it with *fresh* noise to the next timestep; the last x0 is the sample.
+  Reproduced by diffusers' ``LCMScheduler`` (VP) and ``FlowMatchEulerDiscreteScheduler(
+  stochastic_sampling=True)`` (flow).
+* :func:`sample_ddim` -- deterministic DDIM on given timesteps (progressive distillation,
+  the teacher's own ODE); the last step jumps to x0. Reproduced by ``DDIMScheduler(
+  timestep_spacing="trailing", set_alpha_to_one=True)`` (VP) and the flow Euler scheduler.
+
+Noise is drawn with diffusers' ``randn_tensor`` from the caller's generator in the same order
+as diffusers' pipelines, so the same seed gives the same image in both.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+from tqdm.auto import tqdm
+
+from fastgen.denoiser import Conditioning, Denoiser
+
+
+def _x0(denoiser: Denoiser, x: torch.Tensor, t: int, cond, uncond, guidance_scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """x0 and eps at ``(x, t)``, with the schedule's ``clip_sample`` applied to x0 (as diffusers does)."""
+    pred = denoiser(x, t, cond, uncond, guidance_scale)
+    x0, eps = pred.x0, pred.eps
+    clip = denoiser.schedule.clip_sample_range
+    if clip is not None:
+        x0 = x0.clamp(-clip, clip)
+    return x0, eps
+
+
+def sample_multistep(denoiser: Denoiser, noise: torch.Tensor, timesteps: Sequence[int],
+                     cond: Conditioning | None = None, uncond: Conditioning | None = None,
+                     guidance_scale: float | None = None, generator: torch.Generator | None = None,
+                     progress: bool = False) -> torch.Tensor:
+    """x0-then-renoise sampling: ``x_{t_{i+1}} = alpha_{t_{i+1}} x0(x_{t_i}) + sigma_{t_{i+1}} z``.
+
+    Args:
+        denoiser: the student (or teacher) network with its schedule.
+        noise: the starting point, pure noise at ``timesteps[0]``.
+        timesteps: descending network timesteps, e.g. ``[999, 749, 499, 249]``.
+        cond, uncond, guidance_scale: conditioning and classifier-free guidance (see Denoiser).
+        generator: source of the fresh noise drawn at each re-noising.
+    Returns:
+        The final x0 prediction.
+    """
+    x = noise
+    steps = list(timesteps)
+    for i, t in enumerate(tqdm(steps, desc="sampling", disable=not progress)):
+        x0, _ = _x0(denoiser, x, t, cond, uncond, guidance_scale)
+        if i == len(steps) - 1:
+            return x0
+        z = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        x = denoiser.schedule.add_noise(x0, z, steps[i + 1])
+    return x
+
+
+def sample_ddim(denoiser: Denoiser, noise: torch.Tensor, timesteps: Sequence[int],
+                cond: Conditioning | None = None, uncond: Conditioning | None = None,
+                guidance_scale: float | None = None, generator: torch.Generator | None = None,
+                progress: bool = False) -> torch.Tensor:
+    """Deterministic DDIM (eta = 0): ``x_{t'} = alpha_{t'} x0 + sigma_{t'} eps``; the last step returns x0.
+
+    Arguments as :func:`sample_multistep` (``generator`` is unused: DDIM draws no noise).
+    """
+    x = noise
+    steps = list(timesteps)
+    for i, t in enumerate(tqdm(steps, desc="sampling", disable=not progress)):
+        x0, eps = _x0(denoiser, x, t, cond, uncond, guidance_scale)
+        if i == len(steps) - 1:
+            return x0
+        x = denoiser.schedule.add_noise(x0, eps, steps[i + 1])
+    return x
+
+
+SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"multistep": sample_multistep, "ddim": sample_ddim}
+
+
+def student_timesteps(schedule, num_steps: int, sampler: str = "multistep") -> list[int]:
+    """The default timesteps of an ``num_steps``-step student, as its exported scheduler computes them.
+
+    ``multistep``: ``LCMScheduler(original_inference_steps=N)`` -- ``[999, 749, 499, 249]`` for N=4.
+    ``ddim``: ``DDIMScheduler(timestep_spacing="trailing")`` -- the same for N=4, ``[999, 666, 332]`` for N=3.
+    Computed by diffusers' schedulers themselves, so training and export cannot disagree.
+    """
+    from diffusers import DDIMScheduler, LCMScheduler
+
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
+    T = schedule.num_train_timesteps
+    if sampler == "multistep":
+        scheduler = LCMScheduler(num_train_timesteps=T, original_inference_steps=num_steps)
+    elif sampler == "ddim":
+        scheduler = DDIMScheduler(num_train_timesteps=T, timestep_spacing="trailing")
+    else:
+        raise ValueError(f"Unknown sampler {sampler!r}; expected one of {list(SAMPLERS)}.")
+    scheduler.set_timesteps(num_steps)
+    return [int(t) for t in scheduler.timesteps]
+
+
+def check_timesteps(timesteps: Sequence[int], num_train_timesteps: int) -> list[int]:
+    """Validate a student's timestep list: integers in [0, T-1], strictly descending."""
+    ts = [int(t) for t in timesteps]
+    if not ts:
+        raise ValueError("The timestep list is empty.")
+    bad = [t for t in ts if not 0 <= t < num_train_timesteps]
+    if bad:
+        raise ValueError(f"Timesteps {bad} are out of range [0, {num_train_timesteps - 1}].")
+    if any(a <= b for a, b in zip(ts, ts[1:])):
+        raise ValueError(f"Timesteps must be strictly descending, got {ts}.")
+    return ts

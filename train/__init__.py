@@ -1,0 +1,1 @@
+"""fastgen.train: the accelerate trainer, recipes, data, and the zoo teachers' own training."""

@@ -1,0 +1,294 @@
+"""Builders and training of the zoo's tiny teachers (``fastgen zoo train NAME``).
+
+Each teacher is trained from a fixed seed with a fixed number of steps, so the command in
+its model card reproduces the shipped weights on the same machine. Training writes the
+diffusers folder plus ``training_log.json`` (seed, steps, losses, wall time), from which
+:mod:`fastgen.train.cards` writes the model card and sample grids.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from fastgen import zoo
+from fastgen.zoo.data import load_digits, load_fashion_mnist
+
+
+@dataclass
+class TeacherConfig:
+    """Hyper-parameters of one teacher's training run (all recorded in the model card)."""
+
+    seed: int = 0
+    steps: int = 6000
+    batch_size: int = 64
+    lr: float = 5e-4
+    warmup: int = 200
+    ema_decay: float = 0.999
+    vae_steps: int = 0
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6
+    cfg_dropout: float = 0.1
+
+
+DEFAULTS = {
+    "digits-ddpm": TeacherConfig(steps=6000, batch_size=64),
+    "fmnist-ldm": TeacherConfig(steps=10000, batch_size=64, vae_steps=2500),
+}
+
+
+# --- architectures ------------------------------------------------------------------------
+def build_digits_unet():
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+                       block_out_channels=(32, 64, 64), norm_num_groups=8, attention_head_dim=16,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"))
+
+
+def build_fmnist_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=1, out_channels=1, latent_channels=4, sample_size=32, layers_per_block=1,
+                         block_out_channels=(32, 48, 64), norm_num_groups=16,
+                         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3)
+
+
+def build_fmnist_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(32, 48, 64), cross_attention_dim=64, attention_head_dim=8,
+                                norm_num_groups=16,
+                                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+
+
+def build_byte_tokenizer(folder: Path, model_max_length: int = 32):
+    """An offline byte-level ``CLIPTokenizer``: every byte is a token (no merges).
+
+    ``vocab.json`` holds the 256 byte characters, their ``</w>`` (end-of-word) forms and the
+    two special tokens; ``merges.txt`` holds only the version line. A prompt of ``n``
+    non-space characters becomes ``n + 2`` tokens, so ``model_max_length`` must exceed the
+    longest prompt's length.
+    """
+    from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    longest = max(len(p.replace(" ", "")) + 2 for p in zoo.prompts())
+    if model_max_length < longest:
+        raise ValueError(f"model_max_length={model_max_length} would truncate prompts of {longest} tokens.")
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = list(bytes_to_unicode().values())
+    vocab = {token: i for i, token in enumerate(chars + [c + "</w>" for c in chars] +
+                                                ["<|startoftext|>", "<|endoftext|>"])}
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "CLIPTokenizer", "model_max_length": model_max_length, "pad_token": "<|endoftext|>",
+         "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}))
+    return CLIPTokenizer.from_pretrained(folder)
+
+
+def build_text_encoder(tokenizer):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length,
+                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id)
+    return CLIPTextModel(config)
+
+
+def teacher_scheduler_config(name: str) -> dict:
+    """The DDPM noise schedule each teacher is trained with."""
+    if name == "digits-ddpm":
+        return dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                    prediction_type="epsilon", clip_sample=True)
+    return dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                prediction_type="epsilon", clip_sample=False)
+
+
+# --- training helpers ---------------------------------------------------------------------
+def _lr_lambda(cfg_warmup: int, total: int):
+    def fn(step):
+        if step < cfg_warmup:
+            return (step + 1) / cfg_warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - cfg_warmup) / max(1, total - cfg_warmup)))
+    return fn
+
+
+def _machine() -> str:
+    import os
+    return f"{os.cpu_count()} CPU cores ({platform.machine()}), torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def _diffusion_loop(unet, params, batches, scheduler, cfg: TeacherConfig, desc: str, encode=None):
+    """Epsilon-prediction training with EMA; ``batches(step)`` yields (x0, cond or None)."""
+    from diffusers.training_utils import EMAModel
+
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup, cfg.steps))
+    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay)
+    alphas_cumprod = scheduler.alphas_cumprod
+    losses = []
+    bar = tqdm(range(cfg.steps), desc=desc)
+    for step in bar:
+        x0, cond = batches(step)
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, len(alphas_cumprod), (x0.shape[0],))
+        x_t = scheduler.add_noise(x0, noise, t)
+        out = unet(x_t, t).sample if encode is None else unet(x_t, t, encoder_hidden_states=encode(cond)).sample
+        loss = F.mse_loss(out, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        ema.step(unet.parameters())
+        losses.append(loss.item())
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{sum(losses[-200:]) / len(losses[-200:]):.4f}")
+    ema.copy_to(unet.parameters())
+    return losses
+
+
+def _summary(losses: list[float], every: int = 500) -> list[list[float]]:
+    return [[i, float(sum(losses[max(0, i - every):i + 1]) / len(losses[max(0, i - every):i + 1]))]
+            for i in range(0, len(losses), every)] + [[len(losses) - 1, float(sum(losses[-every:]) / len(losses[-every:]))]]
+
+
+# --- the two teachers ---------------------------------------------------------------------
+def train_digits(out: Path, cfg: TeacherConfig) -> dict:
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    torch.manual_seed(cfg.seed)
+    images, _ = load_digits("train")
+    unet = build_digits_unet()
+    scheduler = DDPMScheduler(**teacher_scheduler_config("digits-ddpm"))
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    def batches(step):
+        return images[torch.randint(0, len(images), (cfg.batch_size,), generator=gen)], None
+
+    start = time.time()
+    losses = _diffusion_loop(unet, list(unet.parameters()), batches, scheduler, cfg, "digits-ddpm")
+    wall = time.time() - start
+    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(out)
+    return {"unet_params": sum(p.numel() for p in unet.parameters()), "unet_wall_s": wall,
+            "unet_loss": _summary(losses), "train_images": len(images)}
+
+
+def train_vae(cfg: TeacherConfig, images: torch.Tensor, test_images: torch.Tensor):
+    """Train the 32x32 -> 8x8x4 AutoencoderKL with MSE + a small KL term."""
+    vae = build_fmnist_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(100, cfg.vae_steps))
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    bar = tqdm(range(cfg.vae_steps), desc="fmnist-ldm vae")
+    losses = []
+    for step in bar:
+        x = images[torch.randint(0, len(images), (cfg.batch_size,), generator=gen)]
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        mse = F.mse_loss(recon, x)
+        loss = mse + cfg.vae_kl_weight * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(mse.item())
+        if step % 50 == 0:
+            bar.set_postfix(mse=f"{sum(losses[-100:]) / len(losses[-100:]):.4f}")
+    vae.eval()
+    with torch.no_grad():
+        test_mse = sum(F.mse_loss(vae.decode(vae.encode(b).latent_dist.mode()).sample, b, reduction="sum").item()
+                       for b in test_images.split(500)) / test_images.numel()
+    # test_images: the first 2,000 images of the Fashion-MNIST test split (see train_fmnist)
+    return vae, losses, test_mse
+
+
+def train_fmnist(out: Path, cfg: TeacherConfig) -> dict:
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    torch.manual_seed(cfg.seed)
+    images, labels = load_fashion_mnist("train")
+    test_images = load_fashion_mnist("test")[0][:2000]
+
+    start = time.time()
+    vae, vae_losses, vae_test_mse = train_vae(cfg, images, test_images)
+    vae_wall = time.time() - start
+
+    # Encode the training set once; the diffusion model trains on posterior samples.
+    with torch.no_grad():
+        dists = [vae.encode(b).latent_dist for b in images.split(1000)]
+        means = torch.cat([d.mean for d in dists])
+        stds = torch.cat([d.std for d in dists])
+        scaling_factor = float(1.0 / (means + stds * torch.randn_like(means)).std())
+    vae.register_to_config(scaling_factor=scaling_factor)
+
+    tokenizer = build_byte_tokenizer(out / "_tokenizer_build")
+    text_encoder = build_text_encoder(tokenizer)
+    unet = build_fmnist_unet()
+    prompt_list = zoo.prompts() + [""]  # index 10 is the empty prompt (classifier-free guidance)
+    ids = tokenizer(prompt_list, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    gen = torch.Generator().manual_seed(cfg.seed + 2)
+
+    def batches(step):
+        idx = torch.randint(0, len(means), (cfg.batch_size,), generator=gen)
+        z = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)) * scaling_factor
+        drop = torch.rand(cfg.batch_size, generator=gen) < cfg.cfg_dropout
+        return z, torch.where(drop, torch.full_like(labels[idx], 10), labels[idx])
+
+    def encode(prompt_idx):  # run the text encoder on the 11 distinct prompts only, then gather
+        return text_encoder(ids)[0][prompt_idx]
+
+    scheduler_cfg = teacher_scheduler_config("fmnist-ldm")
+    from diffusers import DDPMScheduler
+    train_scheduler = DDPMScheduler(**scheduler_cfg)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    start = time.time()
+    losses = _diffusion_loop(unet, params, batches, train_scheduler, cfg, "fmnist-ldm unet", encode=encode)
+    unet_wall = time.time() - start
+
+    scheduler = DDIMScheduler(**scheduler_cfg, set_alpha_to_one=False, steps_offset=1,
+                              timestep_spacing="trailing")
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   image_encoder=None, requires_safety_checker=False)
+    pipe.save_pretrained(out)
+    import shutil
+    for f in ("vocab.json", "merges.txt"):  # keep the human-readable byte vocabulary beside tokenizer.json
+        shutil.copy(out / "_tokenizer_build" / f, out / "tokenizer" / f)
+    shutil.rmtree(out / "_tokenizer_build")
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    return {"unet_params": n(unet), "vae_params": n(vae), "text_encoder_params": n(text_encoder),
+            "vae_wall_s": vae_wall, "unet_wall_s": unet_wall, "vae_test_mse": vae_test_mse,
+            "vae_mse": _summary(vae_losses), "unet_loss": _summary(losses), "scaling_factor": scaling_factor,
+            "train_images": len(images)}
+
+
+def train_teacher(name: str, out: str | Path | None = None, **overrides) -> Path:
+    """Train a zoo teacher from its fixed seed and write it (default: into the installed zoo)."""
+    if name not in zoo.TEACHERS:
+        raise KeyError(f"Unknown zoo teacher {name!r}; available: {', '.join(zoo.TEACHERS)}.")
+    cfg = TeacherConfig(**{**asdict(DEFAULTS[name]), **{k: v for k, v in overrides.items() if v is not None}})
+    out = Path(out) if out is not None else zoo.path(name, check=False)
+    out.mkdir(parents=True, exist_ok=True)
+    stats = (train_digits if name == "digits-ddpm" else train_fmnist)(out, cfg)
+    log = {"name": name, "config": asdict(cfg), "machine": _machine(), **stats,
+           "command": f"fastgen zoo train {name}" + "".join(
+               f" --{k.replace('_', '-')} {v}" for k, v in overrides.items() if v is not None)}
+    (out / "training_log.json").write_text(json.dumps(log, indent=1))
+    return out
