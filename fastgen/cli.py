@@ -50,6 +50,47 @@ def _demo(args) -> int:
     return 0
 
 
+def _ints(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise ValueError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _eval(args) -> int:
+    from fastgen.eval.evaluate import evaluate, metrics_markdown
+
+    result = evaluate(args.target, steps=args.steps, timesteps=_ints(args.timesteps), guidance=args.guidance,
+                      num_images=args.num_images, metrics=args.metrics, out=args.out, solver=args.solver,
+                      batch_size=args.batch_size, seed=args.seed, fid_reference=args.fid_reference,
+                      clip_model=args.clip_model, clip_pretrained=args.clip_pretrained, device=args.device)
+    print(metrics_markdown(result))
+    if args.out:
+        print(f"wrote {args.out}/metrics.json, metrics.md and samples.png")
+    return 0
+
+
+def _bench(args) -> int:
+    from fastgen.eval.bench import bench, bench_markdown
+
+    result = bench(args.teacher, students=args.students, solvers=args.solvers.split(","), nfes=_ints(args.nfes),
+                   num_images=args.num_images, guidance=args.guidance, out=args.out, seed=args.seed,
+                   batch_size=args.batch_size)
+    print(bench_markdown(result))
+    print(f"wrote {args.out}/bench.md, bench.json and bench.png")
+    return 0
+
+
+def _classifier(args) -> int:
+    from fastgen.eval.classifiers import train_classifier
+
+    folder = train_classifier(args.name, args.out, seed=args.seed, epochs=args.epochs)
+    print(f"wrote {folder}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastgen", description=(
         "Diffusion step-distillation on diffusers: train 1-4 step students, export them as plain "
@@ -65,6 +106,55 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--guidance", type=float, default=None,
                       help="classifier-free guidance scale (default: the teacher's recommended one)")
     demo.set_defaults(func=_demo)
+
+    ev = sub.add_parser("eval", help="Generate with a pipeline and score it (FD, KID, accuracy, FID, CLIP, speed).",
+                        description="Generate images with a diffusers pipeline (zoo name, folder or hub id) through "
+                                    "its own __call__, score them, and write metrics.json, metrics.md and a sample "
+                                    "grid. Exported fastgen students are called as their metadata says.")
+    ev.add_argument("target", help="zoo teacher name, pipeline folder (e.g. an exported student) or hub id")
+    ev.add_argument("--steps", type=int, default=None, help="number of inference steps (default: a student's own)")
+    ev.add_argument("--timesteps", default=None, help="explicit comma-separated timesteps, e.g. 999,499")
+    ev.add_argument("--guidance", type=float, default=None,
+                    help="classifier-free guidance scale (default: the student's, or the teacher's recommended)")
+    ev.add_argument("--solver", default=None, choices=["ddim", "dpm++2m", "unipc", "euler"],
+                    help="replace the pipeline's scheduler by this training-free solver")
+    ev.add_argument("--num-images", type=int, default=1000, help="images to generate (default: 1000)")
+    ev.add_argument("--metrics", default="fd,kid,acc,speed",
+                    help="comma-separated subset of fd,kid,acc,fid,clip,speed (default: fd,kid,acc,speed)")
+    ev.add_argument("--out", default=None, help="output folder for metrics.json, metrics.md, samples.png")
+    ev.add_argument("--batch-size", type=int, default=100, help="images per pipeline call (default: 100)")
+    ev.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    ev.add_argument("--fid-reference", default=None,
+                    help="for fid: an image folder, a clean-fid dataset name, or a .npz statistics file")
+    ev.add_argument("--clip-model", default="ViT-B-32", help="open_clip model for clip (default: ViT-B-32)")
+    ev.add_argument("--clip-pretrained", default="openai", help="open_clip pretrained tag (default: openai)")
+    ev.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    ev.set_defaults(func=_eval)
+
+    be = sub.add_parser("bench", help="Quality-vs-NFE frontier: teacher solvers at NFE 1-50 and students.",
+                        description="Run the teacher with training-free solvers (DDIM, DPM-Solver++ 2M, UniPC, "
+                                    "Euler) at each NFE and each student at its own steps; write one Markdown "
+                                    "table, a JSON file and a plot of FD against NFE.")
+    be.add_argument("teacher", help="zoo teacher name (the domain metrics need a zoo teacher)")
+    be.add_argument("--students", nargs="*", default=[], help="exported student folders to add")
+    be.add_argument("--solvers", default="ddim,dpm++2m,unipc,euler", help="comma-separated solvers (default: all four)")
+    be.add_argument("--nfes", default="1,2,4,8,16,50", help="comma-separated step counts (default: 1,2,4,8,16,50)")
+    be.add_argument("--num-images", type=int, default=1000, help="images per row (default: 1000)")
+    be.add_argument("--guidance", type=float, default=None, help="teacher guidance (default: the recommended one)")
+    be.add_argument("--out", default="bench", help="output folder (default: bench)")
+    be.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    be.add_argument("--batch-size", type=int, default=200, help="images per pipeline call (default: 200)")
+    be.set_defaults(func=_bench)
+
+    cl = sub.add_parser("classifier", help="Train a zoo domain classifier (for FD, KID and prompt accuracy).",
+                        description="Train the digits or fmnist domain classifier from a fixed seed and write its "
+                                    "weights, reference feature statistics and README (default: the installed "
+                                    "fastgen/zoo/classifiers/NAME folder).")
+    cl.add_argument("name", choices=["digits", "fmnist"], help="which classifier")
+    cl.add_argument("--out", default=None, help="output folder (default: the installed one)")
+    cl.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    cl.add_argument("--epochs", type=int, default=None, help="epochs (default: the shipped recipe)")
+    cl.set_defaults(func=_classifier)
 
     zoo_p = sub.add_parser("zoo", help="The tiny real teachers shipped with fastgen.",
                            description="List, locate, retrain or re-document the zoo's tiny teachers.")
@@ -96,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (KeyError, FileNotFoundError, ValueError, TypeError, NotImplementedError) as err:
+    except (KeyError, FileNotFoundError, ValueError, TypeError, NotImplementedError, RuntimeError) as err:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         print(f"fastgen {args.cmd}: error: {msg}", file=sys.stderr)
         return 2

@@ -2,8 +2,10 @@
 
 The teacher, the student and the critic can share one copy of the base weights: the teacher is
 the base with adapters disabled, the student is adapter ``"student"``, the critic adapter
-``"critic"``. diffusers models carry peft adapters natively (``add_adapter`` / ``set_adapter`` /
-``disable_adapters``); this module only picks sensible targets and switches between them.
+``"critic"``. Models with diffusers' ``PeftAdapterMixin`` (``UNet2DConditionModel``,
+``SD3Transformer2DModel``) get adapters through their own ``add_adapter``; ``UNet2DModel`` has no
+mixin, so adapters are injected with peft's ``inject_adapter_in_model``. Switching works on peft's
+tuner layers directly, the same way for both.
 """
 
 from __future__ import annotations
@@ -18,6 +20,13 @@ DEFAULT_UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out
                         "time_emb_proj", "conv_shortcut")
 
 
+def tuner_layers(model: nn.Module):
+    """peft's LoRA layers inside ``model``."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
 def add_lora(model: nn.Module, adapter_name: str, rank: int = 8, alpha: float | None = None,
              target_modules=DEFAULT_UNET_TARGETS, init_lora_weights: bool | str = True) -> None:
     """Add a LoRA adapter named ``adapter_name`` to a diffusers model and freeze the base weights.
@@ -28,15 +37,19 @@ def add_lora(model: nn.Module, adapter_name: str, rank: int = 8, alpha: float | 
         target_modules: module name suffixes to adapt.
         init_lora_weights: peft's option; ``True`` starts as the identity (B = 0), ``False`` random.
     """
-    from peft import LoraConfig
+    from peft import LoraConfig, inject_adapter_in_model
 
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, init_lora_weights=init_lora_weights,
                         target_modules=list(target_modules))
     model.requires_grad_(False)
-    model.add_adapter(config, adapter_name=adapter_name)
-    for name, param in model.named_parameters():
-        if f".{adapter_name}." in name and "lora_" in name:
-            param.requires_grad_(True)
+    if hasattr(model, "add_adapter"):
+        model.add_adapter(config, adapter_name=adapter_name)
+    else:
+        inject_adapter_in_model(config, model, adapter_name=adapter_name)
+        model.peft_config = {**getattr(model, "peft_config", {}), adapter_name: config}
+    set_active_adapter(model, adapter_name)
+    for param in lora_parameters(model, adapter_name):
+        param.requires_grad_(True)
 
 
 def lora_parameters(model: nn.Module, adapter_name: str) -> list[nn.Parameter]:
@@ -44,18 +57,35 @@ def lora_parameters(model: nn.Module, adapter_name: str) -> list[nn.Parameter]:
     return [p for n, p in model.named_parameters() if "lora_" in n and f".{adapter_name}." in n]
 
 
+def active_adapter(model: nn.Module) -> str | None:
+    """The adapter the model currently runs (``None``: adapters disabled, i.e. the base / teacher)."""
+    layers = tuner_layers(model)
+    if not layers or layers[0].disable_adapters:
+        return None
+    active = layers[0].active_adapters
+    return active[0] if active else None
+
+
+def set_active_adapter(model: nn.Module, adapter_name: str | None) -> None:
+    """Run the model as ``adapter_name`` from now on; ``None`` disables all adapters (the teacher).
+
+    Adapters other than the active one keep ``requires_grad`` as they are (peft's ``set_adapter``
+    would switch it on for the active one and off for the rest).
+    """
+    for layer in tuner_layers(model):
+        if adapter_name is None:
+            layer.enable_adapters(False)
+        else:
+            layer.enable_adapters(True)
+            layer._active_adapter = [adapter_name]  # peft's set_adapter minus its requires_grad changes
+
+
 @contextlib.contextmanager
 def use_adapter(model: nn.Module, adapter_name: str | None):
     """Run the model as one adapter (``None``: the frozen base, i.e. the teacher), then restore."""
-    previous = list(model.active_adapters()) if getattr(model, "_hf_peft_config_loaded", False) else []
+    previous = active_adapter(model)
+    set_active_adapter(model, adapter_name)
     try:
-        if adapter_name is None:
-            model.disable_adapters()
-        else:
-            model.enable_adapters()
-            model.set_adapter(adapter_name)
         yield model
     finally:
-        if previous:
-            model.enable_adapters()
-            model.set_adapter(previous)
+        set_active_adapter(model, previous)

@@ -115,6 +115,13 @@ def export_student(teacher, out_dir: str | Path, *, model: torch.nn.Module | Non
     is_text = hasattr(pipe, "encode_prompt")
     call = f"num_inference_steps={len(timesteps)}"
     if not default_matches:
+        import inspect
+
+        if "timesteps" not in inspect.signature(type(pipe).__call__).parameters:
+            raise ValueError(
+                f"{type(pipe).__name__} cannot be called with custom timesteps, and {type(scheduler).__name__} "
+                f"computes {len(timesteps)} steps differently from {timesteps}; train with "
+                f"fastgen.pipelines.sampler.student_timesteps(schedule, {len(timesteps)}) instead.")
         call = f"timesteps={timesteps}"
     if is_text:
         call += f", guidance_scale={guidance_scale}"

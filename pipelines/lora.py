@@ -18,16 +18,25 @@ from torch import nn
 
 
 def fuse_student(model: nn.Module, adapter_name: str = "student") -> nn.Module:
-    """A copy of ``model`` with ``adapter_name`` merged into its weights and no adapters left."""
+    """A copy of ``model`` with ``adapter_name`` merged into its weights and no adapters left.
+
+    Works on every diffusers model, with or without ``PeftAdapterMixin`` (``UNet2DModel`` has none,
+    so diffusers' ``fuse_lora`` / ``unload_lora`` cannot be used): each peft layer merges the adapter
+    into its base layer, which then replaces it.
+    """
+    from fastgen.lora import tuner_layers
+
     fused = copy.deepcopy(model)
     if adapter_name not in getattr(fused, "peft_config", {}):
         raise ValueError(f"The model has no adapter {adapter_name!r}; adapters: {list(getattr(fused, 'peft_config', {}))}.")
-    fused.enable_adapters()
-    fused.set_adapter(adapter_name)
-    fused.fuse_lora(lora_scale=1.0, adapter_names=[adapter_name])
-    fused.unload_lora()
+    layers = set(tuner_layers(fused))
+    for parent in list(fused.modules()):
+        for child_name, child in list(parent.named_children()):
+            if child in layers:
+                child.merge(adapter_names=[adapter_name])
+                setattr(parent, child_name, child.get_base_layer())
     for attr in ("peft_config", "_hf_peft_config_loaded"):
-        if hasattr(fused, attr):
+        if attr in fused.__dict__:
             delattr(fused, attr)
     fused.requires_grad_(False)
     return fused

@@ -35,11 +35,24 @@ def _x0(denoiser: Denoiser, x: torch.Tensor, t: int, cond, uncond, guidance_scal
     return x0, eps
 
 
+def _sample(denoiser: Denoiser, noise: torch.Tensor, timesteps: Sequence[int], cond, uncond, guidance_scale,
+            progress: bool, renoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The loop both samplers share: predict (x0, eps) at t_i, move to t_{i+1} with ``renoise(x0, eps)``."""
+    x = noise
+    steps = list(timesteps)
+    for i, t in enumerate(tqdm(steps, desc="sampling", disable=not progress)):
+        x0, eps = _x0(denoiser, x, t, cond, uncond, guidance_scale)
+        if i == len(steps) - 1:
+            return x0
+        x = denoiser.schedule.add_noise(x0, renoise(x0, eps), steps[i + 1])
+    return x
+
+
 def sample_multistep(denoiser: Denoiser, noise: torch.Tensor, timesteps: Sequence[int],
                      cond: Conditioning | None = None, uncond: Conditioning | None = None,
                      guidance_scale: float | None = None, generator: torch.Generator | None = None,
                      progress: bool = False) -> torch.Tensor:
-    """x0-then-renoise sampling: ``x_{t_{i+1}} = alpha_{t_{i+1}} x0(x_{t_i}) + sigma_{t_{i+1}} z``.
+    """x0-then-renoise sampling: ``x_{t_{i+1}} = alpha_{t_{i+1}} x0(x_{t_i}) + sigma_{t_{i+1}} z``, fresh ``z``.
 
     Args:
         denoiser: the student (or teacher) network with its schedule.
@@ -50,15 +63,10 @@ def sample_multistep(denoiser: Denoiser, noise: torch.Tensor, timesteps: Sequenc
     Returns:
         The final x0 prediction.
     """
-    x = noise
-    steps = list(timesteps)
-    for i, t in enumerate(tqdm(steps, desc="sampling", disable=not progress)):
-        x0, _ = _x0(denoiser, x, t, cond, uncond, guidance_scale)
-        if i == len(steps) - 1:
-            return x0
-        z = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        x = denoiser.schedule.add_noise(x0, z, steps[i + 1])
-    return x
+    def fresh_noise(x0, _eps):
+        return randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+
+    return _sample(denoiser, noise, timesteps, cond, uncond, guidance_scale, progress, fresh_noise)
 
 
 def sample_ddim(denoiser: Denoiser, noise: torch.Tensor, timesteps: Sequence[int],
@@ -69,14 +77,7 @@ def sample_ddim(denoiser: Denoiser, noise: torch.Tensor, timesteps: Sequence[int
 
     Arguments as :func:`sample_multistep` (``generator`` is unused: DDIM draws no noise).
     """
-    x = noise
-    steps = list(timesteps)
-    for i, t in enumerate(tqdm(steps, desc="sampling", disable=not progress)):
-        x0, eps = _x0(denoiser, x, t, cond, uncond, guidance_scale)
-        if i == len(steps) - 1:
-            return x0
-        x = denoiser.schedule.add_noise(x0, eps, steps[i + 1])
-    return x
+    return _sample(denoiser, noise, timesteps, cond, uncond, guidance_scale, progress, lambda _x0, eps: eps)
 
 
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"multistep": sample_multistep, "ddim": sample_ddim}

@@ -37,6 +37,7 @@ class TeacherConfig:
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
     cfg_dropout: float = 0.1
+    max_train_images: int = 0  # 0: the whole training split (a smaller number is for smoke tests)
 
 
 DEFAULTS = {
@@ -173,6 +174,8 @@ def train_digits(out: Path, cfg: TeacherConfig) -> dict:
 
     torch.manual_seed(cfg.seed)
     images, _ = load_digits("train")
+    if cfg.max_train_images:
+        images = images[:cfg.max_train_images]
     unet = build_digits_unet()
     scheduler = DDPMScheduler(**teacher_scheduler_config("digits-ddpm"))
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -223,7 +226,9 @@ def train_fmnist(out: Path, cfg: TeacherConfig) -> dict:
 
     torch.manual_seed(cfg.seed)
     images, labels = load_fashion_mnist("train")
-    test_images = load_fashion_mnist("test")[0][:2000]
+    if cfg.max_train_images:
+        images, labels = images[:cfg.max_train_images], labels[:cfg.max_train_images]
+    test_images = load_fashion_mnist("test")[0][:min(2000, cfg.max_train_images or 2000)]
 
     start = time.time()
     vae, vae_losses, vae_test_mse = train_vae(cfg, images, test_images)
