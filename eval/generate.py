@@ -1,0 +1,164 @@
+"""Generate evaluation images through the plain diffusers pipeline call.
+
+Evaluation goes through ``pipe(...)`` itself -- the path users run -- with the scheduler swapped
+for a training-free solver when benchmarking a teacher. Exported students are called as their
+model card says (``num_inference_steps`` / ``timesteps`` and ``guidance_scale`` from the fastgen
+metadata), which the export tests show equals fastgen's own sampler.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from fastgen import zoo
+
+# Training-free solvers of the quality-vs-NFE frontier. Trailing spacing for all: "leading"
+# spacing starts at t = 1 for one step and would make the low-NFE baselines meaninglessly bad.
+SOLVERS = {
+    "ddim": ("DDIMScheduler", {"timestep_spacing": "trailing", "set_alpha_to_one": True}),
+    "dpm++2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
+                                                "timestep_spacing": "trailing"}),
+    "unipc": ("UniPCMultistepScheduler", {"timestep_spacing": "trailing"}),
+    "euler": ("EulerDiscreteScheduler", {"timestep_spacing": "trailing"}),
+}
+
+
+def solver_scheduler(name: str, base_config):
+    """A diffusers scheduler for solver ``name`` on the teacher's noise schedule."""
+    import diffusers
+
+    if name not in SOLVERS:
+        raise ValueError(f"Unknown solver {name!r}; available: {', '.join(SOLVERS)}.")
+    cls_name, options = SOLVERS[name]
+    config = {k: v for k, v in dict(base_config).items() if not k.startswith("_") and k != "fastgen"}
+    return getattr(diffusers, cls_name).from_config(config, **options)
+
+
+def load_pipeline(name_or_path: str, device: str | None = None):
+    """Load a zoo name, a folder or a hub id with ``DiffusionPipeline.from_pretrained``; clear errors."""
+    from diffusers import DiffusionPipeline
+
+    target = zoo.resolve(name_or_path)
+    path = Path(target)
+    if path.exists() and not (path / "model_index.json").is_file():
+        raise FileNotFoundError(f"{name_or_path} is not a diffusers pipeline folder (no model_index.json).")
+    if not path.exists() and (target.count("/") != 1 or target.startswith((".", "/"))):
+        raise FileNotFoundError(f"{name_or_path!r} is neither a zoo teacher ({', '.join(zoo.names())}), "
+                                "a pipeline folder, nor a hub id.")
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()  # loading bars would bury the one-line errors of the CLI
+    transformers_logging.disable_progress_bar()
+    try:
+        pipe = DiffusionPipeline.from_pretrained(target)
+    except OSError as err:
+        raise FileNotFoundError(f"Could not load pipeline {name_or_path!r}: {str(err).splitlines()[0]}") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device) if device else pipe
+
+
+def zoo_name_of(pipe, name_or_path: str) -> str | None:
+    """The zoo teacher a pipeline is (or was distilled from), for picking the domain classifier."""
+    if name_or_path in zoo.TEACHERS:
+        return name_or_path
+    meta = dict(pipe.scheduler.config).get("fastgen", {})
+    teacher = str(meta.get("teacher", ""))
+    for name in zoo.names():
+        if teacher == name or teacher.rstrip("/").endswith(name):
+            return name
+    return None
+
+
+def unconditional_call(pipe, batch_size: int, num_inference_steps: int, generator: torch.Generator) -> torch.Tensor:
+    """``DDPMPipeline.__call__`` for any scheduler; images ``[B, C, H, W]`` in [0, 1].
+
+    ``DDPMPipeline`` passes ``generator`` to every ``scheduler.step`` (UniPC's does not accept it) and
+    never calls ``scale_model_input`` (Euler needs it), so it runs only DDPM-like schedulers. This is
+    its loop with the two checks diffusers' other pipelines make; for DDPM, DDIM and LCM schedulers it
+    gives exactly the pipeline's images (tested).
+    """
+    from diffusers.utils.torch_utils import randn_tensor
+
+    unet, scheduler = pipe.unet, pipe.scheduler
+    shape = (batch_size, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    image = randn_tensor(shape, generator=generator, device=pipe.device, dtype=unet.dtype) * scheduler.init_noise_sigma
+    scheduler.set_timesteps(num_inference_steps)
+    step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    for t in scheduler.timesteps:
+        model_output = unet(scheduler.scale_model_input(image, t), t).sample
+        image = scheduler.step(model_output, t, image, **step_kwargs).prev_sample
+    return (image / 2 + 0.5).clamp(0, 1)
+
+
+@dataclass
+class Generated:
+    """Images in [0, 1] with what made them and how long it took."""
+
+    images: torch.Tensor
+    labels: torch.Tensor | None
+    prompts: list[str] | None
+    seconds: float
+    nfe: int
+    call: dict = field(default_factory=dict)
+
+
+def generate(pipe, num_images: int, num_inference_steps: int | None = None, timesteps: list[int] | None = None,
+             guidance_scale: float | None = None, prompts: list[str] | None = None, batch_size: int = 100,
+             seed: int = 0, progress: bool = True) -> Generated:
+    """Generate ``num_images`` images with the pipeline's own ``__call__``.
+
+    Args:
+        pipe: a loaded diffusers pipeline (teacher with any scheduler, or an exported student).
+        num_images: how many images.
+        num_inference_steps / timesteps: the step count or explicit timesteps (one of them).
+        guidance_scale: classifier-free guidance (text pipelines; ``<= 1`` disables it).
+        prompts: prompts to cycle through; default for text pipelines: the zoo's class prompts, so
+            image ``i`` shows class ``i % 10`` (its label).
+        batch_size: images per pipeline call.
+        seed: seed of ``torch.Generator`` (one generator for the whole run).
+    Returns:
+        :class:`Generated`; ``nfe`` counts network evaluations per image (a CFG pair counts once).
+    """
+    if num_images < 1:
+        raise ValueError(f"num_images must be at least 1, got {num_images}.")
+    text = hasattr(pipe, "encode_prompt")
+    params = inspect.signature(type(pipe).__call__).parameters
+    kwargs: dict = {}
+    if timesteps:
+        if "timesteps" not in params:
+            raise ValueError(f"{type(pipe).__name__} cannot be called with explicit timesteps; use --steps.")
+        kwargs["timesteps"] = list(timesteps)
+        nfe = len(timesteps)
+    else:
+        if not num_inference_steps or num_inference_steps < 1:
+            raise ValueError("Give a positive number of steps or explicit timesteps.")
+        kwargs["num_inference_steps"] = num_inference_steps
+        nfe = num_inference_steps
+    labels = None
+    if text:
+        if prompts is None:
+            prompts = zoo.prompts()
+            labels = torch.arange(num_images) % len(prompts)
+        all_prompts = [prompts[i % len(prompts)] for i in range(num_images)]
+        if guidance_scale is not None:
+            kwargs["guidance_scale"] = guidance_scale
+    generator = torch.Generator().manual_seed(seed)
+    chunks = []
+    start = time.perf_counter()
+    for lo in tqdm(range(0, num_images, batch_size), desc="generating", disable=not progress, leave=False):
+        n = min(batch_size, num_images - lo)
+        with torch.no_grad():
+            if text:
+                out = pipe(prompt=all_prompts[lo:lo + n], generator=generator, output_type="np", **kwargs).images
+                chunks.append(torch.from_numpy(out).permute(0, 3, 1, 2).float())
+            else:
+                chunks.append(unconditional_call(pipe, n, kwargs["num_inference_steps"], generator).float().cpu())
+    seconds = time.perf_counter() - start
+    return Generated(torch.cat(chunks), labels, all_prompts if text else None, seconds, nfe, kwargs)
