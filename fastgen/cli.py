@@ -46,7 +46,8 @@ def _zoo(args) -> int:
 def _demo(args) -> int:
     from fastgen.train.demo import run_demo
 
-    run_demo(out=args.out, num_images=args.num_images, seed=args.seed, guidance_scale=args.guidance)
+    run_demo(out=args.out, steps=args.steps, num_images=args.num_images, seed=args.seed,
+             guidance_scale=args.guidance, overrides=args.set)
     return 0
 
 
@@ -83,6 +84,13 @@ def _bench(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    from fastgen.train.runner import run_training
+
+    run_training(args.recipe, overrides=args.set, teacher=args.teacher, out=args.out, resume=args.resume)
+    return 0
+
+
 def _classifier(args) -> int:
     from fastgen.eval.classifiers import train_classifier
 
@@ -97,11 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
         "diffusers pipelines, and measure them."))
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="Sample the fmnist-ldm teacher at 1, 2, 4 and 50 steps; write a grid and timings.",
-                          description="Sample the fmnist-ldm teacher at 1, 2, 4 and 50 DDIM steps, write a "
-                                      "comparison grid PNG and a summary (steps, seconds per image) to --out.")
+    demo = sub.add_parser("demo", help="Distill fmnist-ldm into a 1-step DMD2 student and compare it with the teacher.",
+                          description="Distill the fmnist-ldm teacher into a 1-step student with data-free DMD2 "
+                                      "(recipe dmd2_fmnist_1step), export it as a plain diffusers folder, evaluate "
+                                      "teacher (50 steps), teacher (1 step) and student (1 step), print the table and "
+                                      "write it with a comparison grid to --out. A killed demo resumes.")
     demo.add_argument("--out", default="fastgen-demo", help="output folder (default: fastgen-demo)")
-    demo.add_argument("--num-images", type=int, default=2, help="images per class in the grid (default: 2)")
+    demo.add_argument("--steps", type=int, default=3000, help="DMD2 training steps (default: 3000)")
+    demo.add_argument("--num-images", type=int, default=1000, help="images per evaluated sampler (default: 1000)")
+    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a key of the dmd2_fmnist_1step recipe (see `fastgen train --help`), repeatable")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     demo.add_argument("--guidance", type=float, default=None,
                       help="classifier-free guidance scale (default: the teacher's recommended one)")
@@ -145,6 +158,24 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     be.add_argument("--batch-size", type=int, default=200, help="images per pipeline call (default: 200)")
     be.set_defaults(func=_bench)
+
+    from fastgen.train.recipes import available_recipes, describe_options  # stdlib-only module: cheap
+
+    tr = sub.add_parser("train", help="Distill a student from a recipe (TOML) and export it as a diffusers folder.",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        epilog="shipped recipes: " + ", ".join(available_recipes()) +
+                               "\n\nrecipe keys (override with --set KEY=VALUE):\n" + describe_options(),
+                        description="Train a student as a recipe says (train/recipes/*.toml, or a TOML file), with "
+                                    "checkpoints, EMA, progress bar and trackers through accelerate, then export it "
+                                    "to OUT/student as a plain diffusers pipeline. Multi-GPU: `accelerate launch "
+                                    "-m fastgen.cli train RECIPE ...`.")
+    tr.add_argument("recipe", help="recipe name (e.g. dmd2_fmnist_1step) or path to a TOML file")
+    tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a recipe key, e.g. --set train.steps=2000 --set student.lr=1e-4 (repeatable)")
+    tr.add_argument("--teacher", default=None, help="teacher: zoo name, diffusers pipeline folder or hub id")
+    tr.add_argument("--out", default=None, help="run folder (default: runs/RECIPE)")
+    tr.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT/checkpoints")
+    tr.set_defaults(func=_train)
 
     cl = sub.add_parser("classifier", help="Train a zoo domain classifier (for FD, KID and prompt accuracy).",
                         description="Train the digits or fmnist domain classifier from a fixed seed and write its "

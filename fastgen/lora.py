@@ -11,8 +11,12 @@ tuner layers directly, the same way for both.
 from __future__ import annotations
 
 import contextlib
+import warnings
+import weakref
 
 from torch import nn
+
+from .denoiser import Denoiser
 
 # Attention projections plus the ResNet convolutions and time projections: on tiny UNets the
 # attention layers alone hold too few parameters to distill into.
@@ -20,16 +24,28 @@ DEFAULT_UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out
                         "time_emb_proj", "conv_shortcut")
 
 
+_LAYERS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
 def tuner_layers(model: nn.Module):
-    """peft's LoRA layers inside ``model``."""
+    """peft's LoRA layers inside ``model`` (cached per model until its set of adapters changes:
+    walking every module of a UNet costs milliseconds, and training switches adapters per forward)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    key = tuple(getattr(model, "peft_config", {}) or ())
+    cached = _LAYERS.get(model)
+    if cached is None or cached[0] != key:
+        cached = (key, [m for m in model.modules() if isinstance(m, BaseTunerLayer)])
+        _LAYERS[model] = cached
+    return list(cached[1])
 
 
 def add_lora(model: nn.Module, adapter_name: str, rank: int = 8, alpha: float | None = None,
              target_modules=DEFAULT_UNET_TARGETS, init_lora_weights: bool | str = True) -> None:
     """Add a LoRA adapter named ``adapter_name`` to a diffusers model and freeze the base weights.
+
+    Adapters added earlier keep their ``requires_grad`` flags (peft would freeze every adapter but
+    the newest), so a student and a critic adapter can be added in either order.
 
     Args:
         rank: LoRA rank ``r``.
@@ -41,15 +57,18 @@ def add_lora(model: nn.Module, adapter_name: str, rank: int = 8, alpha: float | 
 
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, init_lora_weights=init_lora_weights,
                         target_modules=list(target_modules))
-    model.requires_grad_(False)
-    if hasattr(model, "add_adapter"):
-        model.add_adapter(config, adapter_name=adapter_name)
-    else:
-        inject_adapter_in_model(config, model, adapter_name=adapter_name)
-        model.peft_config = {**getattr(model, "peft_config", {}), adapter_name: config}
+    earlier = {n: p.requires_grad for n, p in model.named_parameters() if "lora_" in n}
+    with warnings.catch_warnings():  # several adapters on one base is the point here
+        warnings.filterwarnings("ignore", message=".*multiple adapters.*")
+        if hasattr(model, "add_adapter"):
+            model.add_adapter(config, adapter_name=adapter_name)
+        else:
+            inject_adapter_in_model(config, model, adapter_name=adapter_name)
+            model.peft_config = {**getattr(model, "peft_config", {}), adapter_name: config}
     set_active_adapter(model, adapter_name)
-    for param in lora_parameters(model, adapter_name):
-        param.requires_grad_(True)
+    for name, param in model.named_parameters():  # base frozen, new adapter trainable, earlier ones as they were
+        param.requires_grad_(earlier.get(name, False) if name in earlier else
+                             ("lora_" in name and f".{adapter_name}." in name))
 
 
 def lora_parameters(model: nn.Module, adapter_name: str) -> list[nn.Parameter]:
@@ -69,14 +88,17 @@ def active_adapter(model: nn.Module) -> str | None:
 def set_active_adapter(model: nn.Module, adapter_name: str | None) -> None:
     """Run the model as ``adapter_name`` from now on; ``None`` disables all adapters (the teacher).
 
-    Adapters other than the active one keep ``requires_grad`` as they are (peft's ``set_adapter``
-    would switch it on for the active one and off for the rest).
+    No adapter's ``requires_grad`` changes: peft's ``set_adapter`` and ``enable_adapters`` switch it
+    on for the active adapter and off for the rest (``enable_adapters(False)``: off for all), and
+    autograd does not accumulate into a parameter whose flag is off when ``backward`` runs -- so a
+    teacher evaluation between the student's forward and its backward would silently drop the
+    student's gradients. The layers' state is therefore set directly.
     """
     for layer in tuner_layers(model):
         if adapter_name is None:
-            layer.enable_adapters(False)
+            layer._disable_adapters = True  # peft's enable_adapters(False) minus its requires_grad changes
         else:
-            layer.enable_adapters(True)
+            layer._disable_adapters = False
             layer._active_adapter = [adapter_name]  # peft's set_adapter minus its requires_grad changes
 
 
@@ -89,3 +111,36 @@ def use_adapter(model: nn.Module, adapter_name: str | None):
         yield model
     finally:
         set_active_adapter(model, previous)
+
+
+def base_copy(model: nn.Module) -> nn.Module:
+    """A trainable deep copy of the base weights of ``model`` without any adapters (e.g. a full-weight
+    critic or student made from a teacher network that already carries adapters)."""
+    import copy
+
+    clone = copy.deepcopy(model)
+    layers = set(tuner_layers(clone))
+    for parent in list(clone.modules()):
+        for child_name, child in list(parent.named_children()):
+            if child in layers:
+                setattr(parent, child_name, child.get_base_layer())
+    for attr in ("peft_config", "_hf_peft_config_loaded"):
+        if attr in clone.__dict__:
+            delattr(clone, attr)
+    return clone.requires_grad_(True)
+
+
+class AdapterDenoiser(Denoiser):
+    """A :class:`~fastgen.denoiser.Denoiser` whose network runs as one adapter of a shared base.
+
+    ``adapter=None`` is the base with adapters disabled -- the teacher. Several AdapterDenoisers
+    (teacher, ``"student"``, ``"critic"``) can wrap the same network: one copy of the base weights.
+    """
+
+    def __init__(self, model: nn.Module, schedule, adapter: str | None = None):
+        super().__init__(model, schedule)
+        self.adapter = adapter
+
+    def model_output(self, x_t, t, cond):
+        with use_adapter(self.model, self.adapter):
+            return super().model_output(x_t, t, cond)

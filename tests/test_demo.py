@@ -1,0 +1,21 @@
+"""`fastgen demo` end to end with a tiny budget: distill, export, evaluate, table, grid."""
+
+import json
+
+from diffusers import DiffusionPipeline
+
+from fastgen.cli import main
+
+
+def test_demo_distills_exports_and_reports(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--steps", "4", "--num-images", "10", "--out", str(out)]) == 0
+    result = json.loads((out / "demo.json").read_text())
+    assert [r["steps"] for r in result["rows"]] == [50, 1, 1]
+    assert all(r["fd"] > 0 and 0 <= r["acc"] <= 1 for r in result["rows"])
+    assert result["rows"][2]["speedup"] > 1  # one student step is faster than 50 teacher steps
+    assert (out / "comparison.png").stat().st_size > 1000
+    assert "| DMD2 student | 1 |" in capsys.readouterr().out
+    pipe = DiffusionPipeline.from_pretrained(result["student"])  # the exported student is plain diffusers
+    assert type(pipe.scheduler).__name__ == "LCMScheduler"
+    assert pipe.scheduler.config["fastgen"]["timesteps"] == [999]

@@ -1,0 +1,211 @@
+"""The fake-score critic, DMD / DMD2's losses and update rules, backward simulation and LoRA roles."""
+
+import pytest
+import torch
+from conftest import tiny_cond_unet, tiny_unet
+from diffusers import DDPMScheduler
+
+from fastgen.critic import FakeScoreCritic
+from fastgen.denoiser import Conditioning, Denoiser
+from fastgen.lora import AdapterDenoiser, lora_parameters
+from fastgen.methods import DMD, DMD2, Batch, make_student
+from fastgen.methods.dmd import DistributionMatchingLoss
+from fastgen.pipelines.sampler import sample_multistep
+from fastgen.schedule import VPSchedule, edm_sigma
+
+
+def schedule(prediction_type="epsilon", clip_sample=False):
+    config = DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction_type, clip_sample=clip_sample).config
+    return VPSchedule.from_scheduler_config(config)
+
+
+def uncond_dmd2(timesteps=(999,), prediction_type="epsilon", **kwargs):
+    teacher = Denoiser(tiny_unet(), schedule(prediction_type))
+    return DMD2(teacher, make_student(teacher), FakeScoreCritic(teacher), timesteps, **kwargs)
+
+
+def test_critic_loss_is_the_teachers_eps_mse():
+    sched = schedule()
+    teacher = Denoiser(tiny_unet(), sched)
+    critic = FakeScoreCritic(teacher)
+    assert critic.denoiser.model is not teacher.model  # a full copy ...
+    x = torch.randn(4, 1, 8, 8)
+    t_probe = torch.tensor([0, 300, 999, 500])
+    with torch.no_grad():  # ... with the teacher's weights
+        torch.testing.assert_close(critic.denoiser(x, t_probe).raw, teacher(x, t_probe).raw)
+
+    torch.manual_seed(3)
+    loss = critic.loss(x)["dsm"]
+    torch.manual_seed(3)
+    t = torch.randint(0, 1000, (4,))
+    noise = torch.randn_like(x)
+    abar = sched.alphas_cumprod[t].float().reshape(-1, 1, 1, 1)
+    x_t = abar.sqrt() * x + (1 - abar).sqrt() * noise
+    eps = critic.denoiser.model(x_t, t).sample
+    torch.testing.assert_close(loss, ((eps - noise) ** 2).mean())
+
+    # the documented x0-weighted (EDM) variant: lambda(sigma) ||x0_theta - x0||^2
+    edm = FakeScoreCritic(teacher, weighting="edm")
+    torch.manual_seed(3)
+    loss = edm.loss(x)["dsm"]
+    x0_pred = (x_t - (1 - abar).sqrt() * edm.denoiser.model(x_t, t).sample) / abar.sqrt()
+    sigma = edm_sigma(sched, t).reshape(-1, 1, 1, 1)
+    weight = (sigma**2 + 0.25) / (0.5 * sigma) ** 2
+    torch.testing.assert_close(loss, (weight * (x0_pred - x) ** 2).mean(), rtol=1e-4, atol=1e-6)
+
+
+def test_critic_loss_decreases_on_fixed_samples():
+    critic = FakeScoreCritic(Denoiser(tiny_unet(), schedule()))
+    fake = torch.linspace(-1, 1, 64).reshape(1, 1, 8, 8).repeat(16, 1, 1, 1)  # fixed "student samples"
+
+    def probe():
+        with torch.no_grad(), torch.random.fork_rng():
+            torch.manual_seed(123)
+            return sum(critic.loss(fake)["dsm"].item() for _ in range(4)) / 4
+
+    before = probe()
+    opt = torch.optim.Adam(critic.trainable_parameters(), lr=2e-3)
+    for _ in range(30):
+        loss = critic.loss(fake)["dsm"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert probe() < 0.7 * before
+
+
+def test_distribution_matching_gradient_formula():
+    x = torch.randn(2, 1, 8, 8, requires_grad=True)
+    x0_real, d = torch.randn(2, 1, 8, 8), 0.3
+    DistributionMatchingLoss()(x, x0_real, x0_real + d).backward()
+    weight = (x - x0_real).abs().mean(dim=(1, 2, 3), keepdim=True).detach()
+    torch.testing.assert_close(x.grad, (d / weight / x.numel()).expand_as(x))
+    assert (x.grad > 0).all()  # gradient descent moves every sample by -d: towards the teacher
+
+
+def test_dm_gradient_vanishes_when_the_critic_equals_the_teacher():
+    method = uncond_dmd2()  # critic = teacher copy, no guidance: fake score == real score
+    batch = Batch(4)
+    x = method.generate(batch)
+    loss = method.generator_loss(x, batch)["dm"]
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(p.grad is None or p.grad.abs().max() == 0 for p in method.parameter_groups()["generator"])
+
+
+def test_generator_update_moves_samples_against_the_critic_shift():
+    """Critic's x0 = teacher's x0 + d (x0-predicting networks, shifted output bias): descending L_DM
+    moves the generator's samples by -d, closing the gap."""
+    method = uncond_dmd2(prediction_type="sample")
+    d = 0.5
+    with torch.no_grad():
+        method.critic.denoiser.model.conv_out.bias.add_(d)
+        x_t, t = torch.randn(2, 1, 8, 8), torch.tensor([100, 800])
+        gap = method.critic.x0(x_t, t) - method.teacher(x_t, t).x0
+        torch.testing.assert_close(gap, torch.full_like(gap, d))
+    z = torch.randn(8, 1, 8, 8)
+    with torch.no_grad():
+        before = method.student_x0(z, 999)
+    opt = torch.optim.SGD(method.parameter_groups()["generator"], lr=1.0)
+    loss = method.generator_loss(method.generate(Batch(8)), Batch(8))["dm"]
+    loss.backward()
+    assert method.critic.denoiser.model.conv_out.bias.grad is None  # the critic is not trained by the generator step
+    opt.step()
+    with torch.no_grad():
+        moved = method.student_x0(z, 999) - before
+    assert moved.mean() < 0 and (moved < 0).float().mean() > 0.9
+
+
+def test_two_time_scale_update_rule():
+    method = uncond_dmd2(ratio=3)
+    assert [("generator" in method.updates(s)) for s in range(7)] == [True, False, False, True, False, False, True]
+    assert all("critic" in method.updates(s) for s in range(7))
+    out = method(Batch(2), 1)
+    assert set(out.losses) == {"critic"}
+    out = method(Batch(2), 3)
+    assert set(out.losses) == {"generator", "critic"} and {"dm", "dsm"} <= set(out.logs)
+    dmd = DMD(method.teacher, method.student, method.critic, regression_weight=0.0)
+    assert all(dmd.updates(s) == ("generator", "critic") for s in range(3))
+
+
+def test_backward_simulation_runs_earlier_steps_without_grad():
+    method = uncond_dmd2(timesteps=(999, 749, 499, 249))
+    calls = []
+    hook = method.student.model.register_forward_pre_hook(
+        lambda module, args: calls.append((torch.is_grad_enabled(), int(args[1][0]), args[0].requires_grad)))
+    for k in range(4):
+        calls.clear()
+        x = method.generate(Batch(3), k=k)
+        assert x.shape == (3, 1, 8, 8) and x.requires_grad
+        assert [c[0] for c in calls] == [False] * k + [True]  # only step k's forward builds a graph
+        assert [c[1] for c in calls] == [999, 749, 499, 249][:k + 1]
+        assert calls[-1][2] is False  # its input x_{t_k} carries no gradient from the earlier steps
+    hook.remove()
+    torch.manual_seed(0)
+    method.generate(Batch(3)).sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in method.parameter_groups()["generator"])
+
+
+def test_student_sampler_is_fastgens_multistep_sampler():
+    teacher = Denoiser(tiny_unet(), schedule(clip_sample=True))
+    method = DMD2(teacher, make_student(teacher), FakeScoreCritic(teacher), (999, 499))
+    noise = torch.randn(3, 1, 8, 8)
+    ours = method.sample(noise, generator=torch.Generator().manual_seed(1))
+    reference = sample_multistep(method.student, noise, [999, 499], generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(ours, reference)
+    assert method.export_info() == {"method": "dmd2", "sampler": "multistep", "timesteps": [999, 499],
+                                    "guidance_scale": 0.0}
+
+
+def _cond_batch(n=4):
+    cond = Conditioning(torch.randn(n, 5, 16))
+    return Batch(n, cond, Conditioning(torch.zeros(n, 5, 16)), real=torch.randn(n, 4, 8, 8), real_cond=cond)
+
+
+def test_gan_term_reaches_the_generator_through_the_frozen_critic():
+    teacher = Denoiser(tiny_cond_unet(), schedule())
+    critic = FakeScoreCritic(teacher, gan_head=True)
+    method = DMD2(teacher, make_student(teacher), critic, guidance_scale=2.0, gan_generator_weight=1.0,
+                  gan_critic_weight=1.0)
+    batch = _cond_batch()
+    out = method(batch, 0)
+    assert {"dm", "gan_g", "dsm", "gan_d"} <= set(out.logs)
+    out.losses["generator"].backward()
+    assert all(p.grad is None for p in critic.trainable_parameters())  # critic weights frozen in the generator step
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in method.parameter_groups()["generator"])
+    assert all(p.requires_grad for p in critic.trainable_parameters())  # ... and trainable again afterwards
+    out.losses["critic"].backward()
+    assert all(p.grad is not None for p in critic.head.parameters())
+    with pytest.raises(ValueError, match="real samples"):
+        critic.loss(torch.randn(2, 4, 8, 8), batch.cond.index(slice(0, 2)))
+
+
+def test_lora_roles_share_one_frozen_base():
+    net = tiny_cond_unet()
+    teacher = AdapterDenoiser(net, schedule(), None)
+    student = make_student(teacher, lora_rank=4)
+    critic = FakeScoreCritic(teacher, lora_rank=4)  # added after the student: the student must stay trainable
+    method = DMD2(teacher, student, critic, guidance_scale=2.0, ratio=1)
+    groups = method.parameter_groups()
+    assert groups["generator"] == lora_parameters(net, "student") and all(p.requires_grad for p in groups["generator"])
+    assert all(p.requires_grad for p in groups["critic"])
+    base = {n: p.detach().clone() for n, p in net.named_parameters() if "lora_" not in n}
+    assert not any(net.get_parameter(n).requires_grad for n in base)
+
+    batch = _cond_batch(3)
+    probe = (torch.randn(3, 4, 8, 8), torch.tensor([999, 500, 100]), batch.cond)
+    with torch.no_grad():
+        teacher_before = teacher(*probe).raw
+    opts = {k: torch.optim.AdamW(v, lr=1e-2) for k, v in groups.items()}
+    for step in range(3):
+        out = method(batch, step)
+        sum(out.losses.values()).backward()
+        for name in out.losses:
+            assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in groups[name]), name
+            opts[name].step()
+            opts[name].zero_grad()
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(*probe).raw, teacher_before, rtol=0, atol=0)  # the teacher never moves
+        assert (student(*probe).raw - teacher_before).abs().max() > 1e-4
+        assert (critic.denoiser(*probe).raw - teacher_before).abs().max() > 1e-4
+    assert all(torch.equal(net.get_parameter(n), p) for n, p in base.items())
+    assert all(p.requires_grad for p in groups["generator"] + groups["critic"])  # switching never changes that

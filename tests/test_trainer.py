@@ -1,0 +1,214 @@
+"""The trainer, recipes and runner: update schedule, resume, atomic checkpoints, bad input, export round trip."""
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_unet
+from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline, StableDiffusionPipeline
+from safetensors.torch import load_file
+
+from fastgen.methods import DMD2
+from fastgen.pipelines.export import read_metadata
+from fastgen.pipelines.generate import PipelineSampler
+from fastgen.train import recipes
+from fastgen.train.runner import run_training
+from fastgen.train.trainer import NonFiniteLossError, latest_checkpoint
+
+PROMPTS = ["a photo of a bag", "a photo of a coat"]
+
+
+@pytest.fixture(scope="module")
+def ddpm_teacher(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ddpm") / "teacher"
+    torch.manual_seed(0)
+    DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sd_teacher(tmp_path_factory):
+    """A tiny text-to-image StableDiffusionPipeline (byte tokenizer, 1-channel 16x16 images, 4x8x8 latents)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+    from fastgen.train.teachers import build_byte_tokenizer, build_text_encoder
+
+    root = tmp_path_factory.mktemp("sd")
+    torch.manual_seed(0)
+    tokenizer = build_byte_tokenizer(root / "tok")
+    vae = AutoencoderKL(in_channels=1, out_channels=1, latent_channels=4, sample_size=16, layers_per_block=1,
+                        block_out_channels=(8, 16), norm_num_groups=8,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(16, 32), cross_attention_dim=64, attention_head_dim=4,
+                                norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=build_text_encoder(tokenizer), tokenizer=tokenizer, unet=unet,
+                                   scheduler=DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
+                                                           beta_end=0.012, clip_sample=False, steps_offset=1),
+                                   safety_checker=None, feature_extractor=None, image_encoder=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(root / "teacher")
+    return root / "teacher"
+
+
+@pytest.fixture
+def recipe(tmp_path):
+    path = tmp_path / "tiny.toml"
+    path.write_text(textwrap.dedent("""
+        method = "dmd2"
+        [student]
+        lr = 1e-3
+        warmup_steps = 0
+        [critic]
+        lr = 1e-3
+        warmup_steps = 2
+        [dmd]
+        ratio = 2
+        [train]
+        steps = 6
+        batch_size = 4
+        checkpoint_every = 3
+        log_every = 2
+        progress = false
+    """))
+    return str(path)
+
+
+def weights(folder: Path) -> dict:
+    return load_file(str(next((folder / "unet").glob("*.safetensors"))))
+
+
+def test_update_counts_follow_the_ratio(ddpm_teacher, recipe, tmp_path):
+    for accum in (1, 2):
+        out = tmp_path / f"run{accum}"
+        run_training(recipe, ["train.steps=7", "dmd.ratio=3", f"train.grad_accum={accum}", "train.checkpoint_every=0"],
+                     teacher=str(ddpm_teacher), out=str(out))
+        log = json.loads((out / "train_log.json").read_text())
+        assert log["update_counts"] == {"generator": 3, "critic": 7}  # generator at steps 0, 3, 6
+        assert log["steps_run"] == 7 and log["history"][-1]["step"] == 6
+
+
+def test_resume_equals_uninterrupted_run(ddpm_teacher, recipe, tmp_path):
+    common = ["student.ema_decay=0.5"]  # the EMA is checkpointed too
+    whole = run_training(recipe, common, teacher=str(ddpm_teacher), out=str(tmp_path / "a"))
+    run_training(recipe, common + ["train.steps=3"], teacher=str(ddpm_teacher), out=str(tmp_path / "b"))
+    checkpoints = tmp_path / "b" / "checkpoints"
+    # a kill during a later save leaves a temporary folder (and a folder without its state file): both ignored
+    (checkpoints / ".tmp-checkpoint-0000005").mkdir()
+    (checkpoints / ".tmp-checkpoint-0000005" / "model.safetensors").write_bytes(b"garbage")
+    (checkpoints / "checkpoint-0000004").mkdir()
+    assert latest_checkpoint(checkpoints).name == "checkpoint-0000003"
+    with pytest.raises(ValueError, match="--resume"):
+        run_training(recipe, common, teacher=str(ddpm_teacher), out=str(tmp_path / "b"))
+    resumed = run_training(recipe, common, teacher=str(ddpm_teacher), out=str(tmp_path / "b"), resume=True)
+    assert not (checkpoints / ".tmp-checkpoint-0000005").exists()
+    a, b = weights(whole), weights(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5)
+    final_a = load_file(str(tmp_path / "a" / "checkpoints" / "checkpoint-0000006" / "model.safetensors"))
+    final_b = load_file(str(checkpoints / "checkpoint-0000006" / "model.safetensors"))
+    assert any("critic" in k for k in final_a) and not any(k.startswith("teacher.") for k in final_a)
+    for key in final_a:  # critic and student (the teacher is not stored)
+        torch.testing.assert_close(final_b[key], final_a[key], rtol=0, atol=1e-5)
+    assert json.loads((tmp_path / "b" / "train_log.json").read_text())["update_counts"] == {"generator": 3, "critic": 6}
+
+
+def test_nan_loss_stops_naming_step_and_keeps_last_checkpoint(ddpm_teacher, recipe, tmp_path, monkeypatch):
+    original = DMD2.training_step
+
+    def poisoned(self, batch, step):
+        out = original(self, batch, step)
+        if step == 4:
+            out.losses["critic"] = out.losses["critic"] * float("nan")
+            out.logs["dsm"] = out.logs["dsm"] * float("nan")
+        return out
+
+    monkeypatch.setattr(DMD2, "training_step", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"step 5: dsm = nan.*checkpoint-0000004"):
+        run_training(recipe, ["train.checkpoint_every=2"], teacher=str(ddpm_teacher), out=str(tmp_path / "nan"))
+    checkpoints = tmp_path / "nan" / "checkpoints"
+    assert latest_checkpoint(checkpoints).name == "checkpoint-0000004"
+    assert not list(checkpoints.glob(".tmp-*")) and not (tmp_path / "nan" / "student").exists()
+
+
+def test_recipe_errors(ddpm_teacher, recipe, tmp_path):
+    with pytest.raises(KeyError, match=r"'train.stpes'.*steps, batch_size"):
+        recipes.load_recipe(recipe, ["train.stpes=3"])
+    with pytest.raises(KeyError, match=r"'colour'.*method, teacher"):
+        recipes.load_recipe(recipe, ["colour=3"])
+    with pytest.raises(ValueError, match="expects int"):
+        recipes.load_recipe(recipe, ["train.steps=many"])
+    cfg = recipes.load_recipe(recipe, ["dmd.guidance_scale=3", "student.timesteps=[999, 499]", "teacher=some/model"])
+    assert cfg.dmd.guidance_scale == 3.0 and cfg.student.timesteps == [999, 499] and cfg.teacher == "some/model"
+    with pytest.raises(FileNotFoundError, match="dmd2_fmnist_1step"):
+        recipes.load_recipe("no_such_recipe")
+    assert "train.steps" in recipes.describe_options()
+    with pytest.raises(FileNotFoundError, match="not a diffusers pipeline folder"):
+        run_training(recipe, teacher=str(tmp_path), out=str(tmp_path / "x"))
+    with pytest.raises(FileNotFoundError, match="neither a zoo teacher"):
+        run_training(recipe, teacher="/no/such/teacher", out=str(tmp_path / "x"))
+    with pytest.raises(ValueError, match="out of range"):
+        run_training(recipe, ["student.timesteps=[1000]"], teacher=str(ddpm_teacher), out=str(tmp_path / "x"))
+    with pytest.raises(ValueError, match="descending"):
+        run_training(recipe, ["student.timesteps=[499, 999]"], teacher=str(ddpm_teacher), out=str(tmp_path / "x"))
+
+
+def test_shipped_recipes_load():
+    names = recipes.available_recipes()
+    for name in ("dmd2_fmnist_1step", "dmd2_fmnist_4step", "dmd2_fmnist_1step_lora", "dmd2_fmnist_4step_lora",
+                 "dmd2_digits_1step", "dmd_fmnist_1step", "dmd2_sd15_template", "dmd2_sdxl_template"):
+        assert name in names
+        cfg = recipes.load_recipe(name)
+        assert cfg.method in ("dmd", "dmd2") and cfg.train.batch_size > 0
+
+
+def test_lora_student_export_round_trip(sd_teacher, recipe, tmp_path):
+    """A briefly trained 2-step LoRA student: the fused folder loads with plain diffusers and gives
+    fastgen's sampler output; the LoRA file on the teacher gives the same images."""
+    folder = run_training(recipe, ["student.num_steps=2", "student.lora_rank=4", "critic.lora_rank=4",
+                                   "train.steps=2", "dmd.ratio=1", "student.lr=1e-2", "train.checkpoint_every=0"],
+                          teacher=str(sd_teacher), out=str(tmp_path / "lora"))
+    meta = read_metadata(folder)
+    assert meta["timesteps"] == [999, 499] and meta["method"] == "dmd2" and meta["guidance_scale"] == 0.0
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    assert type(pipe).__name__ == "StableDiffusionPipeline" and type(pipe.scheduler).__name__ == "LCMScheduler"
+    kwargs = dict(prompt=PROMPTS, num_inference_steps=2, guidance_scale=0.0, output_type="pt")
+    plain = pipe(**kwargs, generator=torch.Generator().manual_seed(3)).images
+    ours = PipelineSampler(pipe)(PROMPTS, timesteps=meta["timesteps"], generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(plain, ours, rtol=0, atol=1e-4)
+
+    teacher = DiffusionPipeline.from_pretrained(sd_teacher)
+    teacher_images = PipelineSampler(teacher)(PROMPTS, timesteps=[999, 499], generator=torch.Generator().manual_seed(3))
+    assert (teacher_images - ours).abs().max() > 1e-4  # the student was trained
+    teacher.scheduler = pipe.scheduler
+    teacher.load_lora_weights(tmp_path / "lora" / "student_lora")
+    with_lora = teacher(**kwargs, generator=torch.Generator().manual_seed(3)).images
+    torch.testing.assert_close(with_lora, plain, rtol=0, atol=1e-4)
+
+
+def test_periodic_evaluation_does_not_change_training(ddpm_teacher, recipe, tmp_path, monkeypatch):
+    from fastgen.train import runner
+
+    calls = []
+
+    def fake_evaluator(cfg, pipe, method, out_dir, zoo_name, device):
+        def evaluate(step):
+            calls.append(step)
+            torch.randn(100)  # evaluation draws random numbers: training's RNG must not notice
+            return {"fd": 1.0 / step}
+        return evaluate
+
+    plain = run_training(recipe, ["train.checkpoint_every=0"], teacher=str(ddpm_teacher), out=str(tmp_path / "plain"))
+    monkeypatch.setattr(runner, "zoo_name_of", lambda teacher: "digits-ddpm")
+    monkeypatch.setattr(runner, "make_evaluator", fake_evaluator)
+    evaluated = run_training(recipe, ["train.checkpoint_every=0", "train.eval_every=2"], teacher=str(ddpm_teacher),
+                             out=str(tmp_path / "eval"))
+    assert calls == [2, 4, 6]
+    lines = (tmp_path / "eval" / "eval.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [2, 4, 6]
+    a, b = weights(plain), weights(evaluated)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,251 @@
+"""Training data: prompts, real images and cached teacher ODE pairs, served as :class:`~fastgen.methods.Batch`es.
+
+* Prompts (data-free methods: DMD2 without GAN, SiD): a text file with one prompt per line, or the
+  zoo's class prompts (``"zoo"``). They are encoded once by the teacher pipeline's own
+  ``encode_prompt``; batches index into that table.
+* Real images (GAN losses): a zoo dataset (``"zoo"``: Fashion-MNIST for fmnist-ldm, 8x8 digits for
+  digits-ddpm, with class prompts as their conditioning) or an image folder (conditioned on the
+  empty prompt). Latent teachers see them through the pipeline's VAE, encoded once and cached.
+* Teacher ODE pairs (DMD's regression loss): noise and the teacher's deterministic DDIM sample from
+  it, generated once with fastgen's DDIM sampler and cached to a file.
+
+:class:`BatchStream` draws batches with its own ``torch.Generator``, whose state is checkpointed,
+so a resumed run sees the same batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from fastgen import zoo
+from fastgen.denoiser import Conditioning
+from fastgen.methods.base import Batch
+from fastgen.pipelines.generate import encode_prompts
+from fastgen.pipelines.sampler import sample_ddim, student_timesteps
+
+
+def load_prompts(source: str | Sequence[str]) -> list[str]:
+    """Prompts from ``"zoo"`` (the zoo's class prompts), a text file (one per line), or a list."""
+    if not isinstance(source, str):
+        prompts = [str(p) for p in source]
+    elif source == "zoo":
+        prompts = zoo.prompts()
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"Prompt file {source!r} not found (give a text file with one prompt per line, "
+                                    "or \"zoo\" for the zoo's class prompts).")
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"No prompts in {source!r}.")
+    return prompts
+
+
+class PromptBank:
+    """The conditioning of a prompt list, encoded once (in chunks) with the pipeline's text encoder.
+
+    Args:
+        pipe: the teacher pipeline (text-conditional).
+        prompts: the prompts.
+        device: where the table lives.
+    """
+
+    def __init__(self, pipe, prompts: Sequence[str], device="cpu", chunk: int = 256):
+        self.prompts = list(prompts)
+        conds = []
+        with torch.no_grad():
+            for lo in range(0, len(self.prompts), chunk):
+                cond, uncond = encode_prompts(pipe, self.prompts[lo:lo + chunk])
+                conds.append(cond.to("cpu"))
+        self.cond = Conditioning.cat(conds).to(device)
+        self.uncond = uncond.index(slice(0, 1)).to(device)  # the empty prompt, one row
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __call__(self, idx: torch.Tensor) -> tuple[Conditioning, Conditioning]:
+        """``(cond, uncond)`` rows for prompt indices ``idx``."""
+        return self.cond.index(idx.to(self.cond.encoder_hidden_states.device)), self.uncond.repeat(len(idx))
+
+
+def _vae_encode(pipe, images: torch.Tensor, seed: int, chunk: int = 500) -> torch.Tensor:
+    """Images in [-1, 1] -> scaled latents (one posterior sample each, from a fixed seed)."""
+    vae = getattr(pipe, "vae", None)
+    if vae is None:
+        return images
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    with torch.no_grad():
+        for lo in tqdm(range(0, len(images), chunk), desc="encoding real images", leave=False):
+            dist = vae.encode(images[lo:lo + chunk].to(vae.device, vae.dtype)).latent_dist
+            z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen).to(dist.mean)
+            if getattr(vae.config, "shift_factor", None):
+                z = z - vae.config.shift_factor
+            out.append((z * vae.config.scaling_factor).cpu())
+    return torch.cat(out)
+
+
+@dataclass
+class RealData:
+    """Real samples in the network's space and the prompt index of each (``None``: the empty prompt)."""
+
+    samples: torch.Tensor
+    labels: torch.Tensor | None
+    prompts: list[str] | None
+
+
+def load_real(pipe, source: str, zoo_name: str | None, max_images: int = 10000, cache: Path | None = None,
+              seed: int = 0) -> RealData:
+    """Real data for GAN losses: ``"zoo"`` (the teacher's zoo dataset) or an image folder.
+
+    Args:
+        pipe: the teacher pipeline (its VAE encodes images of latent teachers).
+        source: ``"zoo"`` or a folder of images (resized to the teacher's resolution is *not* done:
+            they must already have it).
+        zoo_name: the zoo teacher the pipeline is, for ``"zoo"``.
+        max_images: use at most this many images (a fixed random subset).
+        cache: file to cache the encoded samples in (reused when its source matches).
+    """
+    key = {"source": str(source), "zoo": zoo_name, "max_images": max_images, "seed": seed}
+    if cache is not None and cache.is_file():
+        data = torch.load(cache)
+        if data.get("key") == key:
+            return RealData(data["samples"], data["labels"], data["prompts"])
+    if source == "zoo":
+        if zoo_name is None:
+            raise ValueError('data.real = "zoo" needs a zoo teacher; give an image folder for other teachers.')
+        from fastgen.zoo.data import load_digits, load_fashion_mnist
+
+        images, labels = load_fashion_mnist("train") if zoo_name == "fmnist-ldm" else load_digits("train")
+        prompts = zoo.prompts() if zoo_name == "fmnist-ldm" else None
+        labels = labels if prompts is not None else None
+    else:
+        from fastgen.eval.metrics import load_image_folder
+
+        images, labels, prompts = load_image_folder(source) * 2 - 1, None, None
+    pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:max_images]
+    images = images[pick]
+    labels = labels[pick] if labels is not None else None
+    samples = _vae_encode(pipe, images, seed)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"key": key, "samples": samples, "labels": labels, "prompts": prompts}, cache)
+    return RealData(samples, labels, prompts)
+
+
+@dataclass
+class OdePairs:
+    """Cached teacher ODE pairs: noise, the teacher's DDIM sample from it, and the prompt index of each."""
+
+    noise: torch.Tensor
+    target: torch.Tensor
+    labels: torch.Tensor | None
+
+
+def teacher_ode_pairs(pipe, teacher, bank: PromptBank | None, num_pairs: int, num_steps: int = 50,
+                      guidance_scale: float | None = None, cache: Path | None = None, seed: int = 0,
+                      batch_size: int = 250) -> OdePairs:
+    """Generate (or load from ``cache``) ``num_pairs`` teacher ODE pairs with fastgen's DDIM sampler.
+
+    Args:
+        pipe: the teacher pipeline (for the latent shape).
+        teacher: the teacher :class:`~fastgen.denoiser.Denoiser`.
+        bank: the prompts (pair ``i`` uses prompt ``i % len(bank)``); ``None`` for unconditional teachers.
+        num_pairs: how many pairs.
+        num_steps: DDIM steps (trailing spacing) of the teacher's deterministic sampler.
+        guidance_scale: the teacher's classifier-free guidance.
+        cache: file to cache the pairs in (reused when the settings match).
+        seed: seed of the noise.
+    """
+    key = {"num_pairs": num_pairs, "num_steps": num_steps, "guidance_scale": guidance_scale, "seed": seed,
+           "teacher": str(getattr(pipe, "name_or_path", "")), "prompts": bank.prompts if bank is not None else None}
+    if cache is not None and cache.is_file():
+        data = torch.load(cache)
+        if data.get("key") == key:
+            return OdePairs(data["noise"], data["target"], data["labels"])
+    config = teacher.model.config
+    shape = (config.in_channels, config.sample_size, config.sample_size)
+    device = next(teacher.model.parameters()).device
+    noise = torch.randn((num_pairs, *shape), generator=torch.Generator().manual_seed(seed))
+    labels = torch.arange(num_pairs) % len(bank) if bank is not None else None
+    timesteps = student_timesteps(teacher.schedule, num_steps, "ddim")
+    targets = []
+    with torch.no_grad():
+        for lo in tqdm(range(0, num_pairs, batch_size), desc="teacher ODE pairs"):
+            z = noise[lo:lo + batch_size].to(device)
+            cond = uncond = None
+            if bank is not None:
+                cond, uncond = bank(labels[lo:lo + batch_size])
+            targets.append(sample_ddim(teacher, z, timesteps, cond, uncond, guidance_scale).cpu())
+    pairs = OdePairs(noise, torch.cat(targets), labels)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"key": key, "noise": pairs.noise, "target": pairs.target, "labels": labels}, cache)
+        (cache.with_suffix(".json")).write_text(json.dumps(key, indent=1))
+    return pairs
+
+
+class BatchStream:
+    """An endless stream of :class:`~fastgen.methods.Batch`es, drawn with its own generator.
+
+    Args:
+        batch_size: student samples per batch.
+        prompts: the prompt table (text-conditional teachers) or ``None``.
+        real: real samples for GAN losses, or ``None``.
+        real_bank: the conditioning of ``real``'s labels (its class prompts), or ``None`` (empty prompt).
+        pairs: teacher ODE pairs (DMD), or ``None``.
+        pair_batch_size: pairs per batch.
+        seed: seed of the stream's generator (its state is saved in checkpoints).
+        device: where batches go.
+    """
+
+    def __init__(self, batch_size: int, prompts: PromptBank | None = None, real: RealData | None = None,
+                 real_bank: PromptBank | None = None, pairs: OdePairs | None = None, pair_batch_size: int = 0,
+                 seed: int = 0, device="cpu"):
+        self.batch_size, self.prompts, self.real, self.real_bank = batch_size, prompts, real, real_bank
+        self.pairs, self.pair_batch_size, self.device = pairs, pair_batch_size or batch_size, device
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __iter__(self):
+        return self
+
+    def _draw(self, n: int, high: int) -> torch.Tensor:
+        return torch.randint(high, (n,), generator=self.generator)
+
+    def _cond(self, bank: PromptBank | None, labels: torch.Tensor | None, n: int):
+        if self.prompts is None:
+            return None
+        if bank is None or labels is None:  # the empty prompt
+            return self.prompts.uncond.repeat(n)
+        return bank(labels)[0]
+
+    def __next__(self) -> Batch:
+        batch = Batch(self.batch_size)
+        if self.prompts is not None:
+            batch.cond, batch.uncond = self.prompts(self._draw(self.batch_size, len(self.prompts)))
+        if self.real is not None:
+            idx = self._draw(self.batch_size, len(self.real.samples))
+            batch.real = self.real.samples[idx]
+            labels = self.real.labels[idx] if self.real.labels is not None else None
+            batch.real_cond = self._cond(self.real_bank, labels, self.batch_size)
+        if self.pairs is not None:
+            idx = self._draw(self.pair_batch_size, len(self.pairs.noise))
+            batch.pair_noise, batch.pair_target = self.pairs.noise[idx], self.pairs.target[idx]
+            labels = self.pairs.labels[idx] if self.pairs.labels is not None else None
+            batch.pair_cond = self._cond(self.prompts, labels, self.pair_batch_size)
+        return batch.to(self.device)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+__all__ = ["load_prompts", "PromptBank", "RealData", "load_real", "OdePairs", "teacher_ode_pairs", "BatchStream"]

@@ -1,0 +1,381 @@
+"""The trainer: runs any :class:`~fastgen.methods.DistillationMethod` on accelerate.
+
+One process on CPU here; on GPUs, DDP (and friends) through ``accelerate launch`` and the user's
+accelerate config -- the trainer only calls ``Accelerator``. It owns what no method should: one
+AdamW optimizer per parameter group with a warm-up schedule, the update schedule the method asks
+for (each iteration updates exactly the groups whose losses :meth:`training_step` returned),
+gradient accumulation, mixed precision, gradient clipping, an optional EMA of the student
+(diffusers' ``EMAModel``), a progress bar with the current losses, accelerate trackers, periodic
+evaluation, and checkpoints:
+
+* every ``checkpoint_every`` steps ``accelerator.save_state`` writes into ``.tmp-checkpoint-N``,
+  which is then renamed to ``checkpoint-N`` -- a kill never leaves a half-written checkpoint, and
+  leftover temporary folders are ignored on resume. Only trained weights are stored (the teacher is
+  reloaded from its folder), plus optimizers, schedulers, EMA, RNG states and the data stream.
+* ``train(resume=True)`` continues from the latest checkpoint; the run then ends with the same
+  weights as an uninterrupted one.
+* A non-finite loss stops training with an error naming the step and the loss; the last good
+  checkpoint stays.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from fastgen.methods.base import DistillationMethod
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+STATE_FILE = "trainer_state.json"
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss (or gradient norm) became NaN or infinite."""
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW of one parameter group, with a linear warm-up to a constant learning rate (DMD2's recipe).
+
+    Args:
+        lr: learning rate after warm-up.
+        betas: Adam's ``(beta1, beta2)``.
+        weight_decay: decoupled weight decay.
+        eps: Adam's epsilon.
+        warmup_steps: updates *of this group* over which the rate rises linearly from 0.
+    """
+
+    lr: float = 5e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.01
+    eps: float = 1e-8
+    warmup_steps: int = 500
+
+
+@dataclass
+class TrainerConfig:
+    """Options of the training loop.
+
+    Args:
+        steps: iterations (each runs ``grad_accum`` micro-batches).
+        grad_accum: gradient accumulation micro-batches per iteration.
+        mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"`` (accelerate's autocast; fp16 adds a grad scaler).
+        max_grad_norm: clip each group's gradient norm to this (0: no clipping).
+        ema_decay: EMA of the student's weights (0: none); the EMA weights are evaluated and exported.
+        checkpoint_every: write a checkpoint every this many steps (0: never).
+        keep_checkpoints: how many recent checkpoints to keep.
+        log_every: log smoothed losses to the trackers every this many steps.
+        eval_every: call the evaluation callback every this many steps (0: never).
+        trackers: accelerate trackers, e.g. ``["tensorboard"]`` or ``["wandb"]`` (none by default).
+        progress: show a tqdm progress bar.
+        seed: recorded in the log (the runner seeds before building the method).
+    """
+
+    steps: int = 1000
+    grad_accum: int = 1
+    mixed_precision: str = "no"
+    max_grad_norm: float = 10.0
+    ema_decay: float = 0.0
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    log_every: int = 50
+    eval_every: int = 0
+    trackers: list[str] = field(default_factory=list)
+    progress: bool = True
+    seed: int = 0
+
+
+def latest_checkpoint(folder: str | Path) -> Path | None:
+    """The complete checkpoint with the highest step in ``folder`` (temporary folders are ignored)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in folder.iterdir()
+             if (m := CHECKPOINT_RE.match(p.name)) and (p / STATE_FILE).is_file()]
+    return max(found)[1] if found else None
+
+
+def _warmup(steps: int) -> Callable[[int], float]:
+    return lambda i: min(1.0, (i + 1) / steps) if steps > 0 else 1.0
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class Trainer:
+    """Train ``method`` with one optimizer per :meth:`parameter_groups` entry.
+
+    Args:
+        method: the distillation method (an ``nn.Module``; calling it runs one training step).
+        out_dir: run folder; checkpoints go to ``out_dir/checkpoints``, logs to ``out_dir/logs``.
+        config: :class:`TrainerConfig`.
+        optimizers: :class:`OptimizerConfig` per parameter group (missing groups get the defaults).
+        evaluate: optional ``fn(step) -> dict of metrics``, called every ``eval_every`` steps and at
+            the end (inside :meth:`student_weights`, so with the EMA weights when there is an EMA).
+        tracker_config: hyper-parameters to record with the trackers.
+    """
+
+    def __init__(self, method: DistillationMethod, out_dir: str | Path, config: TrainerConfig | None = None,
+                 optimizers: dict[str, OptimizerConfig] | None = None,
+                 evaluate: Callable[[int], dict] | None = None, tracker_config: dict | None = None):
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+
+        self.config = config or TrainerConfig()
+        self.out_dir = Path(out_dir)
+        self.checkpoint_dir = self.out_dir / "checkpoints"
+        self.evaluate = evaluate
+        trackers = list(self.config.trackers)
+        for name in trackers:
+            _check_tracker(name)
+        self.accelerator = Accelerator(
+            mixed_precision=self.config.mixed_precision, gradient_accumulation_steps=self.config.grad_accum,
+            log_with=trackers or None,
+            project_config=ProjectConfiguration(project_dir=str(self.out_dir), logging_dir=str(self.out_dir / "logs")),
+            # the generator is unused on critic-only iterations
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+        self.method = method
+        self.groups = method.parameter_groups()
+        opt_cfg = {name: (optimizers or {}).get(name, OptimizerConfig()) for name in self.groups}
+        self.optimizers = {name: torch.optim.AdamW(params, lr=c.lr, betas=tuple(c.betas), eps=c.eps,
+                                                   weight_decay=c.weight_decay)
+                           for (name, params), c in zip(self.groups.items(), opt_cfg.values())}
+        self.schedulers = {name: torch.optim.lr_scheduler.LambdaLR(opt, _warmup(opt_cfg[name].warmup_steps))
+                           for name, opt in self.optimizers.items()}
+        acc = self.accelerator
+        self.model = acc.prepare(method)
+        names = list(self.optimizers)
+        prepared = acc.prepare(*self.optimizers.values(), *self.schedulers.values())
+        prepared = prepared if isinstance(prepared, (list, tuple)) else [prepared]
+        self.optimizers = dict(zip(names, prepared[:len(names)]))
+        self.schedulers = dict(zip(names, prepared[len(names):]))
+        self.ema = None
+        if self.config.ema_decay > 0:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(self.groups["generator"], decay=self.config.ema_decay)
+            acc.register_for_checkpointing(self.ema)
+        acc.register_save_state_pre_hook(self._keep_trained_weights_only)
+        self.update_counts = {name: 0 for name in self.groups}
+        self.tracker_config = tracker_config or {}
+        self.history: list[dict] = []
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    # --- checkpoints ----------------------------------------------------------------------
+    def _trained_names(self, state: dict) -> dict[str, str]:
+        """``{state-dict name: group}`` of every trained tensor, each once (shared modules appear under
+        several names in the method's state dict)."""
+        owner = {p.data_ptr(): name for name, params in self.groups.items() for p in params}
+        picked, seen = {}, set()
+        for key, tensor in state.items():
+            ptr = tensor.data_ptr()
+            if ptr in owner and ptr not in seen:
+                picked[key] = owner[ptr]
+                seen.add(ptr)
+        return picked
+
+    def _keep_trained_weights_only(self, models, weights, output_dir):
+        """accelerate save hook: store only the trained weights (the teacher is reloaded from its folder)."""
+        for i, state in enumerate(weights):
+            keep = self._trained_names(state)
+            weights[i] = {k: v.contiguous() for k, v in state.items() if k in keep}
+
+    def save_checkpoint(self, step: int) -> Path:
+        """Write ``checkpoint-<step>`` atomically (temporary folder, then rename) and prune old ones."""
+        acc = self.accelerator
+        final = self.checkpoint_dir / f"checkpoint-{step:07d}"
+        tmp = self.checkpoint_dir / f".tmp-checkpoint-{step:07d}"
+        if acc.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        if acc.is_main_process:
+            state = {"step": step, "update_counts": self.update_counts, "time": time.time()}
+            (tmp / STATE_FILE).write_text(json.dumps(state))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            done = sorted((int(m.group(1)), p) for p in self.checkpoint_dir.iterdir()
+                          if (m := CHECKPOINT_RE.match(p.name)))
+            for _, old in done[:-max(1, self.config.keep_checkpoints)]:
+                shutil.rmtree(old)
+        acc.wait_for_everyone()
+        return final
+
+    def load_checkpoint(self, path: Path) -> int:
+        """Restore a checkpoint; returns its step."""
+        from safetensors import safe_open
+
+        self.accelerator.load_state(str(path), strict=False)
+        state = self.accelerator.get_state_dict(self.model, unwrap=False)
+        expected = set(self._trained_names(state))
+        stored = set()
+        for file in path.glob("model*.safetensors"):
+            with safe_open(str(file), "pt") as f:
+                stored |= set(f.keys())
+        if expected - stored:
+            raise RuntimeError(f"Checkpoint {path} lacks {len(expected - stored)} trained tensors "
+                               f"(e.g. {sorted(expected - stored)[:3]}); was it written by another recipe?")
+        info = json.loads((path / STATE_FILE).read_text())
+        self.update_counts = dict(info["update_counts"])
+        return int(info["step"])
+
+    # --- EMA ------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def student_weights(self):
+        """Inside the block the student carries its EMA weights (if any); restored afterwards."""
+        if self.ema is None:
+            yield
+            return
+        params = self.groups["generator"]
+        self.ema.store(params)
+        self.ema.copy_to(params)
+        try:
+            yield
+        finally:
+            self.ema.restore(params)
+
+    # --- the loop -------------------------------------------------------------------------
+    def _check_finite(self, values: dict[str, float], step: int, what: str = "loss"):
+        bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+        if bad:
+            last = latest_checkpoint(self.checkpoint_dir)
+            keep = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+            names = ", ".join(f"{k} = {v}" for k, v in bad.items())
+            raise NonFiniteLossError(
+                f"Non-finite {what} at step {step + 1}: {names}. Training stopped; {keep} "
+                f"(resume from it with a lower learning rate, or check the data / mixed precision).")
+
+    def _run_eval(self, step: int) -> None:
+        if self.evaluate is None or not self.accelerator.is_main_process:
+            return
+        with torch.random.fork_rng(devices=[]), self.student_weights():  # evaluation must not change training RNG
+            metrics = self.evaluate(step)
+        record = {"step": step, **metrics}
+        with open(self.out_dir / "eval.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.accelerator.log({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+        tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                 for k, v in metrics.items()))
+
+    def train(self, batches, resume: bool = False) -> dict:
+        """Run to ``config.steps``; returns a summary (also written to ``out_dir/train_log.json``).
+
+        Args:
+            batches: an iterator of :class:`~fastgen.methods.Batch` with ``state_dict`` /
+                ``load_state_dict`` (e.g. :class:`fastgen.train.data.BatchStream`); it is checkpointed.
+            resume: continue from the latest checkpoint in ``out_dir/checkpoints``.
+        """
+        acc, cfg = self.accelerator, self.config
+        acc.register_for_checkpointing(batches)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        start = 0
+        if resume:
+            last = latest_checkpoint(self.checkpoint_dir)
+            if last is None:
+                raise FileNotFoundError(f"--resume: no complete checkpoint in {self.checkpoint_dir}.")
+            start = self.load_checkpoint(last)
+            tqdm.write(f"resumed from {last} (step {start})")
+        if acc.is_main_process and self.checkpoint_dir.is_dir():
+            for leftover in self.checkpoint_dir.glob(".tmp-checkpoint-*"):
+                shutil.rmtree(leftover, ignore_errors=True)
+        if cfg.trackers:
+            acc.init_trackers("fastgen", config={k: v for k, v in self.tracker_config.items()
+                                                 if isinstance(v, (int, float, str, bool))})
+        self.model.train()
+        bar = tqdm(total=cfg.steps, initial=start, desc="training", dynamic_ncols=True,
+                   disable=not (cfg.progress and acc.is_local_main_process))
+        smooth: dict[str, float] = {}
+        begin, step_times = time.perf_counter(), []
+        for step in range(start, cfg.steps):
+            tick = time.perf_counter()
+            for _ in range(cfg.grad_accum):
+                with acc.accumulate(self.model):
+                    out = self.model(next(batches), step)
+                    values = torch.stack([v.float() for v in out.logs.values()] +
+                                         [v.float().detach() for v in out.losses.values()]).tolist()
+                    names = list(out.logs) + [f"{k} (total)" for k in out.losses]
+                    logged = dict(zip(names, values))
+                    self._check_finite(logged, step)
+                    acc.backward(sum(out.losses.values()))
+            for name in out.losses:  # the groups this iteration updates, in the method's order
+                params = self.groups[name]
+                if cfg.max_grad_norm > 0:
+                    acc.unscale_gradients(self.optimizers[name])
+                    norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                    if cfg.mixed_precision != "fp16":  # fp16: the grad scaler skips inf steps itself
+                        self._check_finite({f"{name} gradient norm": float(norm)}, step, "gradient")
+                self.optimizers[name].step()
+                self.schedulers[name].step()
+                self.optimizers[name].zero_grad(set_to_none=True)
+                self.update_counts[name] += 1
+            if self.ema is not None and "generator" in out.losses:
+                self.ema.step(self.groups["generator"])
+            step_times.append(time.perf_counter() - tick)
+            for k, v in logged.items():
+                if "(total)" not in k:
+                    smooth[k] = v if k not in smooth else 0.9 * smooth[k] + 0.1 * v
+            done = step + 1
+            bar.update(1)
+            if done % 10 == 0 or done == cfg.steps:
+                bar.set_postfix({k: f"{v:.4g}" for k, v in smooth.items()}, refresh=False)
+            if cfg.log_every and done % cfg.log_every == 0:
+                record = {"step": done, **{k: float(f"{v:.6g}") for k, v in smooth.items()},
+                          "s_per_step": sum(step_times[-cfg.log_every:]) / len(step_times[-cfg.log_every:])}
+                self.history.append(record)
+                acc.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=done)
+            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
+                self.save_checkpoint(done)
+            if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
+                self._run_eval(done)
+        bar.close()
+        wall = time.perf_counter() - begin
+        if cfg.eval_every:
+            self._run_eval(cfg.steps)
+        summary = self.summary(start, wall, step_times)
+        if acc.is_main_process:
+            (self.out_dir / "train_log.json").write_text(json.dumps(summary, indent=1))
+        acc.end_training()
+        return summary
+
+    def summary(self, start: int, wall: float, step_times: list[float]) -> dict:
+        method = self.accelerator.unwrap_model(self.model)
+        stored = {p.data_ptr(): p.numel() for p in method.parameters()}
+        steady = step_times[min(len(step_times) // 10, 20):] or step_times
+        return {"method": method.name, "config": asdict(self.config), "start_step": start,
+                "steps_run": len(step_times), "wall_s": wall,
+                "s_per_step": (sum(steady) / len(steady)) if steady else None,
+                "update_counts": self.update_counts,
+                "parameters_stored": sum(stored.values()),
+                "parameters_trained": {k: sum(p.numel() for p in v) for k, v in self.groups.items()},
+                "peak_rss_mb": _peak_rss_mb(), "threads": torch.get_num_threads(), "history": self.history}
+
+
+def _check_tracker(name: str) -> None:
+    import importlib.util
+
+    module = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(name)
+    if module is None:
+        return  # another accelerate tracker: accelerate validates it
+    if importlib.util.find_spec(module) is None and not (name == "tensorboard" and importlib.util.find_spec("tensorboardX")):
+        raise ValueError(f"Tracker {name!r} is not installed; `pip install {module}` (or `pip install fastgen[tracking]`), "
+                         f"or leave train.trackers empty.")
+
+
+__all__ = ["Trainer", "TrainerConfig", "OptimizerConfig", "NonFiniteLossError", "latest_checkpoint"]
