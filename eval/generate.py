@@ -11,12 +11,11 @@ from __future__ import annotations
 import inspect
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-
 import torch
 from tqdm.auto import tqdm
 
 from fastgen import zoo
+from fastgen.pipelines.loading import load_pipeline  # noqa: F401  (re-exported for eval's users)
 
 # Training-free solvers of the quality-vs-NFE frontier. Trailing spacing for all: "leading"
 # spacing starts at t = 1 for one step and would make the low-NFE baselines meaninglessly bad.
@@ -38,30 +37,6 @@ def solver_scheduler(name: str, base_config):
     cls_name, options = SOLVERS[name]
     config = {k: v for k, v in dict(base_config).items() if not k.startswith("_") and k != "fastgen"}
     return getattr(diffusers, cls_name).from_config(config, **options)
-
-
-def load_pipeline(name_or_path: str, device: str | None = None):
-    """Load a zoo name, a folder or a hub id with ``DiffusionPipeline.from_pretrained``; clear errors."""
-    from diffusers import DiffusionPipeline
-
-    target = zoo.resolve(name_or_path)
-    path = Path(target)
-    if path.exists() and not (path / "model_index.json").is_file():
-        raise FileNotFoundError(f"{name_or_path} is not a diffusers pipeline folder (no model_index.json).")
-    if not path.exists() and (target.count("/") != 1 or target.startswith((".", "/"))):
-        raise FileNotFoundError(f"{name_or_path!r} is neither a zoo teacher ({', '.join(zoo.names())}), "
-                                "a pipeline folder, nor a hub id.")
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.disable_progress_bar()  # loading bars would bury the one-line errors of the CLI
-    transformers_logging.disable_progress_bar()
-    try:
-        pipe = DiffusionPipeline.from_pretrained(target)
-    except OSError as err:
-        raise FileNotFoundError(f"Could not load pipeline {name_or_path!r}: {str(err).splitlines()[0]}") from None
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device) if device else pipe
 
 
 def zoo_name_of(pipe, name_or_path: str) -> str | None:

@@ -23,6 +23,7 @@ from fastgen import zoo
 from fastgen.critic import FakeScoreCritic
 from fastgen.lora import AdapterDenoiser
 from fastgen.methods import DMD, DMD2, METHODS, make_student
+from fastgen.pipelines.loading import load_pipeline
 from fastgen.pipelines.sampler import check_timesteps, student_timesteps
 from fastgen.schedule import schedule_from_scheduler_config
 
@@ -34,24 +35,10 @@ OPTIONS_HELP = describe_options
 
 
 def load_teacher(name_or_path: str):
-    """Load a teacher pipeline: a zoo name, a diffusers pipeline folder, or a hub id; clear errors otherwise."""
-    from diffusers import DiffusionPipeline
-
-    target = zoo.resolve(name_or_path)
-    path = Path(target)
-    if path.exists() and not (path / "model_index.json").is_file():
-        raise FileNotFoundError(f"Teacher {name_or_path!r} is not a diffusers pipeline folder (no model_index.json).")
-    if not path.exists() and (target.count("/") != 1 or target.startswith((".", "/", "~"))):
-        raise FileNotFoundError(f"Teacher {name_or_path!r} is neither a zoo teacher ({', '.join(zoo.names())}), "
-                                "a diffusers pipeline folder, nor a hub id (owner/name).")
-    try:
-        pipe = DiffusionPipeline.from_pretrained(target)
-    except (OSError, ValueError) as err:
-        raise FileNotFoundError(f"Could not load teacher {name_or_path!r} as a diffusers pipeline: "
-                                f"{str(err).splitlines()[0]}") from None
+    """Load a teacher (zoo name, pipeline folder or hub id) with every component frozen; clear errors otherwise."""
+    pipe = load_pipeline(name_or_path, what="Teacher")
     if getattr(pipe, "unet", None) is None and getattr(pipe, "transformer", None) is None:
         raise TypeError(f"Teacher {name_or_path!r} ({type(pipe).__name__}) has no unet or transformer to distill.")
-    pipe.set_progress_bar_config(disable=True)
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
             module.requires_grad_(False).eval()
