@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import threading
 import time
-from contextlib import contextmanager
 
 
 class PeakMemory:
@@ -64,14 +63,3 @@ def speed_row(num_images: int, seconds: float, nfe: int, peak_mb: float | None =
     if baseline_seconds_per_image:
         row["speedup"] = baseline_seconds_per_image / per_image
     return row
-
-
-@contextmanager
-def timed():
-    """``with timed() as t: ...`` then ``t["s"]``."""
-    box = {}
-    start = time.perf_counter()
-    try:
-        yield box
-    finally:
-        box["s"] = time.perf_counter() - start
