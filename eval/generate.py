@@ -41,14 +41,12 @@ def solver_scheduler(name: str, base_config):
 
 def zoo_name_of(pipe, name_or_path: str) -> str | None:
     """The zoo teacher a pipeline is (or was distilled from), for picking the domain classifier."""
-    if name_or_path in zoo.TEACHERS:
-        return name_or_path
-    meta = dict(pipe.scheduler.config).get("fastgen", {})
-    teacher = str(meta.get("teacher", ""))
-    for name in zoo.names():
-        if teacher == name or teacher.rstrip("/").endswith(name):
-            return name
-    return None
+    found = zoo.name_of(name_or_path)
+    if found:
+        return found
+    teacher = str(dict(pipe.scheduler.config).get("fastgen", {}).get("teacher", ""))
+    # a student exported elsewhere records the teacher's folder on that machine: match its last part too
+    return zoo.name_of(teacher) or next((n for n in zoo.names() if teacher.rstrip("/").endswith(n)), None)
 
 
 def unconditional_call(pipe, batch_size: int, num_inference_steps: int, generator: torch.Generator) -> torch.Tensor:

@@ -47,12 +47,7 @@ def load_teacher(name_or_path: str):
 
 def zoo_name_of(teacher: str) -> str | None:
     """The zoo teacher a recipe's teacher is (by name or by its folder), for zoo data and evaluation."""
-    if teacher in zoo.TEACHERS:
-        return teacher
-    for name in zoo.names():
-        if Path(teacher).resolve() == zoo.path(name, check=False).resolve():
-            return name
-    return None
+    return zoo.name_of(teacher)
 
 
 def resolve_timesteps(recipe: Recipe, pipe, schedule) -> list[int]:

@@ -51,6 +51,16 @@ def path(name: str, check: bool = True) -> Path:
     return folder
 
 
+def name_of(name_or_path: str) -> str | None:
+    """The zoo teacher a name or folder is (``None`` for anything else, e.g. a hub id)."""
+    if name_or_path in TEACHERS:
+        return name_or_path
+    for name in TEACHERS:
+        if Path(name_or_path).resolve() == path(name, check=False).resolve():
+            return name
+    return None
+
+
 def resolve(name_or_path: str) -> str:
     """A zoo name becomes its folder; anything else (a folder or a hub id) is returned unchanged."""
     return str(path(name_or_path)) if name_or_path in TEACHERS else name_or_path
