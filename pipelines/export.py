@@ -38,6 +38,9 @@ def _built_in_scheduler(teacher_config: dict, timesteps: list[int], sampler: str
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(config, stochastic_sampling=(sampler == "multistep"))
     elif sampler == "multistep":
         scheduler = LCMScheduler.from_config(config, original_inference_steps=n, set_alpha_to_one=True)
+        T = config.get("num_train_timesteps", 1000)
+        if timesteps[0] < T - 1 and (timesteps[0] + 1) % n == 0:
+            scheduler = _truncated_lcm(config, timesteps[0] + 1, n)
     elif sampler == "ddim":
         T = config.get("num_train_timesteps", 1000)
         if [t - T // n for t in timesteps] != timesteps[1:] + [timesteps[-1] - T // n] or timesteps[-1] - T // n >= 0:
@@ -50,6 +53,28 @@ def _built_in_scheduler(teacher_config: dict, timesteps: list[int], sampler: str
     scheduler.set_timesteps(n)
     default = [int(round(float(t))) for t in scheduler.timesteps]
     return scheduler, default == timesteps
+
+
+def _truncated_lcm(config: dict, num_train_timesteps: int, n: int):
+    """An ``LCMScheduler`` whose first step is ``num_train_timesteps - 1`` < T - 1.
+
+    Pipelines without a ``timesteps`` argument (``DDPMPipeline``) only call ``set_timesteps(N)``, which
+    always starts at ``T - 1``. Cutting the teacher's betas at ``t0 + 1`` keeps ``alphas_cumprod`` for
+    every ``t <= t0`` unchanged, so ``set_timesteps(N)`` of the cut schedule starts at ``t0`` instead.
+    """
+    from diffusers import DDPMScheduler, LCMScheduler
+
+    betas = DDPMScheduler.from_config(config).betas[:num_train_timesteps]
+    return LCMScheduler.from_config(config, num_train_timesteps=num_train_timesteps, trained_betas=betas.tolist(),
+                                    original_inference_steps=n, set_alpha_to_one=True)
+
+
+def built_in_scheduler(teacher_config: dict, timesteps: Sequence[int], sampler: str = "multistep"):
+    """``(scheduler, matches)``: the built-in scheduler export would write for these trained timesteps,
+    and whether its ``set_timesteps(len(timesteps))`` reproduces them (if not, the pipeline must be
+    called with ``timesteps=``)."""
+    ts = check_timesteps(timesteps, teacher_config.get("num_train_timesteps", 1000))
+    return _built_in_scheduler(teacher_config, ts, sampler)
 
 
 def _model_card(pipe_class: str, scheduler_class: str, meta: dict, call: str, is_text: bool) -> str:

@@ -154,3 +154,18 @@ def test_custom_timesteps_are_written_into_the_call(teachers, tmp_path):
     assert meta["call"] == "timesteps=[625, 300], guidance_scale=0.0" and meta["method"] == "sid"
     reloaded = DiffusionPipeline.from_pretrained(folder)
     assert reloaded.scheduler.config["fastgen"]["timesteps"] == [625, 300]  # extra keys survive loading
+
+
+def test_ddpm_pipeline_student_starting_below_T(teachers, tmp_path):
+    """DDPMPipeline has no `timesteps` argument: a student trained at [749] or [749, 374] is exported with the
+    teacher's betas cut at 750, whose set_timesteps(N) starts there; plain diffusers reproduces fastgen."""
+    pipe = teachers["digits-ddpm"]
+    jobs, expected = [], []
+    for timesteps in ([749], [749, 374]):
+        folder = export_student(pipe, tmp_path / f"cut{len(timesteps)}", timesteps=timesteps, method="test")
+        config = DiffusionPipeline.from_pretrained(folder).scheduler.config
+        assert config["num_train_timesteps"] == 750 and read_metadata(folder)["call"] == f"num_inference_steps={len(timesteps)}"
+        jobs.append({"folder": str(folder), "kwargs": {"batch_size": 3, "num_inference_steps": len(timesteps)}, "seed": 3})
+        expected.append(fastgen_images(pipe, None, timesteps, "multistep", None, 3, False))
+    for got, want in zip(run_diffusers_only(tmp_path, jobs), expected):
+        torch.testing.assert_close(got, want.float(), atol=1e-4, rtol=0)

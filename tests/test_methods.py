@@ -156,6 +156,23 @@ def test_student_sampler_is_fastgens_multistep_sampler():
                                     "guidance_scale": 0.0}
 
 
+def test_clipped_student_output_still_gets_gradient():
+    """x0 is clipped like the exported scheduler does, but every pixel -- clipped or not -- gets the loss's
+    gradient (straight-through): an eps student read as x0 at t = 999 starts with nearly all pixels clipped."""
+    teacher = Denoiser(tiny_unet(), schedule(clip_sample=True))
+    method = DMD2(teacher, make_student(teacher), FakeScoreCritic(teacher))
+    x_t = torch.randn(2, 1, 8, 8)
+    raw_x0 = method.student(x_t, 999).x0
+    x0 = method.student_x0(x_t, 999)
+    torch.testing.assert_close(x0, raw_x0.clamp(-1, 1))
+    assert (raw_x0.abs() > 1).float().mean() > 0.5  # most pixels saturate at initialisation
+    out = torch.randn_like(x0)
+    (x0 * out).sum().backward()
+    head = method.student.model.conv_out.bias.grad  # d/d(bias) of x0 = -sqrt(1 - abar)/sqrt(abar) * sum(out)
+    abar = method.schedule.alphas_cumprod[999].float()
+    torch.testing.assert_close(head, -((1 - abar) / abar).sqrt() * out.sum().reshape(1), rtol=1e-4, atol=1e-3)
+
+
 def _cond_batch(n=4):
     cond = Conditioning(torch.randn(n, 5, 16))
     return Batch(n, cond, Conditioning(torch.zeros(n, 5, 16)), real=torch.randn(n, 4, 8, 8), real_cond=cond)

@@ -155,6 +155,8 @@ def test_recipe_errors(ddpm_teacher, recipe, tmp_path):
         run_training(recipe, ["student.timesteps=[1000]"], teacher=str(ddpm_teacher), out=str(tmp_path / "x"))
     with pytest.raises(ValueError, match="descending"):
         run_training(recipe, ["student.timesteps=[499, 999]"], teacher=str(ddpm_teacher), out=str(tmp_path / "x"))
+    with pytest.raises(ValueError, match="cannot be called with custom timesteps"):  # DDPMPipeline, uneven steps
+        run_training(recipe, ["student.timesteps=[749, 300]"], teacher=str(ddpm_teacher), out=str(tmp_path / "x"))
 
 
 def test_shipped_recipes_load():
