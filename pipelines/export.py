@@ -39,8 +39,11 @@ def _built_in_scheduler(teacher_config: dict, timesteps: list[int], sampler: str
     elif sampler == "multistep":
         scheduler = LCMScheduler.from_config(config, original_inference_steps=n, set_alpha_to_one=True)
         T = config.get("num_train_timesteps", 1000)
-        if timesteps[0] < T - 1 and (timesteps[0] + 1) % n == 0:
-            scheduler = _truncated_lcm(config, timesteps[0] + 1, n)
+        if timesteps[0] < T - 1 and (timesteps[0] + 1) % n == 0:  # the cut schedule, only where it reproduces them
+            cut = _truncated_lcm(config, timesteps[0] + 1, n)
+            cut.set_timesteps(n)
+            if [int(t) for t in cut.timesteps] == timesteps:
+                scheduler = cut
     elif sampler == "ddim":
         T = config.get("num_train_timesteps", 1000)
         if [t - T // n for t in timesteps] != timesteps[1:] + [timesteps[-1] - T // n] or timesteps[-1] - T // n >= 0:

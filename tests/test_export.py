@@ -152,6 +152,7 @@ def test_custom_timesteps_are_written_into_the_call(teachers, tmp_path):
     folder = export_student(pipe, tmp_path / "sid", timesteps=[625, 300], method="sid")
     meta = read_metadata(folder)
     assert meta["call"] == "timesteps=[625, 300], guidance_scale=0.0" and meta["method"] == "sid"
+    assert json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["num_train_timesteps"] == 1000
     reloaded = DiffusionPipeline.from_pretrained(folder)
     assert reloaded.scheduler.config["fastgen"]["timesteps"] == [625, 300]  # extra keys survive loading
 
