@@ -28,8 +28,14 @@ from .sampler import check_timesteps
 METADATA_KEY = "fastgen"
 
 
+def _set_timesteps(scheduler, n: int) -> list[int]:
+    """The timesteps ``scheduler.set_timesteps(n)`` gives: what a pipeline called with N steps runs."""
+    scheduler.set_timesteps(n)
+    return [int(round(float(t))) for t in scheduler.timesteps]
+
+
 def _built_in_scheduler(teacher_config: dict, timesteps: list[int], sampler: str):
-    """The diffusers scheduler (and ``num_inference_steps``) that reproduces fastgen's sampler."""
+    """The diffusers scheduler that reproduces fastgen's sampler, and the timesteps its ``set_timesteps(N)`` gives."""
     from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, LCMScheduler
 
     config = {k: v for k, v in teacher_config.items() if not k.startswith("_") and k != METADATA_KEY}
@@ -38,11 +44,9 @@ def _built_in_scheduler(teacher_config: dict, timesteps: list[int], sampler: str
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(config, stochastic_sampling=(sampler == "multistep"))
     elif sampler == "multistep":
         scheduler = LCMScheduler.from_config(config, original_inference_steps=n, set_alpha_to_one=True)
-        T = config.get("num_train_timesteps", 1000)
-        if timesteps[0] < T - 1 and (timesteps[0] + 1) % n == 0:  # the cut schedule, only where it reproduces them
+        if timesteps[0] < config.get("num_train_timesteps", 1000) - 1:  # the cut schedule, where it reproduces them
             cut = _truncated_lcm(config, timesteps[0] + 1, n)
-            cut.set_timesteps(n)
-            if [int(t) for t in cut.timesteps] == timesteps:
+            if _set_timesteps(cut, n) == timesteps:
                 scheduler = cut
     elif sampler == "ddim":
         T = config.get("num_train_timesteps", 1000)
@@ -53,9 +57,7 @@ def _built_in_scheduler(teacher_config: dict, timesteps: list[int], sampler: str
         scheduler = DDIMScheduler.from_config(config, timestep_spacing="trailing", set_alpha_to_one=True)
     else:
         raise ValueError(f"Unknown sampler {sampler!r}; expected 'multistep' or 'ddim'.")
-    scheduler.set_timesteps(n)
-    default = [int(round(float(t))) for t in scheduler.timesteps]
-    return scheduler, default == timesteps
+    return scheduler, _set_timesteps(scheduler, n)
 
 
 def _truncated_lcm(config: dict, num_train_timesteps: int, n: int):
@@ -72,12 +74,26 @@ def _truncated_lcm(config: dict, num_train_timesteps: int, n: int):
                                     original_inference_steps=n, set_alpha_to_one=True)
 
 
-def built_in_scheduler(teacher_config: dict, timesteps: Sequence[int], sampler: str = "multistep"):
-    """``(scheduler, matches)``: the built-in scheduler export would write for these trained timesteps,
-    and whether its ``set_timesteps(len(timesteps))`` reproduces them (if not, the pipeline must be
-    called with ``timesteps=``)."""
-    ts = check_timesteps(timesteps, teacher_config.get("num_train_timesteps", 1000))
-    return _built_in_scheduler(teacher_config, ts, sampler)
+def exported_scheduler(pipe, timesteps: Sequence[int], sampler: str = "multistep"):
+    """``(scheduler, custom)``: the built-in scheduler the export writes for these trained timesteps, and
+    whether the pipeline must be called with ``timesteps=`` (``set_timesteps(N)`` gives others).
+
+    Raises ``ValueError`` when that is needed but ``type(pipe).__call__`` has no ``timesteps`` argument
+    (``DDPMPipeline``): such a student could not be reproduced from its folder.
+    """
+    import inspect
+
+    config = dict(pipe.scheduler.config)
+    ts = check_timesteps(timesteps, config.get("num_train_timesteps", 1000))
+    scheduler, default = _built_in_scheduler(config, ts, sampler)
+    custom = default != ts
+    if custom and "timesteps" not in inspect.signature(type(pipe).__call__).parameters:
+        raise ValueError(
+            f"{type(pipe).__name__} cannot be called with custom timesteps, and {type(scheduler).__name__}'s "
+            f"set_timesteps({len(ts)}) gives {default}, not {ts}. Train with student.num_steps "
+            f"(fastgen.pipelines.sampler.student_timesteps), or with timesteps evenly spaced below t0 where "
+            f"t0 + 1 is divisible by their number (the export then cuts the schedule at t0 + 1).")
+    return scheduler, custom
 
 
 def _model_card(pipe_class: str, scheduler_class: str, meta: dict, call: str, is_text: bool) -> str:
@@ -139,18 +155,9 @@ def export_student(teacher, out_dir: str | Path, *, model: torch.nn.Module | Non
     network_name = "unet" if "unet" in pipe.components else "transformer"
     teacher_config = dict(pipe.scheduler.config)
     timesteps = check_timesteps(timesteps, teacher_config.get("num_train_timesteps", 1000))
-    scheduler, default_matches = _built_in_scheduler(teacher_config, timesteps, sampler)
+    scheduler, custom = exported_scheduler(pipe, timesteps, sampler)
     is_text = hasattr(pipe, "encode_prompt")
-    call = f"num_inference_steps={len(timesteps)}"
-    if not default_matches:
-        import inspect
-
-        if "timesteps" not in inspect.signature(type(pipe).__call__).parameters:
-            raise ValueError(
-                f"{type(pipe).__name__} cannot be called with custom timesteps, and {type(scheduler).__name__} "
-                f"computes {len(timesteps)} steps differently from {timesteps}; train with "
-                f"fastgen.pipelines.sampler.student_timesteps(schedule, {len(timesteps)}) instead.")
-        call = f"timesteps={timesteps}"
+    call = f"timesteps={timesteps}" if custom else f"num_inference_steps={len(timesteps)}"
     if is_text:
         call += f", guidance_scale={guidance_scale}"
     meta = {"method": method, "sampler": sampler, "num_steps": len(timesteps), "timesteps": timesteps,

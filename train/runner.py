@@ -11,7 +11,6 @@ Run folder layout: ``recipe.json`` (the resolved recipe), ``checkpoints/``, ``lo
 
 from __future__ import annotations
 
-import inspect
 import json
 import shutil
 from pathlib import Path
@@ -24,7 +23,7 @@ from fastgen.critic import FakeScoreCritic
 from fastgen.lora import AdapterDenoiser
 from fastgen.methods import DMD, DMD2, METHODS, make_student
 from fastgen.pipelines.loading import load_pipeline
-from fastgen.pipelines.export import built_in_scheduler
+from fastgen.pipelines.export import exported_scheduler
 from fastgen.pipelines.sampler import check_timesteps, student_timesteps
 from fastgen.schedule import schedule_from_scheduler_config
 
@@ -60,12 +59,7 @@ def resolve_timesteps(recipe: Recipe, pipe, schedule) -> list[int]:
         if recipe.student.num_steps < 1:
             raise ValueError(f"student.num_steps must be >= 1, got {recipe.student.num_steps}.")
         timesteps = student_timesteps(schedule, recipe.student.num_steps)
-    scheduler, matches = built_in_scheduler(dict(pipe.scheduler.config), timesteps)
-    if not matches and "timesteps" not in inspect.signature(type(pipe).__call__).parameters:
-        scheduler.set_timesteps(len(timesteps))
-        raise ValueError(f"{type(pipe).__name__} cannot be called with custom timesteps, so its export only reproduces "
-                         f"{[int(t) for t in scheduler.timesteps]} for {len(timesteps)} steps; got {timesteps}. "
-                         f"Use student.num_steps, or timesteps evenly spaced up to t0 with t0 + 1 divisible by their number.")
+    exported_scheduler(pipe, timesteps)  # fail now, not at export, if the student's folder could not reproduce them
     if recipe.method == "dmd" and len(timesteps) != 1:
         raise ValueError(f"DMD trains one-step generators; got {len(timesteps)} timesteps (use method = \"dmd2\").")
     return timesteps
