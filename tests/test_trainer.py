@@ -1,6 +1,9 @@
 """The trainer, recipes and runner: update schedule, resume, atomic checkpoints, bad input, export round trip."""
 
 import json
+import os
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -14,6 +17,7 @@ from fastgen.methods import DMD2
 from fastgen.pipelines.export import read_metadata
 from fastgen.pipelines.generate import PipelineSampler
 from fastgen.train import recipes
+from fastgen.train.data import BatchStream, PromptBank
 from fastgen.train.runner import run_training
 from fastgen.train.trainer import NonFiniteLossError, latest_checkpoint
 
@@ -214,3 +218,51 @@ def test_periodic_evaluation_does_not_change_training(ddpm_teacher, recipe, tmp_
     assert [json.loads(line)["step"] for line in lines] == [2, 4, 6]
     a, b = weights(plain), weights(evaluated)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_batch_stream_shards_are_slices_of_one_global_draw(sd_teacher):
+    pipe = StableDiffusionPipeline.from_pretrained(sd_teacher)
+    bank = PromptBank(pipe, [f"a photo of a {c}" for c in "abcdefgh"])
+    whole, one = BatchStream(8, bank, seed=5, num_shards=1), BatchStream(8, bank, seed=5)
+    shards = [BatchStream(4, bank, seed=5, num_shards=2, shard=i) for i in range(2)]
+    for _ in range(3):
+        a, b, parts = next(whole), next(one), [next(s) for s in shards]
+        assert torch.equal(a.cond.encoder_hidden_states, b.cond.encoder_hidden_states)  # one shard == no sharding
+        assert not torch.equal(parts[0].cond.encoder_hidden_states, parts[1].cond.encoder_hidden_states)
+    assert all(torch.equal(s.generator.get_state(), shards[0].generator.get_state()) for s in shards)
+    with pytest.raises(ValueError, match="shard"):
+        BatchStream(4, bank, num_shards=2, shard=2)
+
+
+def test_two_process_data_parallel_run_resumes_exactly(ddpm_teacher, recipe, tmp_path):
+    """DDP on CPU (gloo) through torchrun, as `accelerate launch` runs it on GPUs: each process draws its own
+    batch and noise (identical processes would reproduce the one-process run exactly), checkpoints hold
+    every process's RNG state, and a run stopped and resumed ends with the uninterrupted run's weights."""
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is needed")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+
+    def launch(out, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "fastgen.cli", "train", recipe, "--teacher", str(ddpm_teacher), "--out", str(tmp_path / out),
+               "--set", "student.ema_decay=0.5", *extra]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    launch("whole")
+    launch("part", "--set", "train.steps=3")
+    launch("part", "--resume")
+    single = run_training(recipe, ["student.ema_decay=0.5"], teacher=str(ddpm_teacher), out=str(tmp_path / "single"))
+    final = {name: load_file(str(tmp_path / name / "checkpoints" / "checkpoint-0000006" / "model.safetensors"))
+             for name in ("whole", "part", "single")}
+    for key in final["whole"]:
+        torch.testing.assert_close(final["part"][key], final["whole"][key], rtol=0, atol=1e-5)
+    a, b = weights(tmp_path / "whole" / "student"), weights(tmp_path / "part" / "student")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5)
+    assert max(float((final["whole"][k] - final["single"][k]).abs().max()) for k in final["whole"]) > 1e-4
+    checkpoint = tmp_path / "part" / "checkpoints" / "checkpoint-0000006"
+    assert (checkpoint / "random_states_0.pkl").is_file() and (checkpoint / "random_states_1.pkl").is_file()
+    log = json.loads((tmp_path / "whole" / "train_log.json").read_text())
+    assert log["update_counts"] == {"generator": 3, "critic": 6}
+    assert type(DiffusionPipeline.from_pretrained(tmp_path / "whole" / "student")).__name__ == "DDPMPipeline"

@@ -203,20 +203,28 @@ class BatchStream:
         pair_batch_size: pairs per batch.
         seed: seed of the stream's generator (its state is saved in checkpoints).
         device: where batches go.
+        num_shards: processes sharing the stream (data parallel) ...
+        shard: ... and which of them this is. Every process draws the indices of all ``num_shards``
+            batches from the same generator and keeps its own slice, so the processes see different
+            data while their generators stay equal (accelerate checkpoints the main process's state).
     """
 
     def __init__(self, batch_size: int, prompts: PromptBank | None = None, real: RealData | None = None,
                  real_bank: PromptBank | None = None, pairs: OdePairs | None = None, pair_batch_size: int = 0,
-                 seed: int = 0, device="cpu"):
+                 seed: int = 0, device="cpu", num_shards: int = 1, shard: int = 0):
+        if not 0 <= shard < num_shards:
+            raise ValueError(f"shard must be in [0, {num_shards}), got {shard}.")
         self.batch_size, self.prompts, self.real, self.real_bank = batch_size, prompts, real, real_bank
         self.pairs, self.pair_batch_size, self.device = pairs, pair_batch_size or batch_size, device
+        self.num_shards, self.shard = num_shards, shard
         self.generator = torch.Generator().manual_seed(seed)
 
     def __iter__(self):
         return self
 
     def _draw(self, n: int, high: int) -> torch.Tensor:
-        return torch.randint(high, (n,), generator=self.generator)
+        """``n`` random indices below ``high``: this shard's slice of ``n * num_shards``."""
+        return torch.randint(high, (self.num_shards, n), generator=self.generator)[self.shard]
 
     def _cond(self, bank: PromptBank | None, labels: torch.Tensor | None, n: int):
         if self.prompts is None:

@@ -86,8 +86,9 @@ def build_method(recipe: Recipe, pipe, timesteps: list[int]):
                 (d.dm_t_min, d.dm_t_max))
 
 
-def build_data(recipe: Recipe, pipe, method, out_dir: Path, device) -> BatchStream:
-    """Prompts (conditional teachers), real images (GAN) and teacher ODE pairs (DMD), as a BatchStream."""
+def build_data(recipe: Recipe, pipe, method, out_dir: Path, device, num_shards: int = 1, shard: int = 0) -> BatchStream:
+    """Prompts (conditional teachers), real images (GAN) and teacher ODE pairs (DMD), as a BatchStream
+    (``shard`` of ``num_shards``: this process's slice of every global batch)."""
     text = hasattr(pipe, "encode_prompt")
     bank = PromptBank(pipe, load_prompts(recipe.data.prompts), device) if text else None
     needs_real = recipe.critic.gan_head and (recipe.dmd.gan_critic_weight > 0 or recipe.dmd.gan_generator_weight > 0)
@@ -105,7 +106,7 @@ def build_data(recipe: Recipe, pipe, method, out_dir: Path, device) -> BatchStre
         pairs = teacher_ode_pairs(pipe, method.teacher, bank, recipe.dmd.ode_pairs, recipe.dmd.ode_steps,
                                   method.guidance_scale, out_dir / "cache" / "ode_pairs.pt", recipe.seed)
     return BatchStream(recipe.train.batch_size, bank, real, real_bank, pairs, recipe.dmd.pair_batch_size,
-                       recipe.seed, device)
+                       recipe.seed, device, num_shards, shard)
 
 
 def export(method, pipe, folder: Path, lora_folder: Path | None = None, extra: dict | None = None) -> Path:
@@ -182,22 +183,27 @@ def run_training(recipe: str, overrides: Sequence[str] = (), teacher: str | None
                                 log_every=t.log_every, eval_every=t.eval_every, trackers=list(t.trackers),
                                 progress=t.progress, seed=cfg.seed)
     trainer = Trainer(method, out_dir, trainer_cfg, optimizers, tracker_config=cfg.flat())
-    method = trainer.accelerator.unwrap_model(trainer.model)
+    acc = trainer.accelerator
+    if acc.num_processes > 1:  # same initial weights everywhere (above), different noise per process from here
+        set_seed(cfg.seed, device_specific=True)
+    method = acc.unwrap_model(trainer.model)
     pipe.to(trainer.device)
     if t.eval_every:
         trainer.evaluate = make_evaluator(cfg, pipe, method, out_dir, zoo_name, trainer.device)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "recipe.json").write_text(json.dumps(cfg.to_dict(), indent=1))
-    batches = build_data(cfg, pipe, method, out_dir, trainer.device)
+    if acc.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "recipe.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    with acc.main_process_first():  # the main process writes the caches (real latents, ODE pairs), the others read them
+        batches = build_data(cfg, pipe, method, out_dir, trainer.device, acc.num_processes, acc.process_index)
     summary = trainer.train(batches, resume=resume)
     folder = out_dir / "student"
-    if trainer.accelerator.is_main_process:
+    if acc.is_main_process:
         extra = {"recipe": cfg.name, "train_steps": t.steps, "teacher_guidance": getattr(method, "guidance_scale", None),
                  "lora_rank": s.lora_rank}
         with trainer.student_weights():
             export(method, pipe, folder, out_dir / "student_lora" if (s.lora_rank and t.export_lora) else None, extra)
         print(f"trained {summary['steps_run']} steps at {summary['s_per_step']:.3f} s/step; wrote {folder}")
-    trainer.accelerator.wait_for_everyone()
+    trainer.end()
     return folder
 
 

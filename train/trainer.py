@@ -1,7 +1,10 @@
 """The trainer: runs any :class:`~fastgen.methods.DistillationMethod` on accelerate.
 
 One process on CPU here; on GPUs, DDP (and friends) through ``accelerate launch`` and the user's
-accelerate config -- the trainer only calls ``Accelerator``. It owns what no method should: one
+accelerate config -- the trainer only calls ``Accelerator``. With several processes each one runs
+the method on its own batch and noise (the runner seeds them apart; the global batch is
+``batch_size x processes``), DDP averages the gradients, the logged losses are means over processes,
+and only the main process evaluates and writes files other than accelerate's own. It owns what no method should: one
 AdamW optimizer per parameter group with a warm-up schedule, the update schedule the method asks
 for (each iteration updates exactly the groups whose losses :meth:`training_step` returned),
 gradient accumulation, mixed precision, gradient clipping, an optional EMA of the student
@@ -205,6 +208,7 @@ class Trainer:
             shutil.rmtree(tmp)
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
+        acc.wait_for_everyone()  # every process has written its RNG state before the rename
         if acc.is_main_process:
             state = {"step": step, "update_counts": self.update_counts, "time": time.time()}
             (tmp / STATE_FILE).write_text(json.dumps(state))
@@ -223,7 +227,7 @@ class Trainer:
         from safetensors import safe_open
 
         self.accelerator.load_state(str(path), strict=False)
-        state = self.accelerator.get_state_dict(self.model, unwrap=False)
+        state = self.accelerator.get_state_dict(self.model)  # unwrapped: the names the checkpoint stores
         expected = set(self._trained_names(state))
         stored = set()
         for file in path.glob("model*.safetensors"):
@@ -277,6 +281,8 @@ class Trainer:
     def train(self, batches, resume: bool = False) -> dict:
         """Run to ``config.steps``; returns a summary (also written to ``out_dir/train_log.json``).
 
+        Call :meth:`end` when done with the trained method (after exporting it).
+
         Args:
             batches: an iterator of :class:`~fastgen.methods.Batch` with ``state_dict`` /
                 ``load_state_dict`` (e.g. :class:`fastgen.train.data.BatchStream`); it is checkpointed.
@@ -309,7 +315,9 @@ class Trainer:
                 with acc.accumulate(self.model):
                     out = self.model(next(batches), step)
                     values = torch.stack([v.float() for v in out.logs.values()] +
-                                         [v.float().detach() for v in out.losses.values()]).tolist()
+                                         [v.float().detach() for v in out.losses.values()])
+                    # the mean over processes: every process logs, and stops on a non-finite loss, alike
+                    values = acc.reduce(values, "mean").tolist()
                     names = list(out.logs) + [f"{k} (total)" for k in out.losses]
                     logged = dict(zip(names, values))
                     self._check_finite(logged, step)
@@ -351,8 +359,12 @@ class Trainer:
         summary = self.summary(start, wall, step_times)
         if acc.is_main_process:
             (self.out_dir / "train_log.json").write_text(json.dumps(summary, indent=1))
-        acc.end_training()
         return summary
+
+    def end(self) -> None:
+        """Wait for every process, then close the trackers and the process group (call once, after export)."""
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
 
     def summary(self, start: int, wall: float, step_times: list[float]) -> dict:
         method = self.accelerator.unwrap_model(self.model)
