@@ -4,12 +4,13 @@ One process on CPU here; on GPUs, DDP (and friends) through ``accelerate launch`
 accelerate config -- the trainer only calls ``Accelerator``. With several processes each one runs
 the method on its own batch and noise (the runner seeds them apart; the global batch is
 ``batch_size x processes``), DDP averages the gradients, the logged losses are means over processes,
-and only the main process evaluates and writes files other than accelerate's own. It owns what no method should: one
-AdamW optimizer per parameter group with a warm-up schedule, the update schedule the method asks
-for (each iteration updates exactly the groups whose losses :meth:`training_step` returned),
-gradient accumulation, mixed precision, gradient clipping, an optional EMA of the student
-(diffusers' ``EMAModel``), a progress bar with the current losses, accelerate trackers, periodic
-evaluation, and checkpoints:
+and only the main process evaluates and writes files other than accelerate's own.
+
+The trainer owns what no method should: one AdamW optimizer per parameter group with a warm-up
+schedule, the update schedule the method asks for (each iteration updates exactly the groups whose
+losses :meth:`training_step` returned), gradient accumulation, mixed precision, gradient clipping,
+an optional EMA of the student (diffusers' ``EMAModel``), a progress bar with the current losses,
+accelerate trackers, periodic evaluation, and checkpoints:
 
 * every ``checkpoint_every`` steps ``accelerator.save_state`` writes into ``.tmp-checkpoint-N``,
   which is then renamed to ``checkpoint-N`` -- a kill never leaves a half-written checkpoint, and
