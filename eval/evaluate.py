@@ -166,3 +166,11 @@ def metrics_markdown(result: dict) -> str:
         if key in m:
             lines.append(f"| {key} | {fmt(m[key], 4)} | {fmt(m.get(key + '_floor'), 4)} |")
     return "\n".join(lines) + "\n"
+
+
+def training_evaluator(folder: str, num_images: int, device: str = "cpu") -> dict:
+    """What training-time evaluation reports for an exported student folder (``train.eval_every``)."""
+    pipe_is_text = (Path(folder) / "text_encoder").is_dir()
+    result = evaluate(folder, num_images=num_images, metrics="fd,acc" if pipe_is_text else "fd", progress=False,
+                      device=device)
+    return {k: v for k, v in result["metrics"].items() if k in ("fd", "acc")}

@@ -27,11 +27,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+# Image-folder I/O lives with the pipelines (training reads image folders too); re-exported here.
+from fastgen.pipelines.images import IMAGE_EXTENSIONS, list_image_files, load_image_folder, size_tuple
+
 # Fewest images accepted for a Fréchet distance / KID. Two already give a covariance, but with
 # fewer than ~10 images the estimate is noise (and KID needs subsets of at least 2 per side);
 # the harness uses hundreds to thousands.
 MIN_IMAGES_FD = 10
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 # The file clean-fid's "clean" / "legacy_tensorflow" modes load (cleanfid.inception_torchscript).
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
@@ -39,12 +41,6 @@ CLEANFID_STATS_URL = "https://www.cs.cmu.edu/~clean-fid/stats/"
 
 
 # --- input checks -------------------------------------------------------------------------------
-def _size_tuple(size) -> tuple[int, int] | None:
-    if size is None:
-        return None
-    return (size, size) if isinstance(size, int) else tuple(size)
-
-
 def check_images(images: torch.Tensor, expected_size: int | Sequence[int] | None = None,
                  expected_channels: int | None = None, min_images: int = 1, what: str = "images") -> torch.Tensor:
     """Check a batch of images and return it as a float tensor; raise a one-line ``ValueError`` otherwise.
@@ -60,7 +56,7 @@ def check_images(images: torch.Tensor, expected_size: int | Sequence[int] | None
         raise ValueError(f"{what} must be a torch.Tensor [N, C, H, W] in [0, 1], got {type(images).__name__}.")
     if images.ndim != 4:
         raise ValueError(f"{what} must have shape [N, C, H, W], got {list(images.shape)}.")
-    size = _size_tuple(expected_size)
+    size = size_tuple(expected_size)
     if size is not None and tuple(images.shape[2:]) != size:
         raise ValueError(f"{what}: expected images of size {size[0]}x{size[1]}, got "
                          f"{images.shape[2]}x{images.shape[3]}.")
@@ -76,62 +72,6 @@ def check_images(images: torch.Tensor, expected_size: int | Sequence[int] | None
             hint = " (they look like [-1, 1]: use (x + 1) / 2)" if lo < -0.5 else ""
             raise ValueError(f"{what}: values must lie in [0, 1], got [{lo:.3g}, {hi:.3g}]{hint}.")
     return images
-
-
-def list_image_files(folder: str | Path, min_images: int = 1) -> list[Path]:
-    """Sorted image files (by extension, see ``IMAGE_EXTENSIONS``) directly inside ``folder``.
-
-    Args:
-        folder: the image folder.
-        min_images: fewest images accepted; a folder with fewer raises ``ValueError``.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ValueError(f"Image folder {folder} does not exist" + (" (it is a file)." if folder.exists() else "."))
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not files:
-        raise ValueError(f"Image folder {folder} has no images ({', '.join(IMAGE_EXTENSIONS)}).")
-    if len(files) < min_images:
-        raise ValueError(f"Image folder {folder} has {len(files)} image(s), at least {min_images} needed"
-                         + (" for a Fréchet distance / KID." if min_images == MIN_IMAGES_FD else "."))
-    return files
-
-
-def load_image_folder(path: str | Path, expected_size: int | Sequence[int] | None = None,
-                      expected_channels: int | None = None, min_images: int = 1) -> torch.Tensor:
-    """All images of a folder as one ``[N, C, H, W]`` float tensor in [0, 1] (files sorted by name).
-
-    Grey images (PIL modes ``L``, ``I``, ``F``, ``1``, ``LA``) load with 1 channel, everything else
-    as RGB with 3. Raises a one-line ``ValueError`` for a missing folder, a folder without images,
-    too few images, or images of the wrong / mixed size or channel count.
-
-    Args:
-        path: the image folder (not searched recursively).
-        expected_size: required ``H = W`` (an int) or ``(H, W)``; ``None``: any, but all equal.
-        expected_channels: required channel count (1 or 3); ``None``: any, but all equal.
-        min_images: fewest images accepted (:data:`MIN_IMAGES_FD` before a Fréchet distance).
-    """
-    from PIL import Image
-
-    files = list_image_files(path, min_images=min_images)
-    size = _size_tuple(expected_size)
-    arrays = []
-    for file in files:
-        with Image.open(file) as img:
-            grey = img.mode in ("L", "I", "I;16", "F", "1", "LA")
-            img = img.convert("L" if grey else "RGB")
-            array = np.asarray(img, dtype=np.uint8)
-        array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
-        hw, channels = array.shape[1:], array.shape[0]
-        if size is not None and hw != size:
-            raise ValueError(f"{file}: expected images of size {size[0]}x{size[1]}, got {hw[0]}x{hw[1]}.")
-        if expected_channels is not None and channels != expected_channels:
-            raise ValueError(f"{file}: expected {expected_channels} channel(s), got {channels}.")
-        if arrays and array.shape != arrays[0].shape:
-            raise ValueError(f"{file}: shape {list(array.shape)} differs from {files[0].name}'s "
-                             f"{list(arrays[0].shape)}; all images of a folder must match.")
-        arrays.append(array)
-    return torch.from_numpy(np.stack(arrays)).float() / 255.0
 
 
 def save_image_folder(images: torch.Tensor, folder: str | Path, prefix: str = "") -> Path:

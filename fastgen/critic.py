@@ -13,6 +13,7 @@ See shared/METHODS.md, "Shared: the fake-score critic".
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -20,31 +21,28 @@ from torch import nn
 
 from .denoiser import Conditioning, Denoiser, Prediction
 from .lora import DEFAULT_UNET_TARGETS, AdapterDenoiser, add_lora, base_copy, lora_parameters
-from .schedule import NoiseSchedule, VPSchedule, edm_sigma
+from .methods.base import option
+from .methods.common import check_t_range, sample_timesteps
+from .schedule import NoiseSchedule, edm_sigma
 
 
-def check_t_range(t_range, what: str = "t_range") -> tuple[float, float]:
-    """Validate a ``(t_min, t_max)`` pair of fractions of ``T``: ``0 <= t_min <= t_max <= 1``."""
-    lo, hi = (float(v) for v in t_range)
-    if not 0 <= lo <= hi <= 1:
-        raise ValueError(f"{what} must satisfy 0 <= t_min <= t_max <= 1 (fractions of T), got {tuple(t_range)}.")
-    return lo, hi
+@dataclass
+class CriticOptions:
+    """The fake-score critic of distribution-matching methods. Recipe: ``[critic]``."""
 
+    lora_rank: int = option(0, "0: full copy of the teacher network; > 0: LoRA adapter 'critic' on the frozen teacher")
+    lora_alpha: float = option(0.0, "LoRA alpha (0: equal to the rank)")
+    gan_head: bool = option(False, "add DMD2's GAN head on the critic's bottleneck (needs data.real)")
+    weighting: str = option("own", "critic loss: 'own' (teacher's parameterisation, eps-MSE) or 'edm' (weighted x0-MSE)")
+    t_min: float = option(0.0, "critic training timesteps t ~ U[t_min T, t_max T]")
+    t_max: float = option(1.0, "see t_min")
 
-def sample_timesteps(schedule: NoiseSchedule, n: int, t_range: tuple[float, float] = (0.0, 1.0),
-                     device: torch.device | str = "cpu") -> torch.Tensor:
-    """``n`` training timesteps drawn uniformly from ``[t_min T, t_max T]`` (integers for discrete VP teachers).
-
-    Args:
-        schedule: the teacher's schedule (``T = schedule.num_train_timesteps``).
-        n: how many timesteps.
-        t_range: ``(t_min, t_max)`` as fractions of ``T``; DMD's ``U[0.02T, 0.98T]`` is ``(0.02, 0.98)``.
-    """
-    T = schedule.num_train_timesteps
-    lo, hi = check_t_range(t_range)
-    if isinstance(schedule, VPSchedule):
-        return torch.randint(int(round(lo * T)), min(int(round(hi * T)), T - 1) + 1, (n,), device=device)
-    return (lo + (hi - lo) * torch.rand(n, device=device)) * T
+    def validate(self) -> None:
+        if self.lora_rank < 0 or self.lora_alpha < 0:
+            raise ValueError(f"lora_rank and lora_alpha must be >= 0, got {self.lora_rank} and {self.lora_alpha}.")
+        if self.weighting not in ("own", "edm"):
+            raise ValueError(f"weighting must be 'own' or 'edm', not {self.weighting!r}.")
+        check_t_range((self.t_min, self.t_max), "t_min, t_max")
 
 
 def _cat(a: Conditioning | None, b: Conditioning | None) -> Conditioning | None:
@@ -71,15 +69,19 @@ class DenoisingLoss:
         self.schedule, self.weighting, self.sigma_data = schedule, weighting, sigma_data
 
     def __call__(self, raw: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, x_t: torch.Tensor,
-                 t: torch.Tensor) -> torch.Tensor:
-        """``raw``: the network output at ``x_t = alpha_t x0 + sigma_t noise``; returns the mean loss."""
+                 t: torch.Tensor, per_sample: bool = False) -> torch.Tensor:
+        """``raw``: the network output at ``x_t = alpha_t x0 + sigma_t noise``; returns the mean loss
+        (``per_sample=True``: one mean per sample, ``[B]``, for callers that mask samples)."""
         if self.weighting == "own":
             target = self.schedule.from_x0_eps(x0, noise, t)
+            if per_sample:
+                return ((raw.float() - target.float()) ** 2).flatten(1).mean(1)
             return F.mse_loss(raw.float(), target.float())
         x0_pred = self.schedule.to_x0_eps(raw, x_t, t)[0]
         sigma, sd = edm_sigma(self.schedule, t).to(x0.device), self.sigma_data
         weight = ((sigma**2 + sd**2) / (sigma * sd) ** 2).reshape(-1, *([1] * (x0.ndim - 1)))
-        return (weight * (x0_pred.float() - x0.float()) ** 2).mean()
+        loss = weight * (x0_pred.float() - x0.float()) ** 2
+        return loss.flatten(1).mean(1) if per_sample else loss.mean()
 
 
 class GANHead(nn.Module):
@@ -169,24 +171,40 @@ class FakeScoreCritic(nn.Module):
                   else list(self.denoiser.model.parameters()))
         return params + (list(self.head.parameters()) if self.head is not None else [])
 
-    def forward(self, x_t: torch.Tensor, t, cond: Conditioning | None = None,
-                features: bool = False) -> tuple[Prediction, torch.Tensor | None]:
-        """Evaluate the critic at ``(x_t, t)`` (never with guidance); with ``features=True`` also the GAN logits."""
+    @classmethod
+    def from_options(cls, teacher: Denoiser, opts: CriticOptions) -> "FakeScoreCritic":
+        """The critic a recipe's ``[critic]`` section describes."""
+        opts.validate()
+        return cls(teacher, opts.lora_rank, opts.lora_alpha or None, gan_head=opts.gan_head, weighting=opts.weighting,
+                   t_range=(opts.t_min, opts.t_max))
+
+    def forward(self, x_t: torch.Tensor, t, cond: Conditioning | None = None, features: bool = False,
+                uncond: Conditioning | None = None, guidance_scale: float | None = None
+                ) -> tuple[Prediction, torch.Tensor | None]:
+        """Evaluate the critic at ``(x_t, t)``; with ``features=True`` also the GAN logits.
+
+        DMD and DMD2 never guide the critic; SiD-LSG may (``uncond`` and ``guidance_scale``, as in
+        :class:`~fastgen.denoiser.Denoiser`), but not together with the GAN features.
+        """
         if not features:
-            return self.denoiser(x_t, t, cond), None
+            return self.denoiser(x_t, t, cond, uncond, guidance_scale), None
         if self.head is None:
             raise ValueError("This critic has no GAN head (gan_head=False).")
+        if guidance_scale is not None and guidance_scale != 1.0:
+            raise ValueError("The critic's GAN features are taken without guidance.")
         with self.denoiser.capture_features() as captured:
             pred = self.denoiser(x_t, t, cond)
         return pred, self.head(captured[-1])
 
-    def x0(self, x_t: torch.Tensor, t, cond: Conditioning | None = None) -> torch.Tensor:
+    def x0(self, x_t: torch.Tensor, t, cond: Conditioning | None = None, uncond: Conditioning | None = None,
+           guidance_scale: float | None = None) -> torch.Tensor:
         """``x0_fake(x_t, t)`` for the generator step. Run it under ``torch.no_grad()`` unless gradients
         must flow through ``x_t`` (SiD); the caller freezes the critic's weights for that step."""
-        return self(x_t, t, cond)[0].x0
+        return self(x_t, t, cond, uncond=uncond, guidance_scale=guidance_scale)[0].x0
 
     def loss(self, fake: torch.Tensor, cond: Conditioning | None = None, real: torch.Tensor | None = None,
-             real_cond: Conditioning | None = None) -> dict[str, torch.Tensor]:
+             real_cond: Conditioning | None = None, uncond: Conditioning | None = None,
+             guidance_scale: float | None = None, per_sample: bool = False) -> dict[str, torch.Tensor]:
         """The critic's update on ``sg(fake)``: ``{"dsm": denoising loss}``, plus ``"gan_d"`` with real data.
 
         Args:
@@ -196,6 +214,10 @@ class FakeScoreCritic(nn.Module):
                 critic has one); fake and real are noised at independent random timesteps and go
                 through the critic in one batched call.
             real_cond: the real samples' conditioning.
+            uncond, guidance_scale: classifier-free guidance of the critic's prediction in its own
+                training (SiD-LSG's kappa_1; ``None``: none).
+            per_sample: return the denoising loss per sample (``[B]``) instead of its mean, for
+                callers that mask samples (SiD's NaN masking).
         """
         x0 = fake.detach()
         t = sample_timesteps(self.schedule, len(x0), self.t_range, x0.device)
@@ -204,15 +226,16 @@ class FakeScoreCritic(nn.Module):
         if real is None and self.head is not None:
             raise ValueError("The critic's GAN head needs real samples (a data source with images).")
         if self.head is None:  # real samples, if any, are unused without a GAN head
-            pred, _ = self(x_t, t, cond)
-            return {"dsm": self.loss_fn(pred.raw, x0, noise, x_t, t)}
+            pred, _ = self(x_t, t, cond, uncond=uncond, guidance_scale=guidance_scale)
+            return {"dsm": self.loss_fn(pred.raw, x0, noise, x_t, t, per_sample)}
         t_real = sample_timesteps(self.schedule, len(real), self.t_range, real.device)
         real_t = self.schedule.add_noise(real, torch.randn_like(real), t_real)
-        pred, logits = self(torch.cat([x_t, real_t]), torch.cat([t, t_real]), _cat(cond, real_cond), features=True)
+        pred, logits = self(torch.cat([x_t, real_t]), torch.cat([t, t_real]), _cat(cond, real_cond), features=True,
+                            guidance_scale=guidance_scale)
         n = len(x0)
-        return {"dsm": self.loss_fn(pred.raw[:n], x0, noise, x_t, t),
+        return {"dsm": self.loss_fn(pred.raw[:n], x0, noise, x_t, t, per_sample),
                 "gan_d": gan_critic_loss(logits[:n], logits[n:])}
 
 
-__all__ = ["FakeScoreCritic", "DenoisingLoss", "GANHead", "gan_critic_loss", "gan_generator_loss",
-           "sample_timesteps", "check_t_range", "bottleneck_channels"]
+__all__ = ["FakeScoreCritic", "CriticOptions", "DenoisingLoss", "GANHead", "gan_critic_loss", "gan_generator_loss",
+           "bottleneck_channels"]

@@ -1,15 +1,17 @@
-"""The fake-score critic, DMD / DMD2's losses and update rules, backward simulation and LoRA roles."""
+"""The fake-score critic, DMD / DMD2 / SiD losses and update rules, backward simulation and LoRA roles."""
 
 import pytest
 import torch
 from conftest import tiny_cond_unet, tiny_unet
 from diffusers import DDPMScheduler
 
-from fastgen.critic import FakeScoreCritic
+from fastgen.critic import CriticOptions, FakeScoreCritic
 from fastgen.denoiser import Conditioning, Denoiser
 from fastgen.lora import AdapterDenoiser, lora_parameters
-from fastgen.methods import DMD, DMD2, Batch, make_student
-from fastgen.methods.dmd import DistributionMatchingLoss
+from fastgen.methods import Batch, ExportSpec, StudentOptions
+from fastgen.methods.distribution_matching import DistributionMatchingLoss
+from fastgen.methods.dmd import DMD, DMDOptions
+from fastgen.methods.dmd2 import DMD2, DMD2Options
 from fastgen.pipelines.sampler import sample_multistep
 from fastgen.schedule import VPSchedule, edm_sigma
 
@@ -19,9 +21,9 @@ def schedule(prediction_type="epsilon", clip_sample=False):
     return VPSchedule.from_scheduler_config(config)
 
 
-def uncond_dmd2(timesteps=(999,), prediction_type="epsilon", **kwargs):
+def uncond_dmd2(timesteps=(999,), prediction_type="epsilon", **options):
     teacher = Denoiser(tiny_unet(), schedule(prediction_type))
-    return DMD2(teacher, make_student(teacher), FakeScoreCritic(teacher), timesteps, **kwargs)
+    return DMD2(teacher, timesteps, DMD2Options(**options))
 
 
 def test_critic_loss_is_the_teachers_eps_mse():
@@ -123,8 +125,9 @@ def test_two_time_scale_update_rule():
     assert set(out.losses) == {"critic"}
     out = method(Batch(2), 3)
     assert set(out.losses) == {"generator", "critic"} and {"dm", "dsm"} <= set(out.logs)
-    dmd = DMD(method.teacher, method.student, method.critic, regression_weight=0.0)
-    assert all(dmd.updates(s) == ("generator", "critic") for s in range(3))
+    dmd = DMD(method.teacher, (999,), DMDOptions(regression_weight=0.0))
+    out = dmd(Batch(2), 1)
+    assert set(out.losses) == {"generator", "critic"}  # DMD: both, every iteration
 
 
 def test_backward_simulation_runs_earlier_steps_without_grad():
@@ -147,20 +150,19 @@ def test_backward_simulation_runs_earlier_steps_without_grad():
 
 def test_student_sampler_is_fastgens_multistep_sampler():
     teacher = Denoiser(tiny_unet(), schedule(clip_sample=True))
-    method = DMD2(teacher, make_student(teacher), FakeScoreCritic(teacher), (999, 499))
+    method = DMD2(teacher, (999, 499))
     noise = torch.randn(3, 1, 8, 8)
     ours = method.sample(noise, generator=torch.Generator().manual_seed(1))
     reference = sample_multistep(method.student, noise, [999, 499], generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(ours, reference)
-    assert method.export_info() == {"method": "dmd2", "sampler": "multistep", "timesteps": [999, 499],
-                                    "guidance_scale": 0.0}
+    assert method.export_spec() == ExportSpec("dmd2", "multistep", [999, 499], 0.0)
 
 
 def test_clipped_student_output_still_gets_gradient():
     """x0 is clipped like the exported scheduler does, but every pixel -- clipped or not -- gets the loss's
     gradient (straight-through): an eps student read as x0 at t = 999 starts with nearly all pixels clipped."""
     teacher = Denoiser(tiny_unet(), schedule(clip_sample=True))
-    method = DMD2(teacher, make_student(teacher), FakeScoreCritic(teacher))
+    method = DMD2(teacher, (999,))
     x_t = torch.randn(2, 1, 8, 8)
     raw_x0 = method.student(x_t, 999).x0
     x0 = method.student_x0(x_t, 999)
@@ -180,9 +182,10 @@ def _cond_batch(n=4):
 
 def test_gan_term_reaches_the_generator_through_the_frozen_critic():
     teacher = Denoiser(tiny_cond_unet(), schedule())
-    critic = FakeScoreCritic(teacher, gan_head=True)
-    method = DMD2(teacher, make_student(teacher), critic, guidance_scale=2.0, gan_generator_weight=1.0,
-                  gan_critic_weight=1.0)
+    method = DMD2(teacher, (999,), DMD2Options(guidance_scale=2.0, gan_generator_weight=1.0, gan_critic_weight=1.0),
+                  critic=CriticOptions(gan_head=True))
+    critic = method.critic
+    assert method.data_needs().real
     batch = _cond_batch()
     out = method(batch, 0)
     assert {"dm", "gan_g", "dsm", "gan_d"} <= set(out.logs)
@@ -199,9 +202,10 @@ def test_gan_term_reaches_the_generator_through_the_frozen_critic():
 def test_lora_roles_share_one_frozen_base():
     net = tiny_cond_unet()
     teacher = AdapterDenoiser(net, schedule(), None)
-    student = make_student(teacher, lora_rank=4)
-    critic = FakeScoreCritic(teacher, lora_rank=4)  # added after the student: the student must stay trainable
-    method = DMD2(teacher, student, critic, guidance_scale=2.0, ratio=1)
+    # the critic's adapter is added after the student's: the student must stay trainable
+    method = DMD2(teacher, (999,), DMD2Options(guidance_scale=2.0, ratio=1), student=StudentOptions(lora_rank=4),
+                  critic=CriticOptions(lora_rank=4))
+    student, critic = method.student, method.critic
     groups = method.parameter_groups()
     assert groups["generator"] == lora_parameters(net, "student") and all(p.requires_grad for p in groups["generator"])
     assert all(p.requires_grad for p in groups["critic"])
@@ -226,3 +230,132 @@ def test_lora_roles_share_one_frozen_base():
         assert (critic.denoiser(*probe).raw - teacher_before).abs().max() > 1e-4
     assert all(torch.equal(net.get_parameter(n), p) for n, p in base.items())
     assert all(p.requires_grad for p in groups["generator"] + groups["critic"])  # switching never changes that
+
+
+# --- SiD ----------------------------------------------------------------------------------------
+from fastgen.methods.sid import SiD, SiDLoss, SiDOptions  # noqa: E402
+
+
+def test_sid_loss_is_the_papers_formula():
+    x_g, y_r, y_f = torch.randn(3, 1, 8, 8), torch.randn(3, 1, 8, 8), torch.randn(3, 1, 8, 8)
+    for alpha in (1.0, 1.2):
+        w = (x_g - y_r).abs().mean(dim=(1, 2, 3))
+        expected = ((y_r - y_f) * ((y_r - x_g) - alpha * (y_r - y_f))).sum(dim=(1, 2, 3)) / w
+        torch.testing.assert_close(SiDLoss(alpha)(x_g, y_r, y_f), expected)
+    # alpha = 1: (y_r - y_f) (y_f - x_g), as in SiD-LSG's code
+    torch.testing.assert_close(SiDLoss(1.0)(x_g, y_r, y_f), ((y_r - y_f) * (y_f - x_g)).sum(dim=(1, 2, 3)) /
+                               (x_g - y_r).abs().mean(dim=(1, 2, 3)))
+
+
+def test_sid_gradient_flows_through_both_predictions_into_the_generator():
+    """Unlike DMD, SiD differentiates through the teacher's and the critic's x0 (their weights frozen)."""
+    teacher = Denoiser(tiny_unet(), schedule("sample"))
+    method = SiD(teacher, (999,), SiDOptions())
+    with torch.no_grad():
+        method.critic.denoiser.model.conv_out.bias.add_(0.3)  # a critic that differs from the teacher
+    x = method.generate(Batch(4))
+    torch.manual_seed(5)
+    loss, logs = method.generator_update(x, Batch(4))
+    (full,) = torch.autograd.grad(loss, x, retain_graph=True)
+    # the same loss with both predictions detached: only the explicit x_g term
+    torch.manual_seed(5)
+    x_t, t = method.noised(x)
+    with torch.no_grad():
+        y_r, y_f = method.teacher(x_t, t).x0, method.critic.x0(x_t, t)
+    (direct,) = torch.autograd.grad(method.sid_loss(x, y_r, y_f).mean(), x)
+    assert (full - direct).abs().max() > 1e-3 * direct.abs().max()
+    assert logs["masked_g"] == 0
+    loss.backward()
+    assert all(p.grad is None for p in method.critic.trainable_parameters())
+    assert all(p.grad is None for n, p in teacher.model.named_parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in method.parameter_groups()["generator"])
+
+
+def test_sid_generator_update_moves_samples_towards_the_teacher():
+    """Critic's x0 = teacher's x0 + d: one SiD step moves the generator's samples by about -d."""
+    teacher = Denoiser(tiny_unet(), schedule("sample"))
+    method = SiD(teacher, (999,), SiDOptions(alpha=1.2))
+    d = 0.5
+    with torch.no_grad():
+        method.critic.denoiser.model.conv_out.bias.add_(d)
+    z = torch.randn(8, 1, 8, 8)
+    with torch.no_grad():
+        before = method.student_x0(z, 999)
+    opt = torch.optim.SGD(method.parameter_groups()["generator"], lr=1e-3)
+    method.generator_update(method.generate(Batch(8)), Batch(8))[0].backward()
+    opt.step()
+    with torch.no_grad():
+        moved = method.student_x0(z, 999) - before
+    assert moved.mean() < 0 and (moved < 0).float().mean() > 0.9
+
+
+def test_sid_masks_non_finite_samples_and_counts_them(monkeypatch):
+    method = SiD(Denoiser(tiny_unet(), schedule()), (999,), SiDOptions(guidance_scale=None))
+    x = method.generate(Batch(4)).detach().clone()
+    x[1, 0, 0, 0] = float("nan")
+    loss, logs = method.generator_update(x.requires_grad_(), Batch(4))
+    assert torch.isfinite(loss) and logs["masked_g"] == 1
+    closs, clogs = method.critic_update(x.detach(), Batch(4))
+    assert torch.isfinite(closs) and clogs["masked_c"] == 1
+    x_all = torch.full_like(x, float("nan"))
+    assert not torch.isfinite(method.generator_update(x_all, Batch(4))[0])  # a batch masked whole stops training
+
+
+@pytest.mark.parametrize("mode, teacher_w, critic_train, critic_eval, critic_gets_uncond", [
+    ("teacher", 3.0, None, None, False), ("lsg", 3.0, 3.0, 3.0, False), ("zero", None, None, None, True),
+    ("anti", None, None, -1.0, False)])
+def test_sid_guidance_variants(mode, teacher_w, critic_train, critic_eval, critic_gets_uncond, monkeypatch):
+    teacher = Denoiser(tiny_cond_unet(), schedule())
+    method = SiD(teacher, (999,), SiDOptions(guidance=mode), default_guidance=3.0)
+    seen = []
+    real_forward = Denoiser.forward
+
+    def spy(self, x_t, t, cond=None, uncond=None, guidance_scale=None):
+        role = "teacher" if self is teacher else "critic"
+        seen.append((role, guidance_scale, cond is not None and cond is uncond_rows[0]))
+        return real_forward(self, x_t, t, cond, uncond, guidance_scale)
+
+    batch = _cond_batch()
+    uncond_rows = [batch.uncond]
+    monkeypatch.setattr(Denoiser, "forward", spy)
+    x = method.generate(batch)
+    seen.clear()
+    method.generator_update(x, batch)
+    method.critic_update(x.detach(), batch)
+    (t_role, t_w, _), (c_role, c_eval, c_uncond_eval), (_, c_train, c_uncond_train) = seen
+    assert (t_role, c_role) == ("teacher", "critic")
+    assert t_w == teacher_w and c_eval == critic_eval and c_train == critic_train
+    assert c_uncond_eval == c_uncond_train == critic_gets_uncond
+
+
+def test_sid_bad_options_are_one_line_errors():
+    teacher = Denoiser(tiny_unet(), schedule())
+    for options, message in [(SiDOptions(alpha=3.0), "alpha must be in"), (SiDOptions(guidance="more"), "guidance must be"),
+                             (SiDOptions(guidance="zero", guidance_scale=2.0), "uses no guidance scale"),
+                             (SiDOptions(guidance="lsg"), "needs a text-conditional teacher"),
+                             (SiDOptions(ratio=0), "ratio must be")]:
+        with pytest.raises(ValueError, match=message):
+            SiD(teacher, (999,), options)
+    with pytest.raises(ValueError, match="no GAN term"):
+        SiD(teacher, (999,), critic=CriticOptions(gan_head=True))
+    learned_variance = tiny_unet()
+    learned_variance = type(learned_variance)(**{**learned_variance.config, "out_channels": 2})
+    with pytest.raises(ValueError, match="learned variance"):
+        SiD(Denoiser(learned_variance, schedule()), (999,))
+
+
+def test_few_step_sid_trains_a_random_step_after_a_no_grad_rollout():
+    method = SiD(Denoiser(tiny_unet(), schedule()), (749, 499, 249), SiDOptions(guidance_scale=None))
+    steps = []
+    hook = method.student.model.register_forward_pre_hook(
+        lambda module, args: steps.append((torch.is_grad_enabled(), int(args[1][0]))))
+    drawn = set()
+    for i in range(12):
+        steps.clear()
+        out = method(Batch(2), i)
+        assert set(out.losses) == {"generator", "critic"} and {"sid", "dsm"} <= set(out.logs)
+        generator_calls = steps[:len(steps)]
+        assert [g for g, _ in generator_calls] == [False] * (len(generator_calls) - 1) + [True]
+        drawn.add(len(generator_calls) - 1)
+    hook.remove()
+    assert drawn == {0, 1, 2}  # every step k is trained

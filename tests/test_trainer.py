@@ -63,14 +63,14 @@ def recipe(tmp_path):
     path = tmp_path / "tiny.toml"
     path.write_text(textwrap.dedent("""
         method = "dmd2"
-        [student]
+        [dmd2]
+        ratio = 2
+        [optim.generator]
         lr = 1e-3
         warmup_steps = 0
-        [critic]
+        [optim.critic]
         lr = 1e-3
         warmup_steps = 2
-        [dmd]
-        ratio = 2
         [train]
         steps = 6
         batch_size = 4
@@ -88,7 +88,7 @@ def weights(folder: Path) -> dict:
 def test_update_counts_follow_the_ratio(ddpm_teacher, recipe, tmp_path):
     for accum in (1, 2):
         out = tmp_path / f"run{accum}"
-        run_training(recipe, ["train.steps=7", "dmd.ratio=3", f"train.grad_accum={accum}", "train.checkpoint_every=0"],
+        run_training(recipe, ["train.steps=7", "dmd2.ratio=3", f"train.grad_accum={accum}", "train.checkpoint_every=0"],
                      teacher=str(ddpm_teacher), out=str(out))
         log = json.loads((out / "train_log.json").read_text())
         assert log["update_counts"] == {"generator": 3, "critic": 7}  # generator at steps 0, 3, 6
@@ -140,14 +140,16 @@ def test_nan_loss_stops_naming_step_and_keeps_last_checkpoint(ddpm_teacher, reci
 
 
 def test_recipe_errors(ddpm_teacher, recipe, tmp_path):
-    with pytest.raises(KeyError, match=r"'train.stpes'.*steps, batch_size"):
+    with pytest.raises(ValueError, match=r"'train.stpes'.*steps, batch_size"):
         recipes.load_recipe(recipe, ["train.stpes=3"])
-    with pytest.raises(KeyError, match=r"'colour'.*method, teacher"):
+    with pytest.raises(ValueError, match=r"'colour'.*method, teacher"):
         recipes.load_recipe(recipe, ["colour=3"])
     with pytest.raises(ValueError, match="expects int"):
         recipes.load_recipe(recipe, ["train.steps=many"])
-    cfg = recipes.load_recipe(recipe, ["dmd.guidance_scale=3", "student.timesteps=[999, 499]", "teacher=some/model"])
-    assert cfg.dmd.guidance_scale == 3.0 and cfg.student.timesteps == [999, 499] and cfg.teacher == "some/model"
+    cfg = recipes.load_recipe(recipe, ["dmd2.guidance_scale=3", "student.timesteps=[999, 499]", "teacher=some/model",
+                                       "optim.critic.lr=3e-4"])
+    assert cfg.options.guidance_scale == 3.0 and cfg.student.timesteps == [999, 499] and cfg.teacher == "some/model"
+    assert cfg.optim["critic"].lr == 3e-4 and cfg.optim["generator"].lr == 1e-3
     with pytest.raises(FileNotFoundError, match="dmd2_fmnist_1step"):
         recipes.load_recipe("no_such_recipe")
     assert "train.steps" in recipes.describe_options()
@@ -169,14 +171,14 @@ def test_shipped_recipes_load():
                  "dmd2_digits_1step", "dmd_fmnist_1step", "dmd2_sd15_template", "dmd2_sdxl_template"):
         assert name in names
         cfg = recipes.load_recipe(name)
-        assert cfg.method in ("dmd", "dmd2") and cfg.train.batch_size > 0
+        assert cfg.method in ("dmd", "dmd2", "sid") and cfg.train.batch_size > 0
 
 
 def test_lora_student_export_round_trip(sd_teacher, recipe, tmp_path):
     """A briefly trained 2-step LoRA student: the fused folder loads with plain diffusers and gives
     fastgen's sampler output; the LoRA file on the teacher gives the same images."""
     folder = run_training(recipe, ["student.num_steps=2", "student.lora_rank=4", "critic.lora_rank=4",
-                                   "train.steps=2", "dmd.ratio=1", "student.lr=1e-2", "train.checkpoint_every=0"],
+                                   "train.steps=2", "dmd2.ratio=1", "optim.generator.lr=1e-2", "train.checkpoint_every=0"],
                           teacher=str(sd_teacher), out=str(tmp_path / "lora"))
     meta = read_metadata(folder)
     assert meta["timesteps"] == [999, 499] and meta["method"] == "dmd2" and meta["guidance_scale"] == 0.0
@@ -196,24 +198,21 @@ def test_lora_student_export_round_trip(sd_teacher, recipe, tmp_path):
     torch.testing.assert_close(with_lora, plain, rtol=0, atol=1e-4)
 
 
-def test_periodic_evaluation_does_not_change_training(ddpm_teacher, recipe, tmp_path, monkeypatch):
-    from fastgen.train import runner
-
+def test_periodic_evaluation_does_not_change_training(ddpm_teacher, recipe, tmp_path):
     calls = []
 
-    def fake_evaluator(cfg, pipe, method, out_dir, zoo_name, device):
-        def evaluate(step):
-            calls.append(step)
-            torch.randn(100)  # evaluation draws random numbers: training's RNG must not notice
-            return {"fd": 1.0 / step}
-        return evaluate
+    def evaluate_folder(folder, num_images, device):
+        calls.append(DiffusionPipeline.from_pretrained(folder).scheduler.config["fastgen"]["method"])
+        torch.randn(100)  # evaluation draws random numbers: training's RNG must not notice
+        return {"fd": 1.0 / len(calls)}
 
     plain = run_training(recipe, ["train.checkpoint_every=0"], teacher=str(ddpm_teacher), out=str(tmp_path / "plain"))
-    monkeypatch.setattr(runner, "zoo_name_of", lambda teacher: "digits-ddpm")
-    monkeypatch.setattr(runner, "make_evaluator", fake_evaluator)
+    with pytest.raises(ValueError, match="eval_every needs an evaluator"):
+        run_training(recipe, ["train.eval_every=2"], teacher=str(ddpm_teacher), out=str(tmp_path / "none"))
     evaluated = run_training(recipe, ["train.checkpoint_every=0", "train.eval_every=2"], teacher=str(ddpm_teacher),
-                             out=str(tmp_path / "eval"))
-    assert calls == [2, 4, 6]
+                             out=str(tmp_path / "eval"), evaluate_folder=evaluate_folder)
+    assert calls == ["dmd2"] * 3  # an exported student folder at steps 2, 4, 6
+    assert not list((tmp_path / "eval" / "eval").iterdir())  # the scratch folders are removed
     lines = (tmp_path / "eval" / "eval.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [2, 4, 6]
     a, b = weights(plain), weights(evaluated)

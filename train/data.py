@@ -27,6 +27,7 @@ from fastgen import zoo
 from fastgen.denoiser import Conditioning
 from fastgen.methods.base import Batch
 from fastgen.pipelines.generate import encode_prompts
+from fastgen.pipelines.images import load_image_folder
 from fastgen.pipelines.sampler import sample_ddim, student_timesteps
 
 
@@ -126,8 +127,6 @@ def load_real(pipe, source: str, zoo_name: str | None, max_images: int = 10000, 
         prompts = zoo.prompts() if zoo_name == "fmnist-ldm" else None
         labels = labels if prompts is not None else None
     else:
-        from fastgen.eval.metrics import load_image_folder
-
         images, labels, prompts = load_image_folder(source) * 2 - 1, None, None
     pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:max_images]
     images = images[pick]

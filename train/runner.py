@@ -1,12 +1,16 @@
-"""``fastgen train RECIPE``: from a recipe to an exported student folder.
+"""``fastgen train RECIPE``: from a recipe to an exported student folder, for any registered method.
 
-:func:`run_training` loads the recipe (with ``--set`` overrides), the teacher pipeline, builds the
-method (student, critic), the data stream and the :class:`~fastgen.train.trainer.Trainer`, trains,
-and exports the student through :mod:`fastgen.pipelines` as a plain diffusers folder
-(``<out>/student``; LoRA students also as ``<out>/student_lora/pytorch_lora_weights.safetensors``).
+:func:`run_training` loads the recipe (with ``--set`` overrides) and the teacher pipeline, builds the
+recipe's method (:func:`build_method`), the data the method declares it needs (:func:`build_data`) and
+the :class:`~fastgen.train.trainer.Trainer` with one optimizer per group the method trains, trains, and
+exports the student as the method's :meth:`~fastgen.methods.DistillationMethod.export_spec` says,
+through :mod:`fastgen.pipelines`, as a plain diffusers folder (``<out>/student``; LoRA students also as
+``<out>/student_lora/pytorch_lora_weights.safetensors``). Nothing here names a method.
 
-Run folder layout: ``recipe.json`` (the resolved recipe), ``checkpoints/``, ``logs/`` (trackers),
-``cache/`` (encoded real images, teacher ODE pairs), ``eval.jsonl``, ``train_log.json``, ``student/``.
+Run folder layout: ``recipe.json`` (the resolved recipe; ``fastgen train <out>/recipe.json`` runs it
+again), ``checkpoints/``, ``logs/`` (trackers), ``cache/`` (encoded real images, teacher ODE pairs),
+``eval.jsonl``, ``train_log.json``, ``student/``; for methods with several rounds also
+``rounds/round-<r>/`` (each round's student, exported when the round ends).
 """
 
 from __future__ import annotations
@@ -14,24 +18,25 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from fastgen import zoo
-from fastgen.critic import FakeScoreCritic
 from fastgen.lora import AdapterDenoiser
-from fastgen.methods import DMD, DMD2, METHODS, make_student
+from fastgen.pipelines.export import export_student, exported_scheduler
 from fastgen.pipelines.loading import load_pipeline
-from fastgen.pipelines.export import exported_scheduler
+from fastgen.pipelines.lora import fuse_student, save_lora_weights
 from fastgen.pipelines.sampler import check_timesteps, student_timesteps
 from fastgen.schedule import schedule_from_scheduler_config
 
 from .data import BatchStream, PromptBank, load_prompts, load_real, teacher_ode_pairs
 from .recipes import Recipe, describe_options, load_recipe
-from .trainer import OptimizerConfig, Trainer, TrainerConfig, latest_checkpoint
+from .trainer import Trainer, TrainerConfig, latest_checkpoint
 
 OPTIONS_HELP = describe_options
+# ``evaluate(folder, num_images, device) -> metrics``: scores an exported student folder (fastgen.eval.evaluate).
+FolderEvaluator = Callable[[str, int, str], dict]
 
 
 def load_teacher(name_or_path: str):
@@ -45,76 +50,53 @@ def load_teacher(name_or_path: str):
     return pipe
 
 
-def zoo_name_of(teacher: str) -> str | None:
-    """The zoo teacher a recipe's teacher is (by name or by its folder), for zoo data and evaluation."""
-    return zoo.name_of(teacher)
-
-
 def resolve_timesteps(recipe: Recipe, pipe, schedule) -> list[int]:
     """The student's timesteps (explicit, or the exported scheduler's for ``num_steps``), validated."""
     T = schedule.num_train_timesteps
+    sampler = recipe.method_class.sampler
     if recipe.student.timesteps:
         timesteps = check_timesteps(recipe.student.timesteps, T)
     else:
-        if recipe.student.num_steps < 1:
-            raise ValueError(f"student.num_steps must be >= 1, got {recipe.student.num_steps}.")
-        timesteps = student_timesteps(schedule, recipe.student.num_steps)
-    exported_scheduler(pipe, timesteps)  # fail now, not at export, if the student's folder could not reproduce them
-    if recipe.method == "dmd" and len(timesteps) != 1:
-        raise ValueError(f"DMD trains one-step generators; got {len(timesteps)} timesteps (use method = \"dmd2\").")
+        timesteps = student_timesteps(schedule, recipe.student.num_steps, sampler)
+    exported_scheduler(pipe, timesteps, sampler)  # fail now, not at export, if the student's folder could not reproduce them
     return timesteps
 
 
 def build_method(recipe: Recipe, pipe, timesteps: list[int]):
-    """Teacher, student and critic (full copies or LoRA adapters on the teacher network), and the method."""
-    if recipe.method not in METHODS:
-        raise ValueError(f"Unknown method {recipe.method!r}; available: {', '.join(METHODS)}.")
+    """The recipe's method over the teacher network of ``pipe`` (its students and critics built by the method)."""
     network = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
     teacher = AdapterDenoiser(network, schedule_from_scheduler_config(pipe.scheduler.config), None)
-    s, c, d = recipe.student, recipe.critic, recipe.dmd
-    student = make_student(teacher, s.lora_rank, s.lora_alpha or None)
-    critic = FakeScoreCritic(teacher, c.lora_rank, c.lora_alpha or None, gan_head=c.gan_head, weighting=c.weighting,
-                             t_range=(c.t_min, c.t_max))
-    guidance = d.guidance_scale
-    if guidance is None:
-        guidance = zoo.RECOMMENDED_GUIDANCE.get(zoo_name_of(recipe.teacher) or "", None)
-    if guidance is not None and teacher.is_conditional is False:
-        raise ValueError(f"dmd.guidance_scale = {guidance}, but the teacher is unconditional.")
-    if recipe.method == "dmd":
-        return DMD(teacher, student, critic, guidance, d.regression_weight, (d.dm_t_min, d.dm_t_max), timesteps)
-    return DMD2(teacher, student, critic, timesteps, guidance, d.ratio, d.gan_generator_weight, d.gan_critic_weight,
-                (d.dm_t_min, d.dm_t_max))
+    default_guidance = zoo.RECOMMENDED_GUIDANCE.get(zoo.name_of(recipe.teacher) or "", None)
+    return recipe.method_class(teacher, timesteps, recipe.options, student=recipe.student, critic=recipe.critic,
+                               default_guidance=default_guidance)
 
 
 def build_data(recipe: Recipe, pipe, method, out_dir: Path, device, num_shards: int = 1, shard: int = 0) -> BatchStream:
-    """Prompts (conditional teachers), real images (GAN) and teacher ODE pairs (DMD), as a BatchStream
-    (``shard`` of ``num_shards``: this process's slice of every global batch)."""
+    """Exactly the data ``method.data_needs()`` asks for -- prompts (text-conditional teachers), real samples,
+    teacher ODE pairs -- as a BatchStream (``shard`` of ``num_shards``: this process's slice of every batch)."""
+    needs = method.data_needs()
     text = hasattr(pipe, "encode_prompt")
     bank = PromptBank(pipe, load_prompts(recipe.data.prompts), device) if text else None
-    needs_real = recipe.critic.gan_head and (recipe.dmd.gan_critic_weight > 0 or recipe.dmd.gan_generator_weight > 0)
     real = real_bank = None
-    if needs_real and not recipe.data.real:
-        raise ValueError("The GAN loss needs real images: set data.real to 'zoo' or an image folder "
-                         "(or dmd.gan_*_weight = 0 for data-free training).")
-    if recipe.data.real and needs_real:
-        real = load_real(pipe, recipe.data.real, zoo_name_of(recipe.teacher), recipe.data.max_real_images,
+    if needs.real:
+        if not recipe.data.real:
+            raise ValueError(f"{needs.why_real or recipe.method} needs real images: set data.real to 'zoo' or an image "
+                             "folder.")
+        real = load_real(pipe, recipe.data.real, zoo.name_of(recipe.teacher), recipe.data.max_real_images,
                          out_dir / "cache" / "real.pt", recipe.seed)
         if text and real.prompts is not None:
             real_bank = PromptBank(pipe, real.prompts, device)
-    pairs = None
-    if isinstance(method, DMD) and not isinstance(method, DMD2) and method.regression_weight:
-        pairs = teacher_ode_pairs(pipe, method.teacher, bank, recipe.dmd.ode_pairs, recipe.dmd.ode_steps,
-                                  method.guidance_scale, out_dir / "cache" / "ode_pairs.pt", recipe.seed)
-    return BatchStream(recipe.train.batch_size, bank, real, real_bank, pairs, recipe.dmd.pair_batch_size,
+    pairs, spec = None, needs.teacher_pairs
+    if spec is not None:
+        pairs = teacher_ode_pairs(pipe, method.teacher, bank, spec.count, spec.steps, spec.guidance_scale,
+                                  out_dir / "cache" / "ode_pairs.pt", recipe.seed)
+    return BatchStream(recipe.train.batch_size, bank, real, real_bank, pairs, spec.batch_size if spec else 0,
                        recipe.seed, device, num_shards, shard)
 
 
 def export(method, pipe, folder: Path, lora_folder: Path | None = None, extra: dict | None = None) -> Path:
     """Write the student as a plain diffusers folder (LoRA students fused; optionally also the LoRA file)."""
-    from fastgen.pipelines.export import export_student
-    from fastgen.pipelines.lora import fuse_student, save_lora_weights
-
-    info = method.export_info()
+    spec = method.export_spec()
     model = method.student.model
     if method.student_adapter is not None:
         if lora_folder is not None:
@@ -122,38 +104,36 @@ def export(method, pipe, folder: Path, lora_folder: Path | None = None, extra: d
         model = fuse_student(model, method.student_adapter)
     if folder.exists():
         shutil.rmtree(folder)
-    return export_student(pipe, folder, model=model, timesteps=info["timesteps"], sampler=info["sampler"],
-                          method=info["method"], guidance_scale=info["guidance_scale"], extra_metadata=extra)
+    return export_student(pipe, folder, model=model, timesteps=spec.timesteps, sampler=spec.sampler,
+                          method=spec.method, guidance_scale=spec.guidance_scale, extra_metadata=extra)
 
 
-def make_evaluator(recipe: Recipe, pipe, method, out_dir: Path, zoo_name: str, device):
-    """FD (and prompt accuracy) of the current student through ``fastgen.eval``: export, evaluate, clean up."""
+def folder_evaluation(method, pipe, out_dir: Path, evaluate_folder: FolderEvaluator, num_images: int, device):
+    """``fn(step) -> metrics``: export the current student to a scratch folder, score it, remove the folder."""
 
     def evaluate(step: int) -> dict:
-        from fastgen.eval.evaluate import evaluate as run_eval
-
         folder = export(method, pipe, out_dir / "eval" / f"step-{step:07d}")
         try:
-            metrics = "fd,acc" if hasattr(pipe, "encode_prompt") else "fd"
-            result = run_eval(str(folder), num_images=recipe.train.eval_images, metrics=metrics, progress=False,
-                              device=str(device))
+            return evaluate_folder(str(folder), num_images, str(device))
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-        return {k: v for k, v in result["metrics"].items() if k in ("fd", "acc")}
 
     return evaluate
 
 
 def run_training(recipe: str, overrides: Sequence[str] = (), teacher: str | None = None, out: str | None = None,
-                 resume: bool = False) -> Path:
+                 resume: bool = False, evaluate_folder: FolderEvaluator | None = None) -> Path:
     """Train a student as ``recipe`` says and export it; returns the exported student folder.
 
     Args:
-        recipe: a shipped recipe name (``dmd2_fmnist_1step``; see ``train/recipes/``) or a TOML file.
+        recipe: a shipped recipe name (``dmd2_fmnist_1step``; see ``train/recipes/``), a TOML file or a
+            run's ``recipe.json``.
         overrides: ``"section.key=value"`` strings (``--set``), applied after the recipe.
         teacher: replaces the recipe's teacher (zoo name, pipeline folder or hub id).
         out: run folder (default: the recipe's ``out``, else ``runs/<recipe name>``).
         resume: continue from the latest checkpoint in ``<out>/checkpoints``.
+        evaluate_folder: scores an exported student folder, for ``train.eval_every`` (the ``fastgen``
+            command passes :func:`fastgen.eval.evaluate.training_evaluator`).
     """
     from accelerate.utils import set_seed
 
@@ -163,33 +143,41 @@ def run_training(recipe: str, overrides: Sequence[str] = (), teacher: str | None
     out_dir = Path(out or cfg.out or Path("runs") / cfg.name)
     if not resume and latest_checkpoint(out_dir / "checkpoints") is not None:
         raise ValueError(f"{out_dir} already holds checkpoints of a run; pass --resume to continue it, "
-                              "or choose another --out.")
+                         "or choose another --out.")
     if resume and latest_checkpoint(out_dir / "checkpoints") is None:
         raise FileNotFoundError(f"--resume: no complete checkpoint in {out_dir / 'checkpoints'}.")
+    t = cfg.train
+    if t.eval_every and evaluate_folder is None:
+        raise ValueError("train.eval_every needs an evaluator (the fastgen command passes one; from Python, pass "
+                         "evaluate_folder=fastgen.eval.evaluate.training_evaluator).")
     set_seed(cfg.seed)
     pipe = load_teacher(cfg.teacher)
     schedule = schedule_from_scheduler_config(pipe.scheduler.config)
     timesteps = resolve_timesteps(cfg, pipe, schedule)
     method = build_method(cfg, pipe, timesteps)
-    s, c, t = cfg.student, cfg.critic, cfg.train
-    zoo_name = zoo_name_of(cfg.teacher)
-    if t.eval_every and zoo_name is None:
-        raise ValueError("train.eval_every measures FD with the zoo's classifiers: it needs a zoo teacher.")
-    optimizers = {"generator": OptimizerConfig(s.lr, tuple(s.betas), s.weight_decay, warmup_steps=s.warmup_steps),
-                  "critic": OptimizerConfig(c.lr, tuple(c.betas), c.weight_decay, warmup_steps=c.warmup_steps)}
+    if cfg.student.ema_decay and method.ema_group is None:
+        raise ValueError(f"student.ema_decay is set, but method {cfg.method!r} keeps no EMA.")
+    lora_file = bool(cfg.student.lora_rank and t.export_lora)
+    if lora_file and not hasattr(type(pipe), "save_lora_weights"):
+        print(f"note: {type(pipe).__name__} has no LoRA loader, so only the fused student is exported "
+              "(train.export_lora applies to pipelines with one).")
+        lora_file = False
     trainer_cfg = TrainerConfig(steps=t.steps, grad_accum=t.grad_accum, mixed_precision=t.mixed_precision,
-                                max_grad_norm=t.max_grad_norm, ema_decay=s.ema_decay,
+                                max_grad_norm=t.max_grad_norm, ema_decay=cfg.student.ema_decay,
                                 checkpoint_every=t.checkpoint_every, keep_checkpoints=t.keep_checkpoints,
                                 log_every=t.log_every, eval_every=t.eval_every, trackers=list(t.trackers),
                                 progress=t.progress, seed=cfg.seed)
-    trainer = Trainer(method, out_dir, trainer_cfg, optimizers, tracker_config=cfg.flat())
+    trainer = Trainer(method, out_dir, trainer_cfg, cfg.optim, tracker_config=cfg.flat())
     acc = trainer.accelerator
     if acc.num_processes > 1:  # same initial weights everywhere (above), different noise per process from here
         set_seed(cfg.seed, device_specific=True)
     method = acc.unwrap_model(trainer.model)
     pipe.to(trainer.device)
     if t.eval_every:
-        trainer.evaluate = make_evaluator(cfg, pipe, method, out_dir, zoo_name, trainer.device)
+        trainer.evaluate = folder_evaluation(method, pipe, out_dir, evaluate_folder, t.eval_images, trainer.device)
+    if len(trainer.round_ends) > 1:  # a method with rounds: each round's student is a folder of its own
+        trainer.on_round_end = lambda r, step: export(method, pipe, out_dir / "rounds" / f"round-{r}",
+                                                      extra={"recipe": cfg.name, "round": r, "train_steps": step})
     if acc.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "recipe.json").write_text(json.dumps(cfg.to_dict(), indent=1))
@@ -199,13 +187,13 @@ def run_training(recipe: str, overrides: Sequence[str] = (), teacher: str | None
     folder = out_dir / "student"
     if acc.is_main_process:
         extra = {"recipe": cfg.name, "train_steps": t.steps, "teacher_guidance": getattr(method, "guidance_scale", None),
-                 "lora_rank": s.lora_rank}
+                 "lora_rank": cfg.student.lora_rank}
         with trainer.student_weights():
-            export(method, pipe, folder, out_dir / "student_lora" if (s.lora_rank and t.export_lora) else None, extra)
+            export(method, pipe, folder, out_dir / "student_lora" if lora_file else None, extra)
         print(f"trained {summary['steps_run']} steps at {summary['s_per_step']:.3f} s/step; wrote {folder}")
     trainer.end()
     return folder
 
 
-__all__ = ["run_training", "load_teacher", "build_method", "build_data", "export", "resolve_timesteps", "OPTIONS_HELP",
-           "describe_options"]
+__all__ = ["run_training", "load_teacher", "build_method", "build_data", "export", "resolve_timesteps",
+           "folder_evaluation", "OPTIONS_HELP", "describe_options"]

@@ -6,18 +6,23 @@ the method on its own batch and noise (the runner seeds them apart; the global b
 ``batch_size x processes``), DDP averages the gradients, the logged losses are means over processes,
 and only the main process evaluates and writes files other than accelerate's own.
 
-The trainer owns what no method should: one AdamW optimizer per parameter group with a warm-up
-schedule, the update schedule the method asks for (each iteration updates exactly the groups whose
-losses :meth:`training_step` returned), gradient accumulation, mixed precision, gradient clipping,
-an optional EMA of the student (diffusers' ``EMAModel``), a progress bar with the current losses,
-accelerate trackers, periodic evaluation, and checkpoints:
+The trainer owns what no method should: one AdamW optimizer per optimizer group the method declares
+(:meth:`~fastgen.methods.DistillationMethod.parameter_groups`, configured by
+:class:`~fastgen.methods.OptimizerOptions`) with a warm-up schedule, the update schedule the method
+asks for (each iteration updates exactly the groups whose losses :meth:`training_step` returned),
+training rounds (optimizers and schedules restart at each), gradient accumulation, mixed precision,
+gradient clipping, an optional EMA of the method's ``ema_group`` (diffusers' ``EMAModel``), a
+progress bar with the current losses, accelerate trackers, periodic evaluation, and checkpoints:
 
 * every ``checkpoint_every`` steps ``accelerator.save_state`` writes into ``.tmp-checkpoint-N``,
   which is then renamed to ``checkpoint-N`` -- a kill never leaves a half-written checkpoint, and
-  leftover temporary folders are ignored on resume. Only trained weights are stored (the teacher is
-  reloaded from its folder), plus optimizers, schedulers, EMA, RNG states and the data stream.
-* ``train(resume=True)`` continues from the latest checkpoint; the run then ends with the same
-  weights as an uninterrupted one.
+  leftover temporary folders are ignored on resume. The method's whole state is stored but its frozen
+  teacher base (:meth:`~fastgen.methods.DistillationMethod.frozen_base`, reloaded from the teacher's
+  folder): trained weights, target networks, buffers; plus optimizers, schedulers, EMA, RNG states
+  and the data stream.
+* ``train(resume=True)`` continues from the latest checkpoint, which must hold exactly the tensors
+  this run's method has (with their shapes); the run then ends with the same weights as an
+  uninterrupted one.
 * A non-finite loss stops training with an error naming the step and the loss; the last good
   checkpoint stays.
 """
@@ -39,7 +44,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from fastgen.methods.base import DistillationMethod
+from fastgen.methods.base import DistillationMethod, OptimizerOptions
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -47,25 +52,6 @@ STATE_FILE = "trainer_state.json"
 
 class NonFiniteLossError(RuntimeError):
     """A loss (or gradient norm) became NaN or infinite."""
-
-
-@dataclass
-class OptimizerConfig:
-    """AdamW of one parameter group, with a linear warm-up to a constant learning rate (DMD2's recipe).
-
-    Args:
-        lr: learning rate after warm-up.
-        betas: Adam's ``(beta1, beta2)``.
-        weight_decay: decoupled weight decay.
-        eps: Adam's epsilon.
-        warmup_steps: updates *of this group* over which the rate rises linearly from 0.
-    """
-
-    lr: float = 5e-5
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.01
-    eps: float = 1e-8
-    warmup_steps: int = 500
 
 
 @dataclass
@@ -77,7 +63,8 @@ class TrainerConfig:
         grad_accum: gradient accumulation micro-batches per iteration.
         mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"`` (accelerate's autocast; fp16 adds a grad scaler).
         max_grad_norm: clip each group's gradient norm to this (0: no clipping).
-        ema_decay: EMA of the student's weights (0: none); the EMA weights are evaluated and exported.
+        ema_decay: EMA of the weights of the method's ``ema_group`` (0: none); the EMA weights are
+            evaluated and exported.
         checkpoint_every: write a checkpoint every this many steps (0: never).
         keep_checkpoints: how many recent checkpoints to keep.
         log_every: log smoothed losses to the trackers every this many steps.
@@ -111,6 +98,18 @@ def latest_checkpoint(folder: str | Path) -> Path | None:
     return max(found)[1] if found else None
 
 
+def _cumulative(round_steps: list[int], total: int) -> list[int]:
+    """The step at which each round ends (``[500, 1000]`` for rounds of 500 and 500); they must add up to ``total``."""
+    if not round_steps or any(n < 1 for n in round_steps) or sum(round_steps) != total:
+        raise ValueError(f"The method's rounds {round_steps} must be positive step counts adding up to train.steps = "
+                         f"{total}.")
+    ends, done = [], 0
+    for n in round_steps:
+        done += n
+        ends.append(done)
+    return ends
+
+
 def _warmup(steps: int) -> Callable[[int], float]:
     return lambda i: min(1.0, (i + 1) / steps) if steps > 0 else 1.0
 
@@ -126,14 +125,15 @@ class Trainer:
         method: the distillation method (an ``nn.Module``; calling it runs one training step).
         out_dir: run folder; checkpoints go to ``out_dir/checkpoints``, logs to ``out_dir/logs``.
         config: :class:`TrainerConfig`.
-        optimizers: :class:`OptimizerConfig` per parameter group (missing groups get the defaults).
+        optimizers: :class:`~fastgen.methods.OptimizerOptions` per optimizer group (missing groups get
+            the method's ``optimizer_defaults``); a group the method does not train is an error.
         evaluate: optional ``fn(step) -> dict of metrics``, called every ``eval_every`` steps and at
             the end (inside :meth:`student_weights`, so with the EMA weights when there is an EMA).
         tracker_config: hyper-parameters to record with the trackers.
     """
 
     def __init__(self, method: DistillationMethod, out_dir: str | Path, config: TrainerConfig | None = None,
-                 optimizers: dict[str, OptimizerConfig] | None = None,
+                 optimizers: dict[str, OptimizerOptions] | None = None,
                  evaluate: Callable[[int], dict] | None = None, tracker_config: dict | None = None):
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
@@ -153,12 +153,19 @@ class Trainer:
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
         self.method = method
         self.groups = method.parameter_groups()
-        opt_cfg = {name: (optimizers or {}).get(name, OptimizerConfig()) for name in self.groups}
+        unknown = set(optimizers or {}) - set(self.groups)
+        if unknown:
+            raise KeyError(f"Optimizer settings for {sorted(unknown)}, but method {method.name!r} trains "
+                           f"{', '.join(self.groups)}.")
+        defaults = type(method).optimizer_defaults
+        opt_cfg = {name: (optimizers or {}).get(name) or defaults.get(name) or OptimizerOptions() for name in self.groups}
         self.optimizers = {name: torch.optim.AdamW(params, lr=c.lr, betas=tuple(c.betas), eps=c.eps,
                                                    weight_decay=c.weight_decay)
                            for (name, params), c in zip(self.groups.items(), opt_cfg.values())}
         self.schedulers = {name: torch.optim.lr_scheduler.LambdaLR(opt, _warmup(opt_cfg[name].warmup_steps))
                            for name, opt in self.optimizers.items()}
+        self.round_ends = _cumulative(method.rounds(self.config.steps), self.config.steps)
+        self.on_round_end: Callable[[int, int], None] | None = None  # fn(round, step), e.g. export that round's student
         acc = self.accelerator
         self.model = acc.prepare(method)
         names = list(self.optimizers)
@@ -166,14 +173,18 @@ class Trainer:
         prepared = prepared if isinstance(prepared, (list, tuple)) else [prepared]
         self.optimizers = dict(zip(names, prepared[:len(names)]))
         self.schedulers = dict(zip(names, prepared[len(names):]))
-        self.ema = None
+        self.ema, self.ema_group = None, method.ema_group
         if self.config.ema_decay > 0:
             from diffusers.training_utils import EMAModel
 
-            self.ema = EMAModel(self.groups["generator"], decay=self.config.ema_decay)
+            if self.ema_group not in self.groups:
+                raise ValueError(f"An EMA was asked for (ema_decay {self.config.ema_decay}), but method {method.name!r} "
+                                 "names no optimizer group to keep it of.")
+            self.ema = EMAModel(self.groups[self.ema_group], decay=self.config.ema_decay)
             acc.register_for_checkpointing(self.ema)
-        acc.register_save_state_pre_hook(self._keep_trained_weights_only)
+        acc.register_save_state_pre_hook(self._keep_method_state)
         self.update_counts = {name: 0 for name in self.groups}
+        self.train_seconds = 0.0  # time spent in training iterations (not evaluation or checkpoints), over resumes
         self.tracker_config = tracker_config or {}
         self.history: list[dict] = []
 
@@ -182,22 +193,22 @@ class Trainer:
         return self.accelerator.device
 
     # --- checkpoints ----------------------------------------------------------------------
-    def _trained_names(self, state: dict) -> dict[str, str]:
-        """``{state-dict name: group}`` of every trained tensor, each once (shared modules appear under
-        several names in the method's state dict)."""
-        owner = {p.data_ptr(): name for name, params in self.groups.items() for p in params}
-        picked, seen = {}, set()
+    def _checkpoint_names(self, state: dict) -> list[str]:
+        """The names of ``state`` (the method's state dict) that a checkpoint holds: every tensor but the
+        frozen teacher base, each storage once (modules shared by several roles appear under several names)."""
+        base = {t.data_ptr() for t in self.method.frozen_base()}
+        picked, seen = [], set()
         for key, tensor in state.items():
             ptr = tensor.data_ptr()
-            if ptr in owner and ptr not in seen:
-                picked[key] = owner[ptr]
+            if ptr not in base and ptr not in seen:
+                picked.append(key)
                 seen.add(ptr)
         return picked
 
-    def _keep_trained_weights_only(self, models, weights, output_dir):
-        """accelerate save hook: store only the trained weights (the teacher is reloaded from its folder)."""
+    def _keep_method_state(self, models, weights, output_dir):
+        """accelerate save hook: store the method's state but the frozen teacher base (reloaded from its folder)."""
         for i, state in enumerate(weights):
-            keep = self._trained_names(state)
+            keep = set(self._checkpoint_names(state))
             weights[i] = {k: v.contiguous() for k, v in state.items() if k in keep}
 
     def save_checkpoint(self, step: int) -> Path:
@@ -211,7 +222,8 @@ class Trainer:
         acc.save_state(str(tmp))
         acc.wait_for_everyone()  # every process has written its RNG state before the rename
         if acc.is_main_process:
-            state = {"step": step, "update_counts": self.update_counts, "time": time.time()}
+            state = {"step": step, "update_counts": self.update_counts, "time": time.time(),
+                     "train_seconds": self.train_seconds}
             (tmp / STATE_FILE).write_text(json.dumps(state))
             if final.exists():
                 shutil.rmtree(final)
@@ -224,22 +236,45 @@ class Trainer:
         return final
 
     def load_checkpoint(self, path: Path) -> int:
-        """Restore a checkpoint; returns its step."""
+        """Restore a checkpoint; returns its step. It must hold exactly this run's method state (names and
+        shapes), else a ``RuntimeError`` says what differs."""
         from safetensors import safe_open
 
-        self.accelerator.load_state(str(path), strict=False)
         state = self.accelerator.get_state_dict(self.model)  # unwrapped: the names the checkpoint stores
-        expected = set(self._trained_names(state))
-        stored = set()
+        expected = {k: tuple(state[k].shape) for k in self._checkpoint_names(state)}
+        stored = {}
         for file in path.glob("model*.safetensors"):
             with safe_open(str(file), "pt") as f:
-                stored |= set(f.keys())
-        if expected - stored:
-            raise RuntimeError(f"Checkpoint {path} lacks {len(expected - stored)} trained tensors "
-                               f"(e.g. {sorted(expected - stored)[:3]}); was it written by another recipe?")
+                stored.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+        missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
+        reshaped = sorted(k for k in set(expected) & set(stored) if expected[k] != stored[k])
+        if missing or unexpected or reshaped:
+            parts = [f"{len(missing)} of this run's tensors are missing (e.g. {missing[:2]})" if missing else "",
+                     f"{len(unexpected)} are not this run's (e.g. {unexpected[:2]})" if unexpected else "",
+                     f"{len(reshaped)} differ in shape (e.g. {reshaped[0]}: {stored[reshaped[0]]} stored, "
+                     f"{expected[reshaped[0]]} here)" if reshaped else ""]
+            raise RuntimeError(f"Checkpoint {path} does not match this run's method {self.method.name!r}: "
+                               + "; ".join(p for p in parts if p) + ". Was it written by another recipe (method, "
+                               "LoRA rank, GAN head)?")
+        self.accelerator.load_state(str(path), strict=False)  # strict above; the frozen teacher base is not stored
         info = json.loads((path / STATE_FILE).read_text())
         self.update_counts = dict(info["update_counts"])
+        self.train_seconds = float(info.get("train_seconds", 0.0))
         return int(info["step"])
+
+    def _restart_group(self, name: str) -> None:
+        """A new round: forget the optimizer's moments and restart its learning-rate schedule."""
+        optimizer, scheduler = self.optimizers[name], self.schedulers[name]
+        inner = getattr(optimizer, "optimizer", optimizer)
+        inner.state.clear()
+        lr_schedule = getattr(scheduler, "scheduler", scheduler)
+        lr_schedule.last_epoch = 0
+        for group, base, fn in zip(inner.param_groups, lr_schedule.base_lrs, lr_schedule.lr_lambdas):
+            group["lr"] = base * fn(0)
+
+    def round_of(self, step: int) -> int:
+        """The training round that iteration ``step`` belongs to."""
+        return next(i for i, end in enumerate(self.round_ends) if step < end)
 
     # --- EMA ------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -248,7 +283,7 @@ class Trainer:
         if self.ema is None:
             yield
             return
-        params = self.groups["generator"]
+        params = self.groups[self.ema_group]
         self.ema.store(params)
         self.ema.copy_to(params)
         try:
@@ -272,7 +307,7 @@ class Trainer:
             return
         with torch.random.fork_rng(devices=[]), self.student_weights():  # evaluation must not change training RNG
             metrics = self.evaluate(step)
-        record = {"step": step, **metrics}
+        record = {"step": step, "train_s": round(self.train_seconds, 2), **metrics}
         with open(self.out_dir / "eval.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         self.accelerator.log({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
@@ -311,6 +346,14 @@ class Trainer:
         smooth: dict[str, float] = {}
         begin, step_times = time.perf_counter(), []
         for step in range(start, cfg.steps):
+            if step > 0 and step in self.round_ends[:-1]:  # a round ends: its student, then a fresh optimizer
+                finished = self.round_ends.index(step)
+                if self.on_round_end is not None and acc.is_main_process:
+                    with torch.random.fork_rng(devices=[]), self.student_weights():
+                        self.on_round_end(finished, step)
+                for name in self.optimizers:
+                    self._restart_group(name)
+                self.method.begin_round(finished + 1)
             tick = time.perf_counter()
             for _ in range(cfg.grad_accum):
                 with acc.accumulate(self.model):
@@ -334,9 +377,10 @@ class Trainer:
                 self.schedulers[name].step()
                 self.optimizers[name].zero_grad(set_to_none=True)
                 self.update_counts[name] += 1
-            if self.ema is not None and "generator" in out.losses:
-                self.ema.step(self.groups["generator"])
+            if self.ema is not None and self.ema_group in out.losses:
+                self.ema.step(self.groups[self.ema_group])
             step_times.append(time.perf_counter() - tick)
+            self.train_seconds += step_times[-1]
             for k, v in logged.items():
                 if "(total)" not in k:
                     smooth[k] = v if k not in smooth else 0.9 * smooth[k] + 0.1 * v
@@ -391,4 +435,4 @@ def _check_tracker(name: str) -> None:
                          f"or leave train.trackers empty.")
 
 
-__all__ = ["Trainer", "TrainerConfig", "OptimizerConfig", "NonFiniteLossError", "latest_checkpoint"]
+__all__ = ["Trainer", "TrainerConfig", "NonFiniteLossError", "latest_checkpoint"]

@@ -1,25 +1,34 @@
-"""The interface every distillation method implements, and the pieces they all share.
+"""The contract every distillation method fulfils, and the options all of them share.
 
-A method is an ``nn.Module`` holding the teacher, the student and whatever else it trains (a
-critic, a GAN head). The trainer (:mod:`fastgen.train.trainer`) knows nothing about the math; it
-asks the method:
+A method is one ``nn.Module`` subclass of :class:`DistillationMethod`, registered by name with
+:func:`register`. It holds everything it trains and declares everything the engine needs, so that
+the runner (:mod:`fastgen.train.runner`) and the trainer (:mod:`fastgen.train.trainer`) name no
+method:
 
-* :meth:`DistillationMethod.parameter_groups` -- the trained parameters, one optimizer per group
-  (e.g. ``{"generator": ..., "critic": ...}``);
-* :meth:`DistillationMethod.training_step` -- one iteration on a :class:`Batch`, returning the loss of
-  every group to update *this* iteration (the method owns its update schedule, e.g. DMD2's
-  critic-every-iteration, generator-every-``ratio``); calling the module runs it, so the trainer can
-  wrap the method with accelerate (DDP) and run one forward and one backward per iteration;
-* :meth:`DistillationMethod.sample` -- the student's own sampler;
-* :meth:`DistillationMethod.export_info` -- what the exported scheduler must reproduce (sampler
-  name and timesteps).
+* its **options** -- ``Options``, a dataclass that is its recipe section ``[<name>]`` (with a
+  ``validate()`` that raises a one-line ``ValueError``), plus the shared sections it reads
+  (``sections``: always ``[student]``, ``[critic]`` for methods with the fake-score critic);
+* its **data needs** -- :meth:`data_needs`: real images, teacher ODE pairs (prompts come with every
+  text-conditional teacher);
+* its **optimizer groups** -- :meth:`parameter_groups`, with per-group defaults in
+  ``optimizer_defaults`` (each configurable as ``[optim.<group>]``), and ``ema_group``, the group
+  whose EMA the trainer keeps, evaluates and exports;
+* its **state** -- everything in its ``state_dict()`` but the frozen teacher base
+  (:meth:`frozen_base`): trained weights, target networks, buffers such as a round counter. The
+  trainer checkpoints all of it and resumes strictly;
+* its **export spec** -- :meth:`export_spec`: sampler, timesteps, guidance of the exported call;
+* its **rounds** -- :meth:`rounds` / :meth:`begin_round` (one round by default).
+
+:meth:`DistillationMethod.training_step` runs one iteration and returns the loss of every
+optimizer group to update now, so one engine runs DMD2's two time-scale rule, SiD's alternation or
+a target-network update.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, fields, replace
-from typing import Iterable, Sequence
+from dataclasses import MISSING, dataclass, field, fields, replace
+from typing import ClassVar, Iterable, Sequence
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
@@ -28,7 +37,22 @@ from torch import nn
 from fastgen.denoiser import Conditioning, Denoiser
 from fastgen.lora import DEFAULT_UNET_TARGETS, AdapterDenoiser, add_lora, base_copy, lora_parameters
 
+from .common import backward_simulation, straight_through_clip
 
+
+def option(default, help: str):
+    """A dataclass field with a default and its help text (shown by ``fastgen train --help``)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def option_default(f):
+    """The default value of a dataclass field made by :func:`option`."""
+    return f.default if f.default is not MISSING else f.default_factory()
+
+
+# --- what a training iteration gets and returns ----------------------------------------------
 @dataclass
 class Batch:
     """One training batch; every field but ``size`` is optional.
@@ -73,6 +97,107 @@ class StepOutput:
     logs: dict[str, torch.Tensor]
 
 
+# --- what a method declares -----------------------------------------------------------------
+@dataclass
+class TeacherPairs:
+    """Cached teacher ODE pairs (noise -> the teacher's deterministic sample), e.g. DMD's regression data.
+
+    Args:
+        count: number of pairs, generated once and cached in the run folder.
+        steps: DDIM steps of the teacher's sampler.
+        guidance_scale: the teacher's guidance when sampling them.
+        batch_size: pairs per training batch.
+    """
+
+    count: int
+    steps: int
+    guidance_scale: float | None
+    batch_size: int
+
+
+@dataclass
+class DataNeeds:
+    """What a method needs besides noise (text-conditional teachers always get prompts).
+
+    Args:
+        real: real samples (an image folder or the zoo's dataset, set by ``data.real``).
+        teacher_pairs: cached teacher ODE pairs, or ``None``.
+        why_real: what needs the real images (said in the error when ``data.real`` is missing).
+    """
+
+    real: bool = False
+    teacher_pairs: TeacherPairs | None = None
+    why_real: str = ""
+
+
+@dataclass
+class ExportSpec:
+    """How the exported folder must sample the student.
+
+    Args:
+        method: name recorded in the folder's metadata and model card.
+        sampler: ``"multistep"`` (x0 then re-noise; LCMScheduler) or ``"ddim"`` (DDIMScheduler, trailing).
+        timesteps: the trained descending timesteps.
+        guidance_scale: the guidance of the exported call (0: guidance distilled in).
+    """
+
+    method: str
+    sampler: str
+    timesteps: list[int]
+    guidance_scale: float = 0.0
+
+
+@dataclass
+class OptimizerOptions:
+    """AdamW of one optimizer group, with a linear warm-up to a constant learning rate. Recipe: ``[optim.<group>]``.
+
+    Args:
+        lr: learning rate after warm-up.
+        betas: Adam's ``(beta1, beta2)``.
+        weight_decay: decoupled weight decay (0: plain Adam).
+        eps: Adam's epsilon.
+        warmup_steps: updates *of this group* over which the rate rises linearly from 0.
+    """
+
+    lr: float = option(5e-5, "learning rate after warm-up")
+    betas: list = option([0.9, 0.999], "Adam betas [beta1, beta2]")
+    weight_decay: float = option(0.01, "decoupled weight decay (0: plain Adam)")
+    eps: float = option(1e-8, "Adam epsilon")
+    warmup_steps: int = option(500, "linear warm-up, in updates of this group")
+
+    def validate(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}.")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}.")
+        if self.weight_decay < 0 or self.eps <= 0 or self.warmup_steps < 0:
+            raise ValueError(f"weight_decay and warmup_steps must be >= 0 and eps > 0, got {self.weight_decay}, "
+                             f"{self.warmup_steps}, {self.eps}.")
+
+
+@dataclass
+class StudentOptions:
+    """The student network and its steps. Recipe: ``[student]``."""
+
+    num_steps: int = option(1, "student sampling steps; timesteps = fastgen.pipelines.sampler.student_timesteps("
+                               "schedule, num_steps), e.g. [999, 749, 499, 249] for 4")
+    timesteps: list = option([], "explicit descending timesteps (overrides num_steps), each in [0, T-1]")
+    lora_rank: int = option(0, "0: full copy of the teacher network; > 0: LoRA adapter 'student' of this rank on "
+                               "the frozen teacher")
+    lora_alpha: float = option(0.0, "LoRA alpha (0: equal to the rank)")
+    ema_decay: float = option(0.0, "EMA decay of the student's weights per update (0: no EMA); the EMA is evaluated "
+                                   "and exported")
+
+    def validate(self) -> None:
+        if self.num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {self.num_steps}.")
+        if self.lora_rank < 0 or self.lora_alpha < 0:
+            raise ValueError(f"lora_rank and lora_alpha must be >= 0, got {self.lora_rank} and {self.lora_alpha}.")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}.")
+
+
+# --- shared helpers ---------------------------------------------------------------------------
 @contextlib.contextmanager
 def frozen(params: Iterable[nn.Parameter]):
     """Temporarily stop gradients to ``params`` (gradients still flow *through* the network to its input)."""
@@ -106,34 +231,79 @@ def student_parameters(student: Denoiser) -> list[nn.Parameter]:
     return list(student.model.parameters())
 
 
+# --- the registry -----------------------------------------------------------------------------
+METHODS: dict[str, type["DistillationMethod"]] = {}
+
+
+def register(cls: type["DistillationMethod"]) -> type["DistillationMethod"]:
+    """Class decorator: make a method available by its ``name`` to recipes (``method = "<name>"``)."""
+    if not getattr(cls, "name", None) or cls.name == DistillationMethod.name:
+        raise ValueError(f"{cls.__name__} needs a class attribute `name` to be registered.")
+    if cls.name in METHODS and METHODS[cls.name] is not cls:
+        raise ValueError(f"A method named {cls.name!r} is already registered ({METHODS[cls.name].__name__}).")
+    METHODS[cls.name] = cls
+    return cls
+
+
+@dataclass
+class NoOptions:
+    """A method without options of its own."""
+
+
 class DistillationMethod(nn.Module):
-    """Base class of the methods: a teacher, a student, and the student's sampler.
+    """Base class of the methods: a frozen teacher, a student, its sampler, and the contract above.
 
     Args:
         teacher: the frozen teacher (an :class:`~fastgen.lora.AdapterDenoiser` with ``adapter=None``
             when the student or critic are adapters on its network).
-        student: the student, from :func:`make_student`; its output is read as x0 through the
-            teacher's parameterisation.
-        timesteps: the student's descending network timesteps, e.g. ``[999]`` or ``[999, 749, 499, 249]``
+        timesteps: the student's descending network timesteps, e.g. ``[749]`` or ``[999, 749, 499, 249]``
             (:func:`fastgen.pipelines.sampler.student_timesteps` computes the exported scheduler's).
+        options: this method's ``Options`` (default: its defaults).
+        student: the shared student options (network copy or LoRA).
+        critic: the shared critic options, for methods whose ``sections`` include ``"critic"``.
+        default_guidance: the teacher's recommended guidance, used where an option leaves it unset.
     """
 
-    name = "base"
-    sampler = "multistep"  # x0 then re-noise with fresh noise; exported as LCMScheduler
+    name: ClassVar[str] = "base"
+    Options: ClassVar[type] = NoOptions
+    sections: ClassVar[tuple[str, ...]] = ("student",)
+    optimizer_defaults: ClassVar[dict[str, OptimizerOptions]] = {"generator": OptimizerOptions()}
+    ema_group: ClassVar[str | None] = "generator"
+    sampler: ClassVar[str] = "multistep"  # x0 then re-noise with fresh noise; exported as LCMScheduler
 
-    def __init__(self, teacher: Denoiser, student: Denoiser, timesteps: Sequence[int]):
+    def __init__(self, teacher: Denoiser, timesteps: Sequence[int], options=None, student: StudentOptions | None = None,
+                 critic=None, default_guidance: float | None = None):
         super().__init__()
-        self.teacher, self.student = teacher, student
+        self.options = options if options is not None else self.Options()
+        self.student_options = student or StudentOptions()
+        for opts in (self.options, self.student_options):
+            if hasattr(opts, "validate"):
+                opts.validate()
+        self.teacher = teacher
         self.schedule = teacher.schedule
-        self.timesteps = [int(t) for t in timesteps]
+        self.timesteps = self.check_timesteps([int(t) for t in timesteps])
+        self.default_guidance = default_guidance
+        self.student = self.build_student(teacher, self.student_options)
         for name, p in teacher.model.named_parameters():  # the teacher is frozen; adapters on it may train
             if "lora_" not in name:
                 p.requires_grad_(False)
 
-    # --- the interface --------------------------------------------------------------------
+    # --- the contract ----------------------------------------------------------------------
+    def check_timesteps(self, timesteps: list[int]) -> list[int]:
+        """Validate the student's timesteps for this method (e.g. one step only); returns them."""
+        return timesteps
+
+    def build_student(self, teacher: Denoiser, opts: StudentOptions) -> Denoiser:
+        """The student network, initialised from the teacher (a full copy or a LoRA adapter)."""
+        return make_student(teacher, opts.lora_rank, opts.lora_alpha or None)
+
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Trained parameters per optimizer group."""
-        raise NotImplementedError
+        """Trained parameters per optimizer group (the keys of ``optimizer_defaults``)."""
+        return {"generator": student_parameters(self.student)}
+
+    def data_needs(self) -> DataNeeds:
+        """What the runner must build besides prompts (default: nothing)."""
+        return DataNeeds()
 
     def training_step(self, batch: Batch, step: int) -> StepOutput:
         """One iteration (``step`` counts from 0): the losses of the groups to update now."""
@@ -142,33 +312,39 @@ class DistillationMethod(nn.Module):
     def forward(self, batch: Batch, step: int) -> StepOutput:
         return self.training_step(batch, step)
 
-    def export_info(self) -> dict:
-        """What export needs: ``{"method", "sampler", "timesteps", "guidance_scale"}``."""
-        return {"method": self.name, "sampler": self.sampler, "timesteps": list(self.timesteps),
-                "guidance_scale": 0.0}
+    def export_spec(self) -> ExportSpec:
+        """How the exported folder samples the student."""
+        return ExportSpec(self.name, self.sampler, list(self.timesteps), 0.0)
+
+    def rounds(self, total_steps: int) -> list[int]:
+        """Steps of each training round (default: one round of ``total_steps``). The trainer restarts the
+        optimizers and learning-rate schedules at every round and calls :meth:`begin_round`."""
+        return [total_steps]
+
+    def begin_round(self, index: int) -> None:
+        """Called before round ``index`` (from 0) starts, also on resume (default: nothing to do)."""
+
+    def frozen_base(self) -> list[torch.Tensor]:
+        """The teacher's frozen base weights and buffers: the only state a checkpoint leaves out (the
+        teacher is reloaded from its folder). LoRA adapters on the teacher network are not part of it."""
+        model = self.teacher.model
+        return [t for n, t in [*model.named_parameters(), *model.named_buffers()] if "lora_" not in n]
 
     @property
     def student_adapter(self) -> str | None:
         """The student's adapter name when it is a LoRA student (export fuses it), else ``None``."""
         return self.student.adapter if isinstance(self.student, AdapterDenoiser) else None
 
-    # --- shared pieces --------------------------------------------------------------------
+    # --- the student's sampler ---------------------------------------------------------------
     @property
     def latent_shape(self) -> tuple[int, int, int]:
         config = self.student.model.config
         return (config.in_channels, config.sample_size, config.sample_size)
 
     def student_x0(self, x_t: torch.Tensor, t, cond: Conditioning | None = None) -> torch.Tensor:
-        """The student's output as x0, clipped like the exported scheduler when the teacher clips.
-
-        The clip's gradient is taken as the identity (straight-through): an epsilon network read as x0
-        at ``t = T - 1`` amplifies its errors by ``1 / sqrt(alpha_cumprod)`` (~150x for a linear DDPM
-        schedule), so at initialisation nearly every pixel is clipped, and a plain ``clamp`` would give
-        them no gradient at all.
-        """
-        x0 = self.student(x_t, t, cond).x0
-        clip = self.schedule.clip_sample_range
-        return x0 if clip is None else x0 + (x0.clamp(-clip, clip) - x0).detach()
+        """The student's output as x0, clipped like the exported scheduler when the teacher clips
+        (straight-through: :func:`~fastgen.methods.common.straight_through_clip`)."""
+        return straight_through_clip(self.student(x_t, t, cond).x0, self.schedule.clip_sample_range)
 
     def noise(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Pure noise at ``timesteps[0]``: the generator's input."""
@@ -177,14 +353,9 @@ class DistillationMethod(nn.Module):
 
     def simulate(self, noise: torch.Tensor, k: int, cond: Conditioning | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
-        """``x_{t_k}``: run the student through steps ``0 .. k-1`` from ``noise`` (x0, then re-noise with
-        fresh noise to the next timestep). DMD2's backward simulation; ``k = 0`` returns ``noise``."""
-        x = noise
-        for i in range(k):
-            x0 = self.student_x0(x, self.timesteps[i], cond)
-            z = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-            x = self.schedule.add_noise(x0, z, self.timesteps[i + 1])
-        return x
+        """``x_{t_k}``: the student run through its steps ``0 .. k-1`` from ``noise``
+        (:func:`~fastgen.methods.common.backward_simulation`)."""
+        return backward_simulation(self.student_x0, self.schedule, noise, self.timesteps, k, cond, generator)
 
     @torch.no_grad()
     def sample(self, noise: torch.Tensor, cond: Conditioning | None = None,
@@ -194,4 +365,6 @@ class DistillationMethod(nn.Module):
         return self.student_x0(self.simulate(noise, last, cond, generator), self.timesteps[last], cond)
 
 
-__all__ = ["Batch", "StepOutput", "DistillationMethod", "frozen", "make_student", "student_parameters"]
+__all__ = ["Batch", "StepOutput", "DataNeeds", "TeacherPairs", "ExportSpec", "OptimizerOptions", "StudentOptions",
+           "DistillationMethod", "METHODS", "register", "option", "option_default", "frozen", "make_student",
+           "student_parameters"]

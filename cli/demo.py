@@ -36,7 +36,7 @@ def run_demo(out: str | Path = "fastgen-demo", steps: int = 2500, num_images: in
             Training uses the recipe's ``dmd.guidance_scale`` (2) unless ``overrides`` set it.
         overrides: further recipe overrides (``"section.key=value"``), applied after ``DEMO_OVERRIDES``.
     """
-    from fastgen.eval.evaluate import fmt, run_one
+    from fastgen.eval.evaluate import fmt, run_one, training_evaluator
     from fastgen.eval.generate import load_pipeline, solver_scheduler
     from fastgen.train.runner import run_training
     from fastgen.train.trainer import latest_checkpoint
@@ -49,7 +49,8 @@ def run_demo(out: str | Path = "fastgen-demo", steps: int = 2500, num_images: in
     overrides = [f"train.steps={steps}", f"seed={seed}", *DEMO_OVERRIDES, *overrides]
     print(f"[1/3] distilling fmnist-ldm into a 1-step student: DMD2, {steps} steps -> {run_dir}")
     student_dir = run_training(DEMO_RECIPE, overrides, out=str(run_dir),
-                               resume=latest_checkpoint(run_dir / "checkpoints") is not None)
+                               resume=latest_checkpoint(run_dir / "checkpoints") is not None,
+                               evaluate_folder=training_evaluator)
 
     print(f"[2/3] evaluating teacher (50 steps), teacher (1 step) and student (1 step) on {num_images} images")
     teacher = load_pipeline("fmnist-ldm")

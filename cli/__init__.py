@@ -1,7 +1,8 @@
 """The ``fastgen`` command: a thin dispatcher into fastgen.train, fastgen.eval and fastgen.pipelines.
 
-Every subcommand parses its options here and calls one function elsewhere; ``fastgen CMD --help``
-describes every option.
+The top layer of the package: the only place that composes training and evaluation (``fastgen demo``,
+evaluation during training). Every subcommand parses its options here and calls one function
+elsewhere; ``fastgen CMD --help`` describes every option.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def _zoo(args) -> int:
 
 
 def _demo(args) -> int:
-    from fastgen.train.demo import run_demo
+    from .demo import run_demo
 
     run_demo(out=args.out, steps=args.steps, num_images=args.num_images, seed=args.seed,
              guidance_scale=args.guidance, overrides=args.set)
@@ -85,10 +86,24 @@ def _bench(args) -> int:
 
 
 def _train(args) -> int:
+    from fastgen.eval.evaluate import training_evaluator
     from fastgen.train.runner import run_training
 
-    run_training(args.recipe, overrides=args.set, teacher=args.teacher, out=args.out, resume=args.resume)
+    run_training(args.recipe, overrides=args.set, teacher=args.teacher, out=args.out, resume=args.resume,
+                 evaluate_folder=training_evaluator)
     return 0
+
+
+class _TrainHelp(argparse.RawDescriptionHelpFormatter):
+    """``fastgen train --help`` lists every method's options; building that list imports the methods (and
+    torch), so it is done only when this help is printed."""
+
+    def format_help(self) -> str:
+        from fastgen.train.recipes import available_recipes, describe_options
+
+        return (super().format_help() + "\nshipped recipes: " + ", ".join(available_recipes()) +
+                "\n\nrecipe keys (override with --set KEY=VALUE; optimizer keys as optim.GROUP.KEY):\n" +
+                describe_options() + "\n")
 
 
 def _classifier(args) -> int:
@@ -161,17 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--batch-size", type=int, default=200, help="images per pipeline call (default: 200)")
     be.set_defaults(func=_bench)
 
-    from fastgen.train.recipes import available_recipes, describe_options  # stdlib-only module: cheap
-
     tr = sub.add_parser("train", help="Distill a student from a recipe (TOML) and export it as a diffusers folder.",
-                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                        epilog="shipped recipes: " + ", ".join(available_recipes()) +
-                               "\n\nrecipe keys (override with --set KEY=VALUE):\n" + describe_options(),
+                        formatter_class=_TrainHelp,
                         description="Train a student as a recipe says (train/recipes/*.toml, or a TOML file), with "
                                     "checkpoints, EMA, progress bar and trackers through accelerate, then export it "
                                     "to OUT/student as a plain diffusers pipeline. Multi-GPU: `accelerate launch "
                                     "-m fastgen.cli train RECIPE ...`.")
-    tr.add_argument("recipe", help="recipe name (e.g. dmd2_fmnist_1step) or path to a TOML file")
+    tr.add_argument("recipe", help="recipe name (e.g. dmd2_fmnist_1step), a TOML file, or a run's recipe.json")
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a recipe key, e.g. --set train.steps=2000 --set student.lr=1e-4 (repeatable)")
     tr.add_argument("--teacher", default=None, help="teacher: zoo name, diffusers pipeline folder or hub id")

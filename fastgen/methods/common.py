@@ -1,0 +1,85 @@
+"""The pieces distillation methods share, in one place: timestep sampling, noising, the teacher's
+guided x0, the straight-through clip and backward simulation.
+
+Each is a small function of the schedule and the networks it is given; the methods
+(:mod:`fastgen.methods`) and the fake-score critic (:mod:`fastgen.critic`) call them instead of
+writing their own.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+from fastgen.denoiser import Conditioning, Denoiser
+from fastgen.schedule import NoiseSchedule, VPSchedule
+
+
+def check_t_range(t_range, what: str = "t_range") -> tuple[float, float]:
+    """Validate a ``(t_min, t_max)`` pair of fractions of ``T``: ``0 <= t_min <= t_max <= 1``."""
+    lo, hi = (float(v) for v in t_range)
+    if not 0 <= lo <= hi <= 1:
+        raise ValueError(f"{what} must satisfy 0 <= t_min <= t_max <= 1 (fractions of T), got {tuple(t_range)}.")
+    return lo, hi
+
+
+def sample_timesteps(schedule: NoiseSchedule, n: int, t_range: tuple[float, float] = (0.0, 1.0),
+                     device: torch.device | str = "cpu") -> torch.Tensor:
+    """``n`` training timesteps drawn uniformly from ``[t_min T, t_max T]`` (integers for discrete VP teachers).
+
+    Args:
+        schedule: the teacher's schedule (``T = schedule.num_train_timesteps``).
+        n: how many timesteps.
+        t_range: ``(t_min, t_max)`` as fractions of ``T``; DMD's ``U[0.02T, 0.98T]`` is ``(0.02, 0.98)``.
+        device: where the timesteps live.
+    """
+    T = schedule.num_train_timesteps
+    lo, hi = check_t_range(t_range)
+    if isinstance(schedule, VPSchedule):
+        return torch.randint(int(round(lo * T)), min(int(round(hi * T)), T - 1) + 1, (n,), device=device)
+    return (lo + (hi - lo) * torch.rand(n, device=device)) * T
+
+
+def noised(schedule: NoiseSchedule, x: torch.Tensor, t_range: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x_t, t)``: ``x`` noised with fresh noise at ``t ~ U[t_range]`` (the timesteps are drawn first)."""
+    t = sample_timesteps(schedule, len(x), t_range, x.device)
+    return schedule.add_noise(x, torch.randn_like(x), t), t
+
+
+def guided_x0(teacher: Denoiser, x_t: torch.Tensor, t, cond: Conditioning | None, uncond: Conditioning | None,
+              guidance_scale: float | None) -> torch.Tensor:
+    """The teacher's x0 at ``(x_t, t)`` with classifier-free guidance ``guidance_scale`` (``None`` or 1: none;
+    both halves in one network call, see :class:`~fastgen.denoiser.Denoiser`)."""
+    return teacher(x_t, t, cond, uncond, guidance_scale).x0
+
+
+def straight_through_clip(x0: torch.Tensor, clip: float | None) -> torch.Tensor:
+    """``x0`` clipped to ``[-clip, clip]`` in the forward pass, with the identity as its gradient.
+
+    An epsilon network read as x0 near ``t = T`` amplifies its errors by ``1 / sqrt(alpha_cumprod)``
+    (~150x for a linear DDPM schedule), so at initialisation nearly every pixel is clipped, and a
+    plain ``clamp`` would give them no gradient at all. ``clip=None``: returned unchanged.
+    """
+    return x0 if clip is None else x0 + (x0.clamp(-clip, clip) - x0).detach()
+
+
+def backward_simulation(x0_fn: Callable[[torch.Tensor, int, Conditioning | None], torch.Tensor],
+                        schedule: NoiseSchedule, noise: torch.Tensor, timesteps: Sequence[int], k: int,
+                        cond: Conditioning | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``x_{t_k}``: run a few-step generator through its steps ``0 .. k-1`` from ``noise``.
+
+    Each step predicts x0 with ``x0_fn(x, t, cond)`` and re-noises it with *fresh* noise to the next
+    timestep (the multistep sampler the student is exported with). DMD2's backward simulation and
+    few-step SiD's rollout; ``k = 0`` returns ``noise``. Call it under ``torch.no_grad()`` for a rollout.
+    """
+    x = noise
+    for i in range(k):
+        x0 = x0_fn(x, timesteps[i], cond)
+        z = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        x = schedule.add_noise(x0, z, timesteps[i + 1])
+    return x
+
+
+__all__ = ["check_t_range", "sample_timesteps", "noised", "guided_x0", "straight_through_clip", "backward_simulation"]

@@ -1,0 +1,151 @@
+"""What DMD, DMD2 and SiD share: a generator trained against the fake-score critic.
+
+Each of them has a generator ``G`` (the student: a copy of the teacher or a LoRA adapter on it) and a
+:class:`~fastgen.critic.FakeScoreCritic` ``mu_fake``, trained online on the generator's own samples
+with the teacher's denoising loss. The generator's loss compares the teacher's x0 (``mu_real``, with
+guidance) and the critic's x0 at a noisy version of each sample; the methods differ in that loss and in
+their update schedule (see :mod:`.dmd`, :mod:`.dmd2`, :mod:`.sid`). The math is in shared/METHODS.md.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from fastgen.critic import CriticOptions, FakeScoreCritic
+
+from .base import Batch, DistillationMethod, OptimizerOptions, StepOutput, option, student_parameters
+from .common import check_t_range, guided_x0, noised
+
+
+@dataclass
+class DistributionMatchingOptions:
+    """Options every distribution-matching method has (its recipe section starts with these)."""
+
+    guidance_scale: float | None = option(None, "teacher CFG in the generator's loss; default: the teacher's "
+                                                "recommended one (fastgen.zoo.RECOMMENDED_GUIDANCE), else none")
+    dm_t_min: float = option(0.02, "the generator loss's timesteps t ~ U[dm_t_min T, dm_t_max T]")
+    dm_t_max: float = option(0.98, "see dm_t_min")
+
+    def validate(self) -> None:
+        if self.guidance_scale is not None and not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0):
+            raise ValueError(f"guidance_scale must be a finite number >= 0 (1 or less: no guidance), "
+                             f"got {self.guidance_scale}.")
+        check_t_range((self.dm_t_min, self.dm_t_max), "dm_t_min, dm_t_max")
+
+
+class DistributionMatchingLoss:
+    """DMD's generator loss on ``x = G(z)`` given ``x0_real(x_t)`` and ``x0_fake(x_t)`` (DMD and DMD2).
+
+    ``grad = (x0_fake - x0_real) / mean_CHW |x - x0_real|`` and
+    ``L_DM = 0.5 * mean ||x - sg(x - grad)||^2``, whose gradient with respect to ``x`` is ``grad``
+    (divided by the number of elements): descending it moves samples from where the critic says
+    they are towards where the teacher says they should be.
+    """
+
+    def __call__(self, x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():  # no nan_to_num: a non-finite prediction must stop training, not vanish
+            weight = (x - x0_real).abs().mean(dim=tuple(range(1, x.ndim)), keepdim=True).clamp_min(1e-5)
+            grad = (x0_fake - x0_real) / weight
+        return 0.5 * F.mse_loss(x.float(), (x - grad).detach().float())
+
+
+class DistributionMatchingMethod(DistillationMethod):
+    """Base of DMD, DMD2 and SiD: the generator, the critic and the phases they share.
+
+    Arguments as :class:`~fastgen.methods.base.DistillationMethod`; ``critic`` holds the
+    :class:`~fastgen.critic.CriticOptions` of the fake-score critic (a full copy of the teacher network
+    or a LoRA adapter on it, with an optional GAN head). The teacher's guidance is
+    ``options.guidance_scale``, else ``default_guidance``.
+    """
+
+    Options = DistributionMatchingOptions
+    sections = ("student", "critic")
+    optimizer_defaults = {"generator": OptimizerOptions(), "critic": OptimizerOptions()}
+
+    def __init__(self, teacher, timesteps, options=None, student=None, critic: CriticOptions | None = None,
+                 default_guidance: float | None = None):
+        super().__init__(teacher, timesteps, options, student, critic, default_guidance)
+        self.check_teacher_output()
+        self.critic = FakeScoreCritic.from_options(teacher, critic or CriticOptions())
+        self.guidance_scale = self.resolve_guidance(self.options.guidance_scale)
+        self.dm_t_range = (self.options.dm_t_min, self.options.dm_t_max)
+
+    def check_teacher_output(self) -> None:
+        """The losses read the teacher's output as x0: it must have its input's shape (no learned variance)."""
+        config = self.teacher.model.config
+        c_in, c_out = getattr(config, "in_channels", None), getattr(config, "out_channels", None)
+        if c_in is not None and c_out is not None and c_out != c_in:
+            raise ValueError(
+                f"{self.name} reads the teacher's output as x0 (epsilon, v_prediction, sample or flow), but this teacher "
+                f"network outputs {c_out} channels for {c_in} input channels (a learned variance, e.g. "
+                f"variance_type='learned_range'); such teachers are not supported.")
+
+    def resolve_guidance(self, value: float | None) -> float | None:
+        """The teacher's guidance: ``value``, else the recommended one; an error on unconditional teachers."""
+        guidance = value if value is not None else self.default_guidance
+        if guidance is not None and not self.teacher.is_conditional:
+            raise ValueError(f"{self.name}.guidance_scale = {guidance}, but the teacher is unconditional.")
+        return guidance
+
+    def parameter_groups(self):
+        return {"generator": student_parameters(self.student), "critic": self.critic.trainable_parameters()}
+
+    # --- phases shared by the siblings --------------------------------------------------------
+    def generate(self, batch: Batch, k: int | None = None) -> torch.Tensor:
+        """The generator's output at a random step ``k`` (backward simulation: steps ``0 .. k-1`` run from
+        pure noise without grad, then step ``k`` with grad when enabled). One-step students: ``G(z)``."""
+        if k is None:
+            k = int(torch.randint(len(self.timesteps), ()))
+        with torch.no_grad():
+            x_tk = self.simulate(self.noise(batch.size), k, batch.cond)
+        return self.student_x0(x_tk, self.timesteps[k], batch.cond)
+
+    def noised(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x_t, t)`` with ``t ~ U[dm_t_range]``: where the teacher and the critic are compared."""
+        return noised(self.schedule, x, self.dm_t_range)
+
+    def x0_real(self, x_t: torch.Tensor, t: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """The teacher's x0 at ``(x_t, t)`` with classifier-free guidance ``guidance_scale``."""
+        return guided_x0(self.teacher, x_t, t, batch.cond, batch.uncond, self.guidance_scale)
+
+    def critic_loss(self, fake: torch.Tensor, batch: Batch) -> dict:
+        """The critic's denoising loss on ``sg(fake)`` (+ the GAN discriminator loss with real data)."""
+        return self.critic.loss(fake.detach(), batch.cond, batch.real, batch.real_cond)
+
+    # --- the alternation of DMD2 and SiD ------------------------------------------------------
+    ratio: int = 1  # critic updates per generator update
+
+    def updates(self, step: int) -> tuple[str, ...]:
+        """The groups updated at iteration ``step``: the critic every iteration, the generator every ``ratio``."""
+        return ("generator", "critic") if step % self.ratio == 0 else ("critic",)
+
+    def generator_update(self, x: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict]:
+        """``(loss, logged terms)`` of the generator on its samples ``x`` (with grad)."""
+        raise NotImplementedError
+
+    def critic_update(self, fake: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict]:
+        """``(loss, logged terms)`` of the critic on detached generator samples."""
+        raise NotImplementedError
+
+    def training_step(self, batch: Batch, step: int) -> StepOutput:
+        """One iteration: the generator (when :meth:`updates` says so) on fresh samples, then the critic on
+        the same samples, detached (fresh ones, without grad, when the generator rests)."""
+        losses, logs = {}, {}
+        if "generator" in self.updates(step):
+            x = self.generate(batch)
+            losses["generator"], g = self.generator_update(x, batch)
+            logs.update(g)
+            fake = x.detach()
+        else:
+            with torch.no_grad():
+                fake = self.generate(batch)
+        losses["critic"], c = self.critic_update(fake, batch)
+        logs.update(c)
+        return StepOutput(losses, {k: v.detach() for k, v in logs.items()})
+
+
+__all__ = ["DistributionMatchingMethod", "DistributionMatchingOptions", "DistributionMatchingLoss"]

@@ -1,0 +1,92 @@
+"""DMD2: Improved Distribution Matching Distillation (Yin et al. 2024).
+
+DMD without the regression loss, plus: the two time-scale update rule (the critic every iteration,
+the generator every ``ratio``), an optional GAN loss whose discriminator is a small head on the
+critic's bottleneck features (fake and real samples, both noised), and multi-step students trained
+with backward simulation. Without the GAN it is data-free: it needs only prompts. The math is in
+shared/METHODS.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fastgen.critic import gan_generator_loss
+
+from .base import Batch, DataNeeds, frozen, option, register
+from .distribution_matching import DistributionMatchingLoss, DistributionMatchingMethod, DistributionMatchingOptions
+
+
+@dataclass
+class DMD2Options(DistributionMatchingOptions):
+    """DMD2. Recipe: ``[dmd2]``."""
+
+    ratio: int = option(5, "critic updates per generator update (two time-scale rule; 5 ImageNet/SDXL, 10 SD1.5)")
+    gan_generator_weight: float = option(0.0, "lambda_G of the generator's GAN loss softplus(-D(fake)) "
+                                              "(needs critic.gan_head and data.real; 1e-3 SD1.5, 5e-3 SDXL)")
+    gan_critic_weight: float = option(0.0, "lambda_D of the discriminator loss softplus(D(fake)) + softplus(-D(real)) "
+                                           "(needs critic.gan_head and data.real; 1e-2 in the paper)")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.ratio < 1:
+            raise ValueError(f"ratio must be >= 1, got {self.ratio}.")
+        if self.gan_generator_weight < 0 or self.gan_critic_weight < 0:
+            raise ValueError(f"gan_generator_weight and gan_critic_weight must be >= 0, got {self.gan_generator_weight} "
+                             f"and {self.gan_critic_weight}.")
+
+
+@register
+class DMD2(DistributionMatchingMethod):
+    """DMD2: distribution matching with two time-scale updates, a GAN term and multi-step students.
+
+    Arguments as :class:`~.distribution_matching.DistributionMatchingMethod`, with :class:`DMD2Options`.
+    """
+
+    name = "dmd2"
+    Options = DMD2Options
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        o = self.options
+        if (o.gan_generator_weight or o.gan_critic_weight) and self.critic.head is None:
+            raise ValueError("dmd2.gan_generator_weight / gan_critic_weight need the critic's GAN head: "
+                             "set critic.gan_head = true.")
+        self.ratio = o.ratio
+        self.gan_generator_weight, self.gan_critic_weight = o.gan_generator_weight, o.gan_critic_weight
+        self.dm_loss = DistributionMatchingLoss()
+
+    def data_needs(self) -> DataNeeds:
+        gan = self.critic.head is not None and (self.gan_generator_weight > 0 or self.gan_critic_weight > 0)
+        return DataNeeds(real=gan, why_real="dmd2's GAN loss (critic.gan_head with dmd2.gan_*_weight > 0)")
+
+    def generator_loss(self, x: torch.Tensor, batch: Batch) -> dict:
+        """``{"dm": L_DM}`` on ``x = G(z)``, + ``"gan_g"`` = ``softplus(-D(x_t))`` with the GAN term.
+
+        The GAN term needs the gradient through the critic's input (its weights frozen), and one critic
+        call then gives both ``x0_fake`` and ``D``; without it the critic runs without grad.
+        """
+        if not self.gan_generator_weight:
+            x_t, t = self.noised(x.detach())
+            with torch.no_grad():
+                x0_real, x0_fake = self.x0_real(x_t, t, batch), self.critic.x0(x_t, t, batch.cond)
+            return {"dm": self.dm_loss(x, x0_real, x0_fake)}
+        x_t, t = self.noised(x)
+        with torch.no_grad():
+            x0_real = self.x0_real(x_t.detach(), t, batch)
+        with frozen(self.critic.trainable_parameters()):
+            pred, logits = self.critic(x_t, t, batch.cond, features=True)
+        return {"dm": self.dm_loss(x, x0_real, pred.x0.detach()), "gan_g": gan_generator_loss(logits)}
+
+    def generator_update(self, x: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict]:
+        g = self.generator_loss(x, batch)
+        return (g["dm"] + self.gan_generator_weight * g["gan_g"] if "gan_g" in g else g["dm"]), g
+
+    def critic_update(self, fake: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict]:
+        c = self.critic_loss(fake, batch)
+        return (c["dsm"] + self.gan_critic_weight * c["gan_d"] if "gan_d" in c else c["dsm"]), c
+
+
+__all__ = ["DMD2", "DMD2Options"]
