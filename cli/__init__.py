@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     demo.add_argument("--guidance", type=float, default=None,
                       help="the teacher's guidance scale in its evaluation rows (default: its recommended one); "
-                           "training uses the recipe's (--set dmd.guidance_scale=W)")
+                           "training uses the recipe's (--set dmd2.guidance_scale=W)")
     demo.set_defaults(func=_demo)
 
     ev = sub.add_parser("eval", help="Generate with a pipeline and score it (FD, KID, accuracy, FID, CLIP, speed).",
@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "-m fastgen.cli train RECIPE ...`.")
     tr.add_argument("recipe", help="recipe name (e.g. dmd2_fmnist_1step), a TOML file, or a run's recipe.json")
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a recipe key, e.g. --set train.steps=2000 --set student.lr=1e-4 (repeatable)")
+                    help="override a recipe key, e.g. --set train.steps=2000 --set optim.generator.lr=1e-4 (repeatable)")
     tr.add_argument("--teacher", default=None, help="teacher: zoo name, diffusers pipeline folder or hub id")
     tr.add_argument("--out", default=None, help="run folder (default: runs/RECIPE)")
     tr.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT/checkpoints")

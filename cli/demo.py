@@ -33,7 +33,7 @@ def run_demo(out: str | Path = "fastgen-demo", steps: int = 2500, num_images: in
         num_images: images per evaluated sampler (FD needs at least 10; 1000 gives stable numbers).
         seed: seed of training and of the evaluation noise.
         guidance_scale: the teacher's guidance in its evaluation rows (default: the recommended one, 3).
-            Training uses the recipe's ``dmd.guidance_scale`` (2) unless ``overrides`` set it.
+            Training uses the recipe's ``dmd2.guidance_scale`` (2) unless ``overrides`` set it.
         overrides: further recipe overrides (``"section.key=value"``), applied after ``DEMO_OVERRIDES``.
     """
     from fastgen.eval.evaluate import fmt, run_one, training_evaluator
