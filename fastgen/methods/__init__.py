@@ -38,6 +38,15 @@ def get_method(name: str) -> type[DistillationMethod]:
     return METHODS[name]
 
 
+def __getattr__(name: str):
+    """``from fastgen.methods import DMD2``: the shipped method classes, imported on first use."""
+    _import_shipped()
+    for cls in METHODS.values():
+        if cls.__name__ == name:
+            return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = ["Batch", "DataNeeds", "DistillationMethod", "ExportSpec", "OptimizerOptions", "StepOutput",
            "StudentOptions", "TeacherPairs", "frozen", "make_student", "register", "student_parameters", "METHODS",
            "get_method", "method_names"]
