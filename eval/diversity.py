@@ -278,7 +278,8 @@ def fd_groups_from_images(images: torch.Tensor, classifier, batch_size: int = 50
     """The FD of each of the classifier's feature groups alone, generated images against the real test split.
 
     Returns ``{group name: FD}`` for every group of ``DomainClassifier.feature_groups()``, including
-    those the headline FD leaves out (``FD_GROUPS``).
+    those the headline FD leaves out (``FD_GROUPS``), and ``{"all": FD}`` on all groups together
+    (the headline FD's features before the penultimate layer alone replaced them).
 
     Args:
         images: generated images ``[N, 1, S, S]`` in [0, 1], ``N >= MIN_IMAGES_FD``.
@@ -293,5 +294,5 @@ def fd_groups_from_images(images: torch.Tensor, classifier, batch_size: int = 50
                          "not a model instance.")
     images = check_images(images, expected_size=model.config.image_size, min_images=MIN_IMAGES_FD,
                           what="generated images")
-    feats = extract(model, images, "all_features", batch_size).double().numpy()
-    return fd_by_feature_group(feats, _all_test_features(name), model.feature_groups())
+    feats, ref_feats = extract(model, images, "all_features", batch_size).double().numpy(), _all_test_features(name)
+    return {**fd_by_feature_group(feats, ref_feats, model.feature_groups()), "all": fd_from_feats(feats, ref_feats)}

@@ -9,7 +9,8 @@ Metrics (``--metrics``, comma-separated; docs/evaluation.md says what each measu
 * ``fd_pixel`` -- FD on the pixels' leading principal components (features that are no classifier's).
 * ``precision``, ``recall``, ``density``, ``coverage`` -- Kynkäänniemi et al. 2019 and Naeem et al.
   2020 (k = 5) on the classifier's features, against a real test subset of the same size.
-* ``fd_groups`` -- the FD of each feature group of the classifier alone (a diagnostic, not default).
+* ``fd_groups`` -- the FD of each feature group of the classifier alone, and of all groups together
+  (a diagnostic, not default).
 * ``acc`` -- prompt adherence: the classifier's accuracy on the prompted classes (fmnist-ldm).
 * ``fid`` -- clean-fid FID (Inception) against ``--fid-reference`` (folder, dataset name or stats file).
 * ``clip`` -- CLIP score through open_clip (``--clip-model`` / ``--clip-pretrained``).

@@ -175,3 +175,17 @@ def test_blur_ranks_worse_by_precision_and_fd(probe_scores):
 def test_wrong_class_proportions_rank_worse_by_fd(probe_scores):
     full, skewed = probe_scores["full"], probe_scores["wrong proportions"]
     assert skewed["fd"] > 5 * full["fd"]
+
+
+def test_fd_groups_from_images_on_real_images():
+    from fastgen.eval.diversity import fd_groups_from_images
+    from fastgen.eval.metrics import fd_kid_from_images
+
+    test = real_images("digits", "test")
+    same = fd_groups_from_images(test, "digits")
+    assert list(same) == ["block1_mean", "block1_std", "block2_mean", "block2_std", "penultimate", "all"]
+    assert all(abs(v) < 1e-4 for v in same.values()), same
+    train = real_images("digits", "train", n=300)
+    groups = fd_groups_from_images(train, "digits")
+    assert groups["penultimate"] == pytest.approx(fd_kid_from_images(train, "digits", compute_kid=False)["fd"], rel=1e-4)
+    assert groups["all"] > max(v for k, v in groups.items() if k != "all")
