@@ -34,9 +34,8 @@ import torch
 from .metrics import MIN_IMAGES_FD, _as_feats, _classifier, check_images, classifier_features, fd_from_feats, \
     feature_stats, frechet_distance, reference_features
 
-# k of the k-nearest-neighbour balls of precision / recall / density / coverage: the value both
-# papers recommend (Kynkäänniemi et al. use k = 3 for recall on FFHQ but k = 5 elsewhere; Naeem
-# et al. choose k = 5 with N = 10k; prdc's README uses 5).
+# k of the k-nearest-neighbour balls of precision / recall / density / coverage: Naeem et al.'s
+# recommended k = 5 (with 10,000 images per side), one k for all four so that they share their balls.
 PRDC_K = 5
 PRDC_KEYS = ("precision", "recall", "density", "coverage")
 # Principal components of the pixel FD. fmnist (32x32 = 1,024 pixels): 64 components hold 88% of
