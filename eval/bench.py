@@ -89,7 +89,8 @@ COLUMNS = (("fd", "FD", 3), ("kid", "KID", 4), ("fd_class", "per-class FD", 2), 
 def bench_markdown(result: dict) -> str:
     """The bench rows as one Markdown table, the real-data floor last."""
     columns = [c for c in COLUMNS if any(c[0] in r for r in result["rows"])]
-    lines = ["| sampler | NFE | " + " | ".join(header for _, header, _ in columns) + " | images/s | speed-up vs DDIM-50 |",
+    headers = " | ".join(header for _, header, _ in columns)
+    lines = [f"| sampler | NFE | {headers} | images/s | speed-up vs DDIM-50 |",
              "|---|---:|" + "---:|" * len(columns) + "---:|---:|"]
     for r in result["rows"]:
         cells = " | ".join(fmt(r.get(key), digits) for key, _, digits in columns)

@@ -229,7 +229,7 @@ class DomainClassifier(nn.Module):
         return torch.cat(columns)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The FD / KID / precision-recall features ``[N, feature_dim]`` of images ``x`` (``[N, 1 or 3, S, S]`` in [0, 1]).
+        """The FD / KID / precision-recall features ``[N, feature_dim]`` of images ``[N, 1 or 3, S, S]`` in [0, 1].
 
         The ``FD_GROUPS`` columns of :meth:`all_features` (the calibrated penultimate layer).
         """
@@ -600,7 +600,7 @@ def train_classifier(name: str, out_dir: str | Path | None = None, seed: int = 0
 
 
 def save_reference_stats(model: DomainClassifier, name: str, folder: Path) -> Path:
-    """Write ``reference_stats.npz``: mean ``mu``, covariance ``sigma`` and count ``n`` of ``model.features`` on the real test split.
+    """Write ``reference_stats.npz``: mean ``mu``, covariance ``sigma``, count ``n`` of the FD features of the test split.
 
     Args:
         model: the classifier (calibrated).

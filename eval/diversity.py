@@ -122,7 +122,7 @@ def _as_labels(labels, n: int, what: str) -> np.ndarray:
 
 
 def class_fd(feats, labels, ref_feats, ref_labels) -> dict:
-    """Per-class Fréchet distance: the mean over the classes in ``labels`` of FD(class c of feats, class c of ref_feats).
+    """Per-class Fréchet distance: the mean over the classes c in ``labels`` of FD(feats of c, ref_feats of c).
 
     Returns ``{"fd_class": mean, "fd_by_class": {c: FD of class c}}``.
 
@@ -158,7 +158,7 @@ def _real_labels(name: str, split: str) -> np.ndarray:
 
 
 def class_fd_from_images(images: torch.Tensor, labels, classifier, batch_size: int = 500) -> dict:
-    """Per-class FD (:func:`class_fd`) of generated images against the real test split, on the domain classifier's features.
+    """Per-class FD (:func:`class_fd`) of generated images against the real test split (domain classifier features).
 
     The real-data floor is the same computation on real train images with the same number of
     images per class (``fastgen.eval.evaluate.real_floor``): at 100 images per class it is far

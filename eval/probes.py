@@ -62,7 +62,7 @@ def keep_fraction(images: torch.Tensor, labels: torch.Tensor, fraction: float) -
 
 
 def keep_most_typical(images: torch.Tensor, labels: torch.Tensor, fraction: float, classifier) -> torch.Tensor:
-    """The images with each class reduced to the ``fraction`` the classifier is most sure of, repeated to the same count.
+    """The images with each class reduced to the ``fraction`` the classifier is surest of, repeated to the same count.
 
     Args:
         images: ``[N, 1, S, S]`` in [0, 1].

@@ -70,7 +70,7 @@ def test_class_fd_matches_a_hand_computed_case():
 
 
 @pytest.mark.parametrize("labels, ref_labels, message", [
-    (np.repeat([0, 1], [10, 9]), np.repeat([0, 1], 20), r"labels must be 20 class indices \(one per image\), got shape \[19\]"),
+    (np.repeat([0, 1], [10, 9]), np.repeat([0, 1], 20), r"labels must be 20 class indices .* got shape \[19\]"),
     (np.repeat([0, 1], [12, 8]), np.repeat([0, 1], 20), "labels: class 1 has 8 image"),
     (np.repeat([0, 1], 10), np.repeat([0, 2], 20), "ref_labels: class 1 has 0 image"),
     (np.repeat([0.0, 1.0], 10), np.repeat([0, 1], 20), "non-negative integer class indices, got dtype float64"),
@@ -187,5 +187,6 @@ def test_fd_groups_from_images_on_real_images():
     assert all(abs(v) < 1e-4 for v in same.values()), same
     train = real_images("digits", "train", n=300)
     groups = fd_groups_from_images(train, "digits")
-    assert groups["penultimate"] == pytest.approx(fd_kid_from_images(train, "digits", compute_kid=False)["fd"], rel=1e-4)
+    fd = fd_kid_from_images(train, "digits", compute_kid=False)["fd"]
+    assert groups["penultimate"] == pytest.approx(fd, rel=1e-4)
     assert groups["all"] > max(v for k, v in groups.items() if k != "all")

@@ -92,7 +92,8 @@ def test_bench_writes_table_and_plot(tmp_path):
     (["eval", "fmnist-ldm", "--steps", "1", "--metrics", "fd,bogus"], "Unknown metric"),
     (["eval", "fmnist-ldm", "--steps", "1", "--num-images", "5", "--metrics", "fd"], "at least"),
     (["eval", "fmnist-ldm", "--steps", "1", "--num-images", "50"], "fd_class needs at least 10 images per class"),
-    (["eval", "digits-ddpm", "--steps", "1", "--num-images", "5", "--metrics", "recall"], "recall: at least 10 images needed"),
+    (["eval", "digits-ddpm", "--steps", "1", "--num-images", "5", "--metrics", "recall"],
+     "recall: at least 10 images needed"),
     (["bench", "fmnist-ldm", "--num-images", "50"], "fd_class needs at least 10 images per class"),
     (["eval", "fmnist-ldm", "--steps", "1", "--num-images", "10", "--metrics", "fid"], "--fid-reference"),
 ])
