@@ -62,11 +62,11 @@ def _ints(text: str | None) -> list[int] | None:
 
 
 def _eval(args) -> int:
-    from fastgen.eval.evaluate import evaluate, metrics_markdown
+    from fastgen.eval.evaluate import DEFAULT_METRICS, evaluate, metrics_markdown
 
     result = evaluate(args.target, steps=args.steps, timesteps=_ints(args.timesteps), guidance=args.guidance,
-                      num_images=args.num_images, metrics=args.metrics, out=args.out, solver=args.solver,
-                      batch_size=args.batch_size, seed=args.seed, fid_reference=args.fid_reference,
+                      num_images=args.num_images, metrics=args.metrics or DEFAULT_METRICS, out=args.out,
+                      solver=args.solver, batch_size=args.batch_size, seed=args.seed, fid_reference=args.fid_reference,
                       clip_model=args.clip_model, clip_pretrained=args.clip_pretrained, device=args.device)
     print(metrics_markdown(result))
     if args.out:
@@ -137,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "training uses the recipe's (--set dmd2.guidance_scale=W)")
     demo.set_defaults(func=_demo)
 
-    ev = sub.add_parser("eval", help="Generate with a pipeline and score it (FD, KID, accuracy, FID, CLIP, speed).",
+    ev = sub.add_parser("eval", help="Generate with a pipeline and score it (FD, KID, per-class FD, pixel FD, "
+                                     "precision/recall, density/coverage, accuracy, FID, CLIP, speed).",
                         description="Generate images with a diffusers pipeline (zoo name, folder or hub id) through "
                                     "its own __call__, score them, and write metrics.json, metrics.md and a sample "
                                     "grid. Exported fastgen students are called as their metadata says.")
@@ -149,8 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--solver", default=None, choices=["ddim", "dpm++2m", "unipc", "euler"],
                     help="replace the pipeline's scheduler by this training-free solver")
     ev.add_argument("--num-images", type=int, default=1000, help="images to generate (default: 1000)")
-    ev.add_argument("--metrics", default="fd,kid,acc,speed",
-                    help="comma-separated subset of fd,kid,acc,fid,clip,speed (default: fd,kid,acc,speed)")
+    ev.add_argument("--metrics", default=None,
+                    help="comma-separated subset of fd,kid,fd_class,fd_pixel,precision,recall,density,coverage,"
+                         "fd_groups,acc,fid,clip,speed (default: all but fd_groups, fid and clip; see "
+                         "docs/evaluation.md)")
     ev.add_argument("--out", default=None, help="output folder for metrics.json, metrics.md, samples.png")
     ev.add_argument("--batch-size", type=int, default=100, help="images per pipeline call (default: 100)")
     ev.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
@@ -164,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     be = sub.add_parser("bench", help="Quality-vs-NFE frontier: teacher solvers at NFE 1-50 and students.",
                         description="Run the teacher with training-free solvers (DDIM, DPM-Solver++ 2M, UniPC, "
                                     "Euler) at each NFE and each student at its own steps; write one Markdown "
-                                    "table, a JSON file and a plot of FD against NFE.")
+                                    "table, a JSON file and a plot of FD and recall against NFE.")
     be.add_argument("teacher", help="zoo teacher name (the domain metrics need a zoo teacher)")
     be.add_argument("--students", nargs="*", default=[], help="exported student folders to add")
     be.add_argument("--solvers", default="ddim,dpm++2m,unipc,euler", help="comma-separated solvers (default: all four)")

@@ -4,7 +4,8 @@ For the teacher: each training-free solver (DDIM, DPM-Solver++ 2M, UniPC, Euler)
 8, 16 and 50, through the teacher's own pipeline with the scheduler swapped. For each student:
 its own call. Every row is generated from the same seed and prompts and scored with the same
 metrics; speed-up is against the teacher's DDIM at 50 steps measured in the same run.
-Writes ``bench.json``, ``bench.md`` (one table) and ``bench.png`` (FD against NFE, log scale).
+Writes ``bench.json``, ``bench.md`` (one table) and ``bench.png`` (two panels against NFE, log
+scale: FD, and recall -- the diversity FD can miss).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 from fastgen import zoo
 
-from .evaluate import fmt, real_floor, run_one, student_call
+from .evaluate import DEFAULT_METRICS, check_counts, fmt, real_floor, run_one, student_call
 from .generate import SOLVERS, load_pipeline, solver_scheduler, zoo_name_of
 
 NFES = (1, 2, 4, 8, 16, 50)
@@ -41,8 +42,9 @@ def bench(teacher: str, students: list[str] = (), solvers=tuple(SOLVERS), nfes=N
     zoo_name = zoo_name_of(pipe, teacher)
     if zoo_name is None:
         raise ValueError("fastgen bench scores with the zoo's domain classifiers; pass a zoo teacher.")
-    text = hasattr(pipe, "encode_prompt")
-    metrics = ["fd", "kid", "acc", "speed"] if text else ["fd", "kid", "speed"]
+    metrics = list(DEFAULT_METRICS)  # fd_class and acc are skipped for unconditional teachers
+    labels = torch.arange(num_images) % len(zoo.prompts()) if hasattr(pipe, "encode_prompt") else None
+    check_counts(metrics, num_images, len(zoo.prompts()) if labels is not None else None)
     guidance = guidance if guidance is not None else zoo.RECOMMENDED_GUIDANCE.get(zoo_name)
     base_config = dict(pipe.scheduler.config)
     rows = []
@@ -66,7 +68,8 @@ def bench(teacher: str, students: list[str] = (), solvers=tuple(SOLVERS), nfes=N
     baseline = next((r["s_per_image"] for r in rows if r["sampler"] == "ddim" and r["nfe"] == 50), None)
     for r in rows:
         r["speedup"] = baseline / r["s_per_image"] if baseline else None
-    floor = real_floor(zoo_name, num_images, True)
+    # the rows' prompts cycle through the classes (fastgen.eval.generate): the floor has the same classes
+    floor = real_floor(zoo_name, num_images, metrics, labels)
     result = {"teacher": teacher, "zoo": zoo_name, "num_images": num_images, "seed": seed, "guidance": guidance,
               "threads": torch.get_num_threads(), "floor": floor, "rows": rows}
     out = Path(out)
@@ -77,41 +80,57 @@ def bench(teacher: str, students: list[str] = (), solvers=tuple(SOLVERS), nfes=N
     return result
 
 
+# Columns of the bench table: (result key, header, digits); a column shows only when some row has it.
+COLUMNS = (("fd", "FD", 3), ("kid", "KID", 4), ("fd_class", "per-class FD", 2), ("fd_pixel", "pixel FD", 2),
+           ("precision", "precision", 3), ("recall", "recall", 3), ("density", "density", 3),
+           ("coverage", "coverage", 3), ("acc", "accuracy", 3))
+
+
 def bench_markdown(result: dict) -> str:
-    has_acc = any("acc" in r for r in result["rows"])
-    head = "| sampler | NFE | FD | KID | " + ("accuracy | " if has_acc else "") + "images/s | speed-up vs DDIM-50 |"
-    lines = [head, "|---|---:|---:|---:|" + ("---:|" if has_acc else "") + "---:|---:|"]
+    """The bench rows as one Markdown table, the real-data floor last."""
+    columns = [c for c in COLUMNS if any(c[0] in r for r in result["rows"])]
+    headers = " | ".join(header for _, header, _ in columns)
+    lines = [f"| sampler | NFE | {headers} | images/s | speed-up vs DDIM-50 |",
+             "|---|---:|" + "---:|" * len(columns) + "---:|---:|"]
     for r in result["rows"]:
-        acc = f" {fmt(r.get('acc'), 3)} |" if has_acc else ""
-        lines.append(f"| {r['sampler']} | {r['nfe']} | {fmt(r['fd'], 3)} | {fmt(r['kid'], 4)} |{acc} "
-                     f"{fmt(r['images_per_s'], 1)} | {fmt(r['speedup'], 1)}x |")
+        cells = " | ".join(fmt(r.get(key), digits) for key, _, digits in columns)
+        lines.append(f"| {r['sampler']} | {r['nfe']} | {cells} | {fmt(r['images_per_s'], 1)} | {fmt(r['speedup'], 1)}x |")
     f = result["floor"]
-    lines.append(f"| real data (train vs test) | - | {fmt(f['fd'], 3)} | {fmt(f['kid'], 4)} |" +
-                 (" - |" if has_acc else "") + " - | - |")
+    cells = " | ".join(fmt(f.get(key), digits) for key, _, digits in columns)
+    lines.append(f"| real data (train vs test) | - | {cells} | - | - |")
     return "\n".join(lines) + "\n"
 
 
 def plot_frontier(result: dict, path: Path) -> Path:
+    """Two panels against NFE (log scale): FD (log) and recall, one line per solver, a star per student."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     teacher_rows = [r for r in result["rows"] if r["kind"] == "teacher"]
-    for solver in dict.fromkeys(r["sampler"] for r in teacher_rows):
-        pts = sorted((r["nfe"], r["fd"]) for r in teacher_rows if r["sampler"] == solver)
-        ax.plot(*zip(*pts), marker="o", label=f"teacher, {solver}")
-    for r in result["rows"]:
-        if r["kind"] == "student":
-            ax.scatter([r["nfe"]], [r["fd"]], marker="*", s=160, zorder=5, label=r["sampler"])
-    ax.axhline(result["floor"]["fd"], color="grey", ls="--", lw=1, label="real data floor")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("NFE (network evaluations per image; a CFG pair counts once)")
-    ax.set_ylabel("domain FD (lower is better)")
-    ax.set_title(f"{result['teacher']}: quality vs NFE ({result['num_images']} images)")
-    ax.legend(fontsize=7)
+    solvers = list(dict.fromkeys(r["sampler"] for r in teacher_rows))
+    for ax, key, label, log_y in ((axes[0], "fd", "domain FD (lower is better)", True),
+                                  (axes[1], "recall", "recall, k = 5 (higher is better: diversity)", False)):
+        for solver in solvers:
+            pts = sorted((r["nfe"], r[key]) for r in teacher_rows if r["sampler"] == solver)
+            ax.plot(*zip(*pts), marker="o", label=f"teacher, {solver}")
+        for r in result["rows"]:
+            if r["kind"] == "student":
+                ax.scatter([r["nfe"]], [r[key]], marker="*", s=160, zorder=5, label=r["sampler"])
+        ax.axhline(result["floor"][key], color="grey", ls="--", lw=1, label="real data (train vs test)")
+        ax.set_xscale("log")
+        if log_y:
+            ax.set_yscale("log")
+        else:
+            ax.set_ylim(0, 1)
+        ax.set_xlabel("NFE (network evaluations per image; a CFG pair counts once)")
+        ax.set_ylabel(label)
+    axes[0].legend(fontsize=7)
+    guidance = f", guidance {result['guidance']}" if result.get("guidance") is not None else ""
+    fig.suptitle(f"{result['teacher']}: quality and diversity vs NFE ({result['num_images']} images, "
+                 f"seed {result['seed']}{guidance})")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

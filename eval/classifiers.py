@@ -5,16 +5,22 @@ small CNN trained on its real train split. Its *features* give the domain Fréch
 and KID (:mod:`fastgen.eval.metrics`), its *predictions* give prompt accuracy (the share of
 generated images classified as the prompted class).
 
-Features concatenate several layers: the spatial mean and standard deviation of an early block
-(full resolution, edge-like filters) and a middle block, plus the penultimate layer. With only
-the penultimate layer a blurry sample can score about as well as a sharp one (blur moves little
-there at this size); the std-pooled early activations measure local contrast and so catch blur
-and noise. Each group is centred and scaled to unit mean variance on the real train split
-(buffers stored with the weights), so that every layer counts in the distance.
+Five feature groups are computed (:meth:`DomainClassifier.feature_groups`): the spatial mean and
+standard deviation of an early block (full resolution, edge-like filters) and of a middle block,
+and the penultimate layer; each is centred and scaled to unit mean variance on the real train
+split (buffers stored with the weights). The FD, KID, per-class FD and precision / recall use the
+groups of :data:`FD_GROUPS` -- the penultimate layer only. The four block statistics measure local
+contrast and texture: on the zoo teachers' samples they are dominated by a texture bias that
+classifier-free guidance offsets by raising contrast, so an FD that included them fell as
+guidance rose even while diversity fell (docs/evaluation.md). The penultimate layer alone still
+puts blur and noise far above the real-data floor (the distortion table in each README); the
+block statistics remain available per group (``fastgen eval --metrics fd_groups``).
 
 Shipped weights live in ``fastgen/zoo/classifiers/<name>/`` (``model.safetensors``,
-``config.json``, ``reference_stats.npz`` = feature mean / covariance on the real test split,
-``README.md``). ``python -m fastgen.eval.classifiers NAME`` retrains one from its fixed seed.
+``config.json``, ``reference_stats.npz`` = FD-feature mean / covariance on the real test split,
+``README.md``). ``python -m fastgen.eval.classifiers NAME`` retrains one from its fixed seed;
+``--reference-only`` rewrites the reference statistics, the distortion table and the README from
+the shipped weights (after a change of :data:`FD_GROUPS`, no retraining needed).
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ NAMES = ("digits", "fmnist")
 # Zoo teacher -> the classifier of its domain.
 TEACHER_CLASSIFIER = {"digits-ddpm": "digits", "fmnist-ldm": "fmnist"}
 NUM_CLASSES = 10
+# The feature groups of the FD features (:meth:`DomainClassifier.features`), see the module docstring.
+FD_GROUPS = ("penultimate",)
 
 
 @dataclass
@@ -137,15 +145,19 @@ class DomainClassifier(nn.Module):
         self.fc = nn.Linear(c3 * config.head_pool ** 2, config.hidden)
         self.dropout = nn.Dropout(config.dropout)
         self.out = nn.Linear(config.hidden, NUM_CLASSES)
-        # Affine map of the raw feature vector, set by :meth:`calibrate_features` (identity until then).
-        self.register_buffer("feature_shift", torch.zeros(self.feature_dim))
-        self.register_buffer("feature_scale", torch.ones(self.feature_dim))
+        # Affine map of the raw feature vector (all groups), set by :meth:`calibrate_features` (identity until then).
+        self.register_buffer("feature_shift", torch.zeros(self.all_feature_dim))
+        self.register_buffer("feature_scale", torch.ones(self.all_feature_dim))
+
+    @property
+    def all_feature_dim(self) -> int:
+        """Length of the vector :meth:`all_features` returns per image (every group)."""
+        return sum(width for _, width in self.feature_groups())
 
     @property
     def feature_dim(self) -> int:
-        """Length of the vector :meth:`features` returns per image."""
-        c1, c2, _ = self.config.channels
-        return 2 * c1 + 2 * c2 + self.config.hidden
+        """Length of the vector :meth:`features` returns per image (the groups of ``FD_GROUPS``)."""
+        return sum(width for name, width in self.feature_groups() if name in FD_GROUPS)
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """Check ``x`` (``[N, C, H, W]`` in [0, 1]) and return it as float ``[N, 1, H, W]`` on the model's device.
@@ -197,15 +209,31 @@ class DomainClassifier(nn.Module):
                  h2.mean(dim=(2, 3)), h2.std(dim=(2, 3), unbiased=False), hidden]
         return torch.cat(parts, dim=1)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Feature vectors ``[N, feature_dim]`` of images ``x`` (``[N, 1 or 3, S, S]`` in [0, 1]) for FD / KID.
+    def all_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Calibrated features of every group ``[N, all_feature_dim]`` (the per-group diagnostics).
 
         ``(raw_features(x) - feature_shift) * feature_scale``: centred on the real train split and
-        each group scaled to unit mean variance there, so that every layer weighs alike in the
-        Fréchet distance (raw early-layer statistics are ~50x smaller than the penultimate layer
-        and would not count) and KID's polynomial kernel sees values of order 1.
+        each group scaled to unit mean variance there (raw early-layer statistics are ~50x smaller
+        than the penultimate layer), so that KID's polynomial kernel sees values of order 1 and
+        the FDs of the groups are on one scale.
         """
         return (self.raw_features(x) - self.feature_shift) * self.feature_scale
+
+    def fd_columns(self) -> torch.Tensor:
+        """Indices of the ``FD_GROUPS`` columns in :meth:`all_features`."""
+        columns, start = [], 0
+        for name, width in self.feature_groups():
+            if name in FD_GROUPS:
+                columns.append(torch.arange(start, start + width))
+            start += width
+        return torch.cat(columns)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The FD / KID / precision-recall features ``[N, feature_dim]`` of images ``[N, 1 or 3, S, S]`` in [0, 1].
+
+        The ``FD_GROUPS`` columns of :meth:`all_features` (the calibrated penultimate layer).
+        """
+        return self.all_features(x)[:, self.fd_columns().to(self.feature_shift.device)]
 
     @torch.no_grad()
     def calibrate_features(self, images: torch.Tensor, batch_size: int = 500) -> None:
@@ -259,6 +287,38 @@ def real_images(name: str, split: str = "test", n: int | None = None, seed: int 
     return (images, labels) if with_labels else images
 
 
+def real_images_of_classes(name: str, labels, split: str = "train", seed: int = 0) -> torch.Tensor:
+    """Real images whose classes are ``labels``, in that order: image ``i`` is of class ``labels[i]``.
+
+    The images of each class are drawn without replacement with ``seed``, so the set has the
+    class counts (and order) of ``labels`` -- e.g. real images matching the prompted classes of a
+    generated set, for a real-data floor at the same images per class.
+
+    Args:
+        name: classifier name or zoo teacher name.
+        labels: ``N`` class indices in 0..9 (a sequence or tensor).
+        split: ``"train"`` or ``"test"``.
+        seed: seed of the draws.
+    """
+    name = classifier_for(name)
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', not {split!r}.")
+    labels = torch.as_tensor(labels).flatten()
+    if labels.dtype.is_floating_point or (len(labels) and (labels.min() < 0 or labels.max() >= NUM_CLASSES)):
+        raise ValueError(f"labels must be integer class indices 0..{NUM_CLASSES - 1}, got {labels.tolist()[:10]}...")
+    images, split_labels = _load_split(name, split)
+    out = torch.empty((len(labels), *images.shape[1:]), dtype=images.dtype)
+    generator = torch.Generator().manual_seed(seed)
+    for c in labels.unique().tolist():
+        wanted = torch.nonzero(labels == c).flatten()
+        pool = torch.nonzero(split_labels == c).flatten()
+        if len(wanted) > len(pool):
+            raise ValueError(f"labels ask for {len(wanted)} images of class {c}; the {name} {split} split has "
+                             f"{len(pool)}.")
+        out[wanted] = images[pool[torch.randperm(len(pool), generator=generator)[:len(wanted)]]]
+    return out
+
+
 @functools.lru_cache(maxsize=4)
 def _load_split(name: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """One split in [0, 1], loaded once per process (Fashion-MNIST takes ~1 s to decompress)."""
@@ -286,17 +346,20 @@ def load_classifier(name: str, device: str | torch.device = "cpu") -> DomainClas
         name: ``"digits"`` or ``"fmnist"``, or a zoo teacher name (``"fmnist-ldm"``).
         device: where to put the model.
     """
+    name = classifier_for(name)
+    return _load_folder(name, classifier_dir(name)).to(device).eval()
+
+
+def _load_folder(name: str, folder: Path) -> DomainClassifier:
     from safetensors.torch import load_file
 
-    name = classifier_for(name)
-    folder = classifier_dir(name)
     for file in ("config.json", "model.safetensors"):
         if not (folder / file).is_file():
             raise _missing(name, folder / file)
     config = json.loads((folder / "config.json").read_text())
     model = DomainClassifier(config["architecture"])
     model.load_state_dict(load_file(folder / "model.safetensors"))
-    return model.to(device).eval()
+    return model.eval()
 
 
 def load_reference_stats(name: str) -> tuple[np.ndarray, np.ndarray, int]:
@@ -320,12 +383,14 @@ def extract(model: DomainClassifier, images: torch.Tensor, what: str = "features
     Args:
         model: a :class:`DomainClassifier`.
         images: ``[N, 1 or 3, S, S]`` in [0, 1] (any device).
-        what: ``"features"`` (``model.features``) or ``"logits"`` (``model(x)``).
+        what: ``"features"`` (``model.features``), ``"all_features"`` (``model.all_features``, every
+            group) or ``"logits"`` (``model(x)``).
         batch_size: images per forward pass.
     """
-    if what not in ("features", "logits"):
-        raise ValueError(f"what must be 'features' or 'logits', not {what!r}.")
-    fn = model.features if what == "features" else model
+    functions = {"features": model.features, "all_features": model.all_features, "logits": model}
+    if what not in functions:
+        raise ValueError(f"what must be one of {', '.join(functions)}, not {what!r}.")
+    fn = functions[what]
     was_training = model.training
     model.eval()
     try:
@@ -415,15 +480,18 @@ Feature extractor of fastgen's domain FD / KID and the judge of prompt accuracy
 - Architecture: 3 conv blocks (conv 3x3 + BatchNorm + ReLU) with channels {tuple(arch['channels'])}, 2x max-pool
   after blocks 1 and 2, average pool to {arch['head_pool']}x{arch['head_pool']}, FC {arch['hidden']}, FC 10
   ({record['parameters']:,} parameters).
-- Features ({record['feature_dim']} dims): spatial mean + std of block 1 and block 2, and the penultimate layer
-  (before its ReLU); each of these 5 groups centred and scaled to unit mean variance on the train split.
+- Features: 5 groups -- spatial mean + std of block 1 and block 2, and the penultimate layer (before its
+  ReLU) -- each centred and scaled to unit mean variance on the train split. FD, KID, per-class FD and
+  precision / recall use the group(s) {', '.join(f'`{g}`' for g in record['fd_groups'])} ({record['feature_dim']} dims;
+  `FD_GROUPS` in `fastgen.eval.classifiers`).
 - Training: seed {record['seed']}, {train['epochs']} epochs, batch {train['batch_size']}, AdamW lr {train['lr']}
   (cosine), random shifts up to {train['max_shift']} px{', horizontal flips' if train['hflip'] else ''}.
 - Command: `{record['command']}`
 - Test accuracy: **{record['test_accuracy'] * 100:.2f}%** on {record['test_images']:,} test images.
 - Wall time: {record['wall_time_s']:.0f} s, CPU time {record['cpu_time_s']:.0f} s (training, calibration, test accuracy, reference statistics;
   the distortion table below took another {record['feature_sanity_time_s']:.0f} s) on {record['machine']}.
-- `reference_stats.npz`: feature mean `mu`, covariance `sigma` and count `n` on the {record['test_images']:,} test images.
+- `reference_stats.npz`: FD-feature mean `mu`, covariance `sigma` and count `n` on the {record['test_images']:,} test images;
+  it, this table and this README are rewritten from the weights by `{train_command(name)} --reference-only`.
 
 Response of the FD to distortions (real train images vs the real test split, n = {sanity['n']:,} each side;
 `feature_sanity` in `fastgen.eval.classifiers`):
@@ -497,16 +565,14 @@ def train_classifier(name: str, out_dir: str | Path | None = None, seed: int = 0
     model.calibrate_features(images)
 
     test_accuracy = _accuracy(model, test_images, test_labels)
-    feats = extract(model, test_images).double().numpy()
-    mu, sigma = feats.mean(axis=0), np.cov(feats, rowvar=False)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_reference_stats(model, name, folder)
     wall, cpu = time.time() - start, time.process_time() - cpu_start
     sanity_start = time.time()
     sanity = feature_sanity(name, model)
     sanity_wall = time.time() - sanity_start
 
-    folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
-    np.savez(folder / "reference_stats.npz", mu=mu, sigma=sigma, n=np.int64(len(feats)))
     record = {
         "name": name,
         "architecture": {**asdict(arch), "channels": list(arch.channels)},
@@ -515,6 +581,7 @@ def train_classifier(name: str, out_dir: str | Path | None = None, seed: int = 0
         "epochs": train.epochs,
         "parameters": sum(p.numel() for p in model.parameters()),
         "feature_dim": model.feature_dim,
+        "fd_groups": list(FD_GROUPS),
         "train_images": len(images),
         "test_images": len(test_images),
         "test_accuracy": test_accuracy,
@@ -532,8 +599,47 @@ def train_classifier(name: str, out_dir: str | Path | None = None, seed: int = 0
     return folder
 
 
+def save_reference_stats(model: DomainClassifier, name: str, folder: Path) -> Path:
+    """Write ``reference_stats.npz``: mean ``mu``, covariance ``sigma``, count ``n`` of the FD features of the test split.
+
+    Args:
+        model: the classifier (calibrated).
+        name: its classifier name.
+        folder: the classifier's folder.
+    """
+    feats = extract(model, real_images(name, "test")).double().numpy()
+    path = Path(folder) / "reference_stats.npz"
+    np.savez(path, mu=feats.mean(axis=0), sigma=np.cov(feats, rowvar=False), n=np.int64(len(feats)))
+    return path
+
+
+def write_reference(name: str, folder: str | Path | None = None) -> Path:
+    """Rewrite a trained classifier's ``reference_stats.npz``, distortion table and README from its weights.
+
+    For a change of the FD features (:data:`FD_GROUPS`) without retraining: the weights and the
+    training record in ``config.json`` stay; ``feature_dim``, ``fd_groups``, ``feature_sanity``
+    and ``feature_sanity_time_s`` are replaced.
+
+    Args:
+        name: ``"digits"`` or ``"fmnist"`` (or a zoo teacher name).
+        folder: the classifier's folder (default: the installed one).
+    """
+    name = classifier_for(name)
+    folder = Path(folder) if folder is not None else classifier_dir(name)
+    model = _load_folder(name, folder)
+    save_reference_stats(model, name, folder)
+    start = time.time()
+    sanity = feature_sanity(name, model)
+    record = json.loads((folder / "config.json").read_text())
+    record.update(feature_dim=model.feature_dim, fd_groups=list(FD_GROUPS), feature_sanity=sanity,
+                  feature_sanity_time_s=time.time() - start)
+    (folder / "config.json").write_text(json.dumps(record, indent=2) + "\n")
+    _write_readme(folder, name, record)
+    return folder
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m fastgen.eval.classifiers NAME [--out DIR] [--seed S] [--epochs E] [--machine TEXT]``."""
+    """``python -m fastgen.eval.classifiers NAME [--out DIR] [--seed S] [--epochs E] [--machine TEXT] [--reference-only]``."""
     parser = argparse.ArgumentParser(prog="python -m fastgen.eval.classifiers",
                                      description="Train a zoo domain classifier (weights, reference stats, README).")
     parser.add_argument("name", choices=NAMES, help="which classifier to train")
@@ -542,7 +648,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=None, help="epochs (default: the shipped recipe)")
     parser.add_argument("--machine", default=None, help="machine description written to the README")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--reference-only", action="store_true",
+                        help="do not train: rewrite reference_stats.npz, the distortion table and the README from "
+                             "the weights in --out (default: the installed folder)")
     args = parser.parse_args(argv)
+    if args.reference_only:
+        folder = write_reference(args.name, args.out)
+        print(f"{args.name}: rewrote reference_stats.npz, config.json and README.md in {folder}")
+        return 0
     folder = train_classifier(args.name, args.out, seed=args.seed, epochs=args.epochs,
                               progress=not args.no_progress, machine=args.machine)
     record = json.loads((folder / "config.json").read_text())

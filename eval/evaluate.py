@@ -1,13 +1,23 @@
 """``fastgen eval``: generate with a pipeline, score the images, write metrics.json, a table and a grid.
 
-Metrics (``--metrics``, comma-separated):
+Metrics (``--metrics``, comma-separated; docs/evaluation.md says what each measures):
 
 * ``fd``, ``kid`` -- domain Fréchet distance and KID on the zoo classifier's features against the
-  real test split; the real-vs-real floor (train split vs test split, same N) is reported beside them.
+  real test split.
+* ``fd_class`` -- per-class FD: the mean over classes of the FD between the generated images of a
+  prompted class and the real test images of that class (class-prompted pipelines: fmnist-ldm).
+* ``fd_pixel`` -- FD on the pixels' leading principal components (features that are no classifier's).
+* ``precision``, ``recall``, ``density``, ``coverage`` -- Kynkäänniemi et al. 2019 and Naeem et al.
+  2020 (k = 5) on the classifier's features, against a real test subset of the same size.
+* ``fd_groups`` -- the FD of each feature group of the classifier alone, and of all groups together
+  (a diagnostic, not default).
 * ``acc`` -- prompt adherence: the classifier's accuracy on the prompted classes (fmnist-ldm).
 * ``fid`` -- clean-fid FID (Inception) against ``--fid-reference`` (folder, dataset name or stats file).
 * ``clip`` -- CLIP score through open_clip (``--clip-model`` / ``--clip-pretrained``).
 * ``speed`` -- images/s, seconds per image, NFE, peak memory.
+
+Every domain metric is reported with its real-data floor (``<name>_floor``): the same metric for
+real train images against the real test split, at the same N and the same images per class.
 """
 
 from __future__ import annotations
@@ -24,11 +34,21 @@ from fastgen.pipelines.images import save_grid
 from .generate import Generated, generate, load_pipeline, solver_scheduler, zoo_name_of
 from .speed import PeakMemory, speed_row
 
-METRICS = ("fd", "kid", "acc", "fid", "clip", "speed")
-DEFAULT_METRICS = ("fd", "kid", "acc", "speed")
+# Metrics scored with the zoo's data (real test split) and domain classifiers; each has a real-data floor.
+DOMAIN_METRICS = ("fd", "kid", "fd_class", "fd_pixel", "precision", "recall", "density", "coverage", "fd_groups",
+                  "acc")
+METRICS = (*DOMAIN_METRICS, "fid", "clip", "speed")
+DEFAULT_METRICS = ("fd", "kid", "fd_class", "fd_pixel", "precision", "recall", "density", "coverage", "acc", "speed")
+# What training-time evaluation (``train.eval_every``) computes and returns: quality and diversity
+# at the cost of one classifier pass, a k-NN search and a PCA projection of a few hundred images.
+# ``fd_class`` and ``acc`` need a class-prompted teacher; evaluate() skips them for unconditional ones.
+TRAINING_METRICS = ("fd", "fd_class", "fd_pixel", "precision", "recall", "coverage", "acc")
+# Result keys of ``fd_groups``, one per feature group of the classifier.
+GROUP_KEY = "fd_group_{}"
 
 
 def parse_metrics(text: str | list[str] | tuple) -> list[str]:
+    """The metric names of a comma-separated string or a list; ``ValueError`` naming the valid ones otherwise."""
     items = [m.strip() for m in (text.split(",") if isinstance(text, str) else text) if m.strip()]
     unknown = [m for m in items if m not in METRICS]
     if unknown or not items:
@@ -36,33 +56,118 @@ def parse_metrics(text: str | list[str] | tuple) -> list[str]:
     return items
 
 
-@functools.lru_cache(maxsize=8)
-def real_floor(zoo_name: str, num_images: int, with_kid: bool) -> dict:
-    """FD / KID of real train images against the real test split at the same sample size."""
-    from .classifiers import real_images
-    from .metrics import fd_kid_from_images
+def check_counts(metrics: list[str], num_images: int, num_classes: int | None) -> None:
+    """Raise a one-line ``ValueError`` before generating when ``num_images`` is too few for ``metrics``.
 
-    n = min(num_images, len(real_images(zoo_name, "train")))
-    return fd_kid_from_images(real_images(zoo_name, "train", n=n, seed=1), zoo_name, compute_kid=with_kid)
+    Args:
+        metrics: parsed metric names.
+        num_images: images to be generated.
+        num_classes: prompted classes the images cycle through (``None``: unconditional pipeline).
+    """
+    from .metrics import MIN_IMAGES_FD
+
+    needs_n = [m for m in metrics if m in DOMAIN_METRICS and m not in ("acc", "fd_class")]
+    if needs_n and num_images < MIN_IMAGES_FD:
+        raise ValueError(f"{', '.join(needs_n)}: at least {MIN_IMAGES_FD} images needed, got --num-images {num_images}.")
+    if "fd_class" in metrics and num_classes and num_images < MIN_IMAGES_FD * num_classes:
+        raise ValueError(f"fd_class needs at least {MIN_IMAGES_FD} images per class: --num-images "
+                         f"{MIN_IMAGES_FD * num_classes} or more for {num_classes} classes (got {num_images}), "
+                         f"or leave fd_class out of --metrics.")
+
+
+def check_domain(metrics: list[str], zoo_name: str | None) -> None:
+    """Raise a one-line ``ValueError`` when ``metrics`` ask for domain metrics of a pipeline outside the zoo.
+
+    Args:
+        metrics: parsed metric names.
+        zoo_name: the zoo teacher the pipeline is (or was distilled from), ``None`` for others.
+    """
+    domain = [m for m in metrics if m in DOMAIN_METRICS]
+    if domain and zoo_name is None:
+        raise ValueError(f"{', '.join(domain)} use the zoo's data and domain classifiers: evaluate a zoo teacher or a "
+                         "student of one, or use --metrics fid,clip,speed for other pipelines.")
+
+
+def domain_scores(images: torch.Tensor, labels, zoo_name: str, metrics) -> dict:
+    """The :data:`DOMAIN_METRICS` among ``metrics`` for images of a zoo domain, against its real test split.
+
+    ``fd_class`` and ``acc`` are left out when ``labels`` is ``None`` (unconditional pipelines).
+
+    Args:
+        images: ``[N, C, S, S]`` in [0, 1].
+        labels: the prompted class of each image, or ``None``.
+        zoo_name: the zoo teacher (or classifier) name of the domain.
+        metrics: metric names.
+    """
+    from .diversity import PRDC_KEYS, class_fd_from_images, fd_groups_from_images, pixel_fd_from_images, \
+        prdc_from_images
+    from .metrics import fd_kid_from_images, prompt_accuracy
+
+    result: dict = {}
+    if "fd" in metrics or "kid" in metrics:
+        out = fd_kid_from_images(images, zoo_name, compute_kid="kid" in metrics)
+        result["fd"] = out["fd"]
+        if "kid" in metrics:
+            result["kid"] = out["kid"]
+    if "fd_class" in metrics and labels is not None:
+        result.update(class_fd_from_images(images, labels, zoo_name))
+    if "fd_pixel" in metrics:
+        result["fd_pixel"] = pixel_fd_from_images(images, zoo_name)
+    if set(PRDC_KEYS) & set(metrics):
+        out = prdc_from_images(images, zoo_name)
+        result.update({key: out[key] for key in PRDC_KEYS if key in metrics}, n_prdc=out["n_prdc"])
+    if "fd_groups" in metrics:
+        by_group = fd_groups_from_images(images, zoo_name)
+        result.update({GROUP_KEY.format(group): value for group, value in by_group.items()})
+    if "acc" in metrics and labels is not None:
+        result["acc"] = prompt_accuracy(images, labels, zoo_name)
+    return result
+
+
+@functools.lru_cache(maxsize=16)
+def _real_floor(zoo_name: str, num_images: int, labels: tuple | None, metrics: tuple) -> dict:
+    from .classifiers import real_images, real_images_of_classes
+
+    if labels is None:
+        n = min(num_images, len(real_images(zoo_name, "train")))
+        images = real_images(zoo_name, "train", n=n, seed=1)
+    else:
+        images = real_images_of_classes(zoo_name, labels, "train", seed=1)
+    return domain_scores(images, labels, zoo_name, metrics)
+
+
+def real_floor(zoo_name: str, num_images: int, metrics=DEFAULT_METRICS, labels=None) -> dict:
+    """The domain metrics of real train images against the real test split: what a perfect generator scores.
+
+    The same computation as for generated images (:func:`domain_scores`) at the same sample size
+    and, with ``labels``, the same classes in the same order (so ``fd_class`` compares per-class
+    sets of equal size). Prompt accuracy has no floor (the classifier was trained on these images).
+    Cached per process.
+
+    Args:
+        zoo_name: the zoo teacher (or classifier) name.
+        num_images: sample size (capped at the size of the train split); ignored with ``labels``.
+        metrics: metric names; those outside :data:`DOMAIN_METRICS` and ``acc`` are ignored.
+        labels: the prompted classes of the generated images, or ``None`` (unconditional).
+    """
+    metrics = tuple(m for m in metrics if m in DOMAIN_METRICS and m != "acc")
+    labels = None if labels is None else tuple(int(c) for c in torch.as_tensor(labels).flatten().tolist())
+    return _real_floor(zoo_name, num_images, labels, metrics)
 
 
 def score(gen: Generated, zoo_name: str | None, metrics: list[str], fid_reference=None,
           clip_model: str = "ViT-B-32", clip_pretrained: str | None = "openai") -> dict:
-    """The requested metrics of generated images (speed is added by the caller)."""
-    from .metrics import clean_fid, clip_score, fd_kid_from_images, prompt_accuracy
+    """The requested metrics of generated images with the domain metrics' floors (speed is added by the caller)."""
+    from .metrics import clean_fid, clip_score
 
     result: dict = {}
-    if {"fd", "kid", "acc"} & set(metrics) and zoo_name is None:
-        raise ValueError("fd, kid and acc use the zoo's domain classifiers: evaluate a zoo teacher or a student of "
-                         "one, or use --metrics fid,clip,speed for other pipelines.")
-    if "fd" in metrics or "kid" in metrics:
-        out = fd_kid_from_images(gen.images, zoo_name, compute_kid="kid" in metrics)
-        floor = real_floor(zoo_name, len(gen.images), "kid" in metrics)
-        result["fd"], result["fd_floor"] = out["fd"], floor["fd"]
-        if "kid" in metrics:
-            result["kid"], result["kid_floor"] = out["kid"], floor["kid"]
-    if "acc" in metrics and gen.labels is not None:
-        result["acc"] = prompt_accuracy(gen.images, gen.labels, zoo_name)
+    check_domain(metrics, zoo_name)
+    domain = [m for m in metrics if m in DOMAIN_METRICS]
+    if domain:
+        result.update(domain_scores(gen.images, gen.labels, zoo_name, domain))
+        floor = real_floor(zoo_name, len(gen.images), domain, gen.labels)
+        result.update({f"{key}_floor": value for key, value in floor.items()
+                       if key in result and not key.startswith("n_") and key != "fd_by_class"})
     if "fid" in metrics:
         result["fid"] = clean_fid(gen.images, fid_reference)
     if "clip" in metrics:
@@ -118,21 +223,21 @@ def evaluate(target: str, steps: int | None = None, timesteps: list[int] | None 
             ``steps`` / ``timesteps`` / ``guidance`` override it.
         steps, timesteps: step count or explicit timesteps (one of them; required for teachers).
         guidance: classifier-free guidance scale (default: the student's, or the zoo teacher's recommended).
-        num_images: images to generate (FD/KID need at least 10; use >= 1000 for stable numbers).
+        num_images: images to generate (FD/KID need at least 10, fd_class 10 per class; use >= 1000 for
+            stable numbers).
         metrics: subset of :data:`METRICS`.
         out: output folder (default: no files).
         solver: replace the pipeline's scheduler by a training-free solver (ddim, dpm++2m, unipc, euler).
     """
-    from .metrics import MIN_IMAGES_FD
-
     metrics = parse_metrics(metrics)
-    if {"fd", "kid"} & set(metrics) and num_images < MIN_IMAGES_FD:  # fail before generating anything
-        raise ValueError(f"fd and kid need at least {MIN_IMAGES_FD} images; got --num-images {num_images}.")
+    check_counts(metrics, num_images, None)  # fail before loading or generating anything
     if "fid" in metrics and fid_reference is None:
         raise ValueError("--metrics fid needs --fid-reference (an image folder, a clean-fid dataset name or a "
                          ".npz statistics file).")
     pipe = load_pipeline(target, device if device != "cpu" else None)
     zoo_name = zoo_name_of(pipe, target)
+    check_domain(metrics, zoo_name)
+    check_counts(metrics, num_images, len(zoo.prompts()) if hasattr(pipe, "encode_prompt") else None)
     call = student_call(pipe)
     if solver:
         pipe.scheduler = solver_scheduler(solver, pipe.scheduler.config)
@@ -156,21 +261,28 @@ def evaluate(target: str, steps: int | None = None, timesteps: list[int] | None 
     return result
 
 
+# Row order of the metrics table: the domain metrics, the FD of each feature group (fd_groups), the rest.
+DOMAIN_TABLE_KEYS = ("fd", "kid", "fd_class", "fd_pixel", "precision", "recall", "density", "coverage")
+OTHER_TABLE_KEYS = ("acc", "fid", "clip", "images_per_s", "s_per_image", "nfe", "peak_memory_mb")
+
+
 def metrics_markdown(result: dict) -> str:
+    """The metrics of one :func:`evaluate` result as a Markdown table with the real-data floors."""
     m = result["metrics"]
     lines = [f"# fastgen eval: {result['target']}", "",
              f"call: `{result['call']}`, guidance {result['guidance']}, {result['num_images']} images, seed "
              f"{result['seed']}, {result['threads']} CPU threads", "", "| metric | value | real-data floor |",
              "|---|---:|---:|"]
-    for key in ("fd", "kid", "acc", "fid", "clip", "images_per_s", "s_per_image", "nfe", "peak_memory_mb"):
+    groups = [key for key in m if key.startswith(GROUP_KEY.format("")) and not key.endswith("_floor")]
+    keys = (*DOMAIN_TABLE_KEYS, *groups, *OTHER_TABLE_KEYS)
+    for key in keys:
         if key in m:
             lines.append(f"| {key} | {fmt(m[key], 4)} | {fmt(m.get(key + '_floor'), 4)} |")
     return "\n".join(lines) + "\n"
 
 
 def training_evaluator(folder: str, num_images: int, device: str = "cpu") -> dict:
-    """What training-time evaluation reports for an exported student folder (``train.eval_every``)."""
-    pipe_is_text = (Path(folder) / "text_encoder").is_dir()
-    result = evaluate(folder, num_images=num_images, metrics="fd,acc" if pipe_is_text else "fd", progress=False,
-                      device=device)
-    return {k: v for k, v in result["metrics"].items() if k in ("fd", "acc")}
+    """:data:`TRAINING_METRICS` of an exported student folder (``train.eval_every``); the class metrics are
+    left out for unconditional pipelines."""
+    result = evaluate(folder, num_images=num_images, metrics=TRAINING_METRICS, progress=False, device=device)
+    return {k: v for k, v in result["metrics"].items() if k in TRAINING_METRICS}

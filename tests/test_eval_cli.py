@@ -11,14 +11,21 @@ from fastgen.pipelines.export import export_student
 
 
 def test_eval_writes_metrics_table_and_grid(tmp_path, capsys):
+    from fastgen import zoo
+
     out = tmp_path / "ev"
-    assert main(["eval", "fmnist-ldm", "--steps", "2", "--num-images", "30", "--out", str(out)]) == 0
+    assert main(["eval", "fmnist-ldm", "--steps", "2", "--num-images", "100", "--out", str(out)]) == 0
     result = json.loads((out / "metrics.json").read_text())
     m = result["metrics"]
-    assert {"fd", "fd_floor", "kid", "kid_floor", "acc", "images_per_s", "s_per_image", "peak_memory_mb"} <= set(m)
-    assert m["nfe"] == 2 and result["guidance"] == 3.0 and 0 <= m["acc"] <= 1
-    assert (out / "samples.png").is_file() and "| fd |" in (out / "metrics.md").read_text()
-    assert "| fd |" in capsys.readouterr().out
+    domain = ("fd", "kid", "fd_class", "fd_pixel", "precision", "recall", "density", "coverage")
+    assert {*domain, *(f"{k}_floor" for k in domain), "acc", "images_per_s", "s_per_image", "peak_memory_mb"} <= set(m)
+    assert m["nfe"] == 2 and result["guidance"] == zoo.RECOMMENDED_GUIDANCE["fmnist-ldm"] and 0 <= m["acc"] <= 1
+    assert m["n_prdc"] == 100 and sorted(m["fd_by_class"]) == [str(c) for c in range(10)]
+    # the floors: real train images at the same N and classes (precision/recall of real data are high)
+    assert m["fd_floor"] < m["fd"] and m["fd_class_floor"] < m["fd_class"] and m["recall_floor"] > 0.5
+    table = (out / "metrics.md").read_text()
+    assert (out / "samples.png").is_file() and all(f"| {k} |" in table for k in domain)
+    assert "| recall |" in capsys.readouterr().out
 
 
 def test_metric_ranks_teacher_steps_like_the_eye():
@@ -39,6 +46,16 @@ def test_eval_of_an_exported_student_uses_its_metadata(tmp_path):
                             extra_metadata={"teacher": "digits-ddpm"})
     result = evaluate(str(folder), num_images=20, metrics=["fd", "speed"], progress=False)
     assert result["zoo"] == "digits-ddpm" and result["metrics"]["nfe"] == 2
+
+
+def test_training_metrics_on_an_unconditional_teacher_skip_the_class_metrics():
+    from fastgen.eval.evaluate import TRAINING_METRICS
+
+    result = evaluate("digits-ddpm", steps=2, num_images=20, metrics=TRAINING_METRICS, progress=False)
+    m = result["metrics"]
+    assert {"fd", "fd_pixel", "precision", "recall", "coverage"} <= set(m)
+    assert "fd_class" not in m and "acc" not in m  # digits-ddpm is unconditional
+    assert m["n_prdc"] == 20 and 0 <= m["recall"] <= 1 and 0 <= m["recall_floor"] <= 1
 
 
 def test_unconditional_loop_equals_ddpm_pipeline_call(tmp_path):
@@ -63,6 +80,9 @@ def test_bench_writes_table_and_plot(tmp_path):
                  "--out", str(out)]) == 0
     table = (out / "bench.md").read_text()
     assert table.count("| ddim |") == 2 and "| euler |" in table and "real data" in table
+    assert "| recall |" in table and "| coverage |" in table and "per-class FD" not in table  # unconditional
+    result = json.loads((out / "bench.json").read_text())
+    assert all(0 <= r["recall"] <= 1 for r in result["rows"]) and "recall" in result["floor"]
     assert (out / "bench.png").stat().st_size > 1000
 
 
@@ -71,6 +91,10 @@ def test_bench_writes_table_and_plot(tmp_path):
     (["eval", "fmnist-ldm"], "--steps"),
     (["eval", "fmnist-ldm", "--steps", "1", "--metrics", "fd,bogus"], "Unknown metric"),
     (["eval", "fmnist-ldm", "--steps", "1", "--num-images", "5", "--metrics", "fd"], "at least"),
+    (["eval", "fmnist-ldm", "--steps", "1", "--num-images", "50"], "fd_class needs at least 10 images per class"),
+    (["eval", "digits-ddpm", "--steps", "1", "--num-images", "5", "--metrics", "recall"],
+     "recall: at least 10 images needed"),
+    (["bench", "fmnist-ldm", "--num-images", "50"], "fd_class needs at least 10 images per class"),
     (["eval", "fmnist-ldm", "--steps", "1", "--num-images", "10", "--metrics", "fid"], "--fid-reference"),
 ])
 def test_eval_bad_input_is_one_clear_line(argv, message, capsys):

@@ -72,14 +72,33 @@ def test_fmnist_classifier_accuracy():
     assert prompt_accuracy(images, labels, "fmnist") > 0.85
 
 
-def test_shipped_reference_stats_match_the_weights():
-    mu, sigma, n = load_reference_stats("digits")
-    feats = metrics.reference_features("digits", "test")
-    assert n == len(feats) == 300
+@pytest.mark.parametrize("name, n", [("digits", 300), ("fmnist", 10000)])
+def test_shipped_reference_stats_match_the_weights(name, n):
+    mu, sigma, n_ref = load_reference_stats(name)
+    feats = metrics.reference_features(name, "test")
+    assert n_ref == len(feats) == n
     mu2, sigma2 = feature_stats(feats)
     assert np.allclose(mu, mu2, atol=1e-4) and np.allclose(sigma, sigma2, atol=1e-4)
-    config = json.loads((classifiers.classifier_dir("digits") / "config.json").read_text())
-    assert len(mu) == config["feature_dim"] == load_classifier("digits").feature_dim
+    config = json.loads((classifiers.classifier_dir(name) / "config.json").read_text())
+    assert len(mu) == config["feature_dim"] == load_classifier(name).feature_dim
+    assert config["fd_groups"] == list(classifiers.FD_GROUPS)
+
+
+def test_fd_features_are_the_fd_groups_of_all_features():
+    model = load_classifier("digits")
+    images = real_images("digits", "test")[:50]
+    everything, fd_feats = model.all_features(images), model.features(images)
+    assert everything.shape == (50, model.all_feature_dim) and fd_feats.shape == (50, model.feature_dim)
+    assert classifiers.FD_GROUPS == ("penultimate",) and model.feature_dim == model.config.hidden
+    start = sum(width for name, width in model.feature_groups() if name != "penultimate")  # penultimate comes last
+    assert torch.equal(fd_feats, everything[:, start:])
+    # calibrated on the train split: every group has mean ~0 and mean variance ~1 there
+    train = model.all_features(real_images("digits", "train")).detach().double()
+    begin = 0
+    for _, width in model.feature_groups():
+        group = train[:, begin:begin + width]
+        assert group.mean(0).abs().max() < 1e-3 and group.var(0).mean() == pytest.approx(1, rel=1e-3)
+        begin += width
 
 
 # a 5x5 blur of 8x8 digits silences some edge channels on every image: singular covariance, expected
