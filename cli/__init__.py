@@ -85,6 +85,16 @@ def _bench(args) -> int:
     return 0
 
 
+def _compare(args) -> int:
+    from fastgen.eval.compare import compare_markdown, compare_runs
+
+    labels = args.labels.split(",") if args.labels else None
+    result = compare_runs(args.runs, args.out, teacher_fd=args.teacher_fd, fd_bar=args.fd_bar, labels=labels)
+    print(compare_markdown(result))
+    print(f"wrote {args.out}/compare.md, compare.json and compare.png")
+    return 0
+
+
 def _train(args) -> int:
     from fastgen.eval.evaluate import training_evaluator
     from fastgen.train.runner import run_training
@@ -178,6 +188,20 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     be.add_argument("--batch-size", type=int, default=200, help="images per pipeline call (default: 200)")
     be.set_defaults(func=_bench)
+
+    co = sub.add_parser("compare", help="Which method reaches the teacher first: training runs' metrics against "
+                                        "training minutes.",
+                        description="Read eval.jsonl of training runs evaluated during training (train.eval_every) "
+                                    "and write one table (compare.md), compare.json and a plot of FD, recall and "
+                                    "accuracy against training minutes (compare.png). Compare runs trained on the "
+                                    "same machine at the same time with the same batch size.")
+    co.add_argument("runs", nargs="+", help="training run folders (with eval.jsonl)")
+    co.add_argument("--out", default="compare", help="output folder (default: compare)")
+    co.add_argument("--teacher-fd", type=float, default=None,
+                    help="the teacher's FD at the runs' evaluation size (train.eval_images), for the bar column")
+    co.add_argument("--fd-bar", type=float, default=1.25, help="the bar as a multiple of --teacher-fd (default 1.25)")
+    co.add_argument("--labels", default=None, help="comma-separated names of the runs (default: the folder names)")
+    co.set_defaults(func=_compare)
 
     tr = sub.add_parser("train", help="Distill a student from a recipe (TOML) and export it as a diffusers folder.",
                         formatter_class=_TrainHelp,
