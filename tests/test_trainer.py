@@ -264,4 +264,9 @@ def test_two_process_data_parallel_run_resumes_exactly(ddpm_teacher, recipe, tmp
     assert (checkpoint / "random_states_0.pkl").is_file() and (checkpoint / "random_states_1.pkl").is_file()
     log = json.loads((tmp_path / "whole" / "train_log.json").read_text())
     assert log["update_counts"] == {"generator": 3, "critic": 6}
+    assert log["ddp_find_unused_parameters"]  # the generator rests on critic-only iterations (ratio 2)
     assert type(DiffusionPipeline.from_pretrained(tmp_path / "whole" / "student")).__name__ == "DDPMPipeline"
+    # ratio 1: every iteration reaches every parameter, so DDP runs without the search (it would fail otherwise)
+    launch("every", "--set", "dmd2.ratio=1", "--set", "train.steps=3")
+    log = json.loads((tmp_path / "every" / "train_log.json").read_text())
+    assert not log["ddp_find_unused_parameters"] and log["update_counts"] == {"generator": 3, "critic": 3}
