@@ -416,6 +416,13 @@ def _check_reference(reference, dataset_res, dataset_split, mode, custom: bool):
     return "dataset", str(reference)
 
 
+def check_fid(reference, dataset_res: int | None = None, dataset_split: str = "train", mode: str = "clean") -> None:
+    """Everything :func:`clean_fid` needs besides the images -- the Inception weights and the reference -- as
+    one-line errors, for callers that must fail before generating."""
+    check_inception_weights()
+    _check_reference(reference, dataset_res, dataset_split, mode, custom=False)
+
+
 def _cleanfid_features(folder: Path, feat_model, mode: str, batch_size: int, device, verbose: bool) -> np.ndarray:
     from cleanfid.fid import get_folder_features
 
