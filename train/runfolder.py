@@ -83,6 +83,8 @@ class RunFolderLock:
                 break
             f.close()
         f.seek(0)
+        self.previous = (f.read(), os.stat(path))  # restored if the run fails: a refused run changes nothing
+        f.seek(0)
         f.truncate()
         f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                             "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)}))
@@ -100,6 +102,13 @@ class RunFolderLock:
                 self.folder.rmdir()
             except OSError:
                 pass
+        elif exc_type is not None and not self.created:  # the lock file as the last holder left it
+            text, st = self.previous
+            self.file.seek(0)
+            self.file.truncate()
+            self.file.write(text)
+            self.file.flush()
+            os.utime(lock, ns=(st.st_atime_ns, st.st_mtime_ns))
         self.file.close()  # releases the flock
         self.file = None
 
@@ -133,8 +142,9 @@ def recipe_differences(saved: dict, now: dict) -> list[str]:
     """``"key: <run's value> in the run, <value> now"`` for each key outside :data:`RESUMABLE_KEYS` that differs."""
     a, b = flatten(saved), flatten(now)
     missing = "(not set)"
+    keys = sorted(set(a) | set(b), key=lambda k: (k.count("."), k))  # top-level keys (method, seed) first
     return [f"{k}: {a.get(k, missing)!r} in the run, {b.get(k, missing)!r} now"
-            for k in sorted(set(a) | set(b)) if k not in RESUMABLE_KEYS and a.get(k, missing) != b.get(k, missing)]
+            for k in keys if k not in RESUMABLE_KEYS and a.get(k, missing) != b.get(k, missing)]
 
 
 def teacher_differences(saved: dict, now: dict) -> list[str]:
@@ -143,5 +153,5 @@ def teacher_differences(saved: dict, now: dict) -> list[str]:
     return sorted(name for name in set(a) | set(b) if a.get(name) != b.get(name))
 
 
-__all__ = ["RunFolderLock", "launch_rank", "recipe_differences", "teacher_differences", "read_json", "write_json", "RESUMABLE_KEYS",
-           "LOCK_FILE", "RECIPE_FILE", "TEACHER_FILE"]
+__all__ = ["RunFolderLock", "launch_rank", "recipe_differences", "teacher_differences", "read_json", "write_json",
+           "RESUMABLE_KEYS", "LOCK_FILE", "RECIPE_FILE", "TEACHER_FILE"]
