@@ -227,8 +227,9 @@ class Trainer:
         checkpoint): that stops training with :class:`NonFiniteLossError`."""
         acc = self.accelerator
         for name, params in self.groups.items():
-            if not all(bool(torch.isfinite(p).all()) for p in params):
-                self._check_finite({f"{name} weights": math.nan}, step - 1, "weights")
+            bad = next((p.detach()[~torch.isfinite(p.detach())] for p in params if not torch.isfinite(p).all()), None)
+            if bad is not None:
+                self._check_finite({f"{name} weights": float(bad[0])}, step - 1, "weights")
         final = self.checkpoint_dir / f"checkpoint-{step:07d}"
         tmp = self.checkpoint_dir / f".tmp-checkpoint-{step:07d}"
         if acc.is_main_process and tmp.exists():
