@@ -14,7 +14,8 @@ drawn at random:
 
 Where a kill landed is read from the run folder after the process died: a temporary student folder left
 (export), a temporary checkpoint folder left (checkpoint write), ``recipe.json`` rewritten by this attempt
-(training; "after export" when the new student is complete too), else start-up. A kill that came after the
+(training; "before export" when the run had nothing left to train, "after export" when the new student is
+complete too), else start-up. A kill that came after the
 process had exited is not counted; a run that finishes is compared with the uninterrupted one and the next
 run starts. A restart that fails (any exit status but 0 or SIGKILL) aborts the campaign. After the last kill
 the run is resumed to the end; the report gives the kills by place, the partial checkpoints that were left
@@ -32,7 +33,6 @@ import random
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -46,33 +46,14 @@ def write_inputs(out: Path, steps: int) -> tuple[Path, Path]:
     from diffusers import DDPMPipeline, DDPMScheduler
 
     sys.path.insert(0, str(HERE))
-    from conftest import tiny_unet
+    from conftest import tiny_recipe, tiny_unet
 
     teacher = out / "teacher"
     if not (teacher / "model_index.json").is_file():
         torch.manual_seed(0)
         DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(teacher)
-    recipe = out / "campaign.toml"
-    recipe.write_text(textwrap.dedent(f"""
-        method = "dmd2"
-        [dmd2]
-        ratio = 2
-        [student]
-        ema_decay = 0.9
-        [optim.generator]
-        lr = 1e-3
-        warmup_steps = 0
-        [optim.critic]
-        lr = 1e-3
-        warmup_steps = 4
-        [train]
-        steps = {steps}
-        batch_size = 16
-        checkpoint_every = 2
-        keep_checkpoints = 2
-        log_every = 10
-        progress = false
-    """))
+    recipe = Path(tiny_recipe(out / "campaign.toml", ratio=2, ema_decay=0.9, steps=steps, batch_size=16,
+                              checkpoint_every=2, log_every=10, critic_warmup=4))
     return teacher, recipe
 
 
@@ -92,15 +73,24 @@ def latest_step(run: Path) -> int:
     return json.loads((last / STATE_FILE).read_text())["step"] if last else 0
 
 
-def leftovers(run: Path) -> dict:
-    return {"checkpoint": sorted(p.name for p in (run / "checkpoints").glob(".tmp-checkpoint-*"))
-            if (run / "checkpoints").is_dir() else [],
-            "export": sorted(p.name for p in [*run.glob(".tmp-student-*"), *run.glob(".old-student-*")])}
+def leftovers(run: Path, since: float = 0.0) -> dict:
+    """The temporary folders in ``run`` (written at or after ``since``: by the current attempt)."""
+    found = {"checkpoint": list((run / "checkpoints").glob(".tmp-checkpoint-*")) if (run / "checkpoints").is_dir()
+             else [], "export": [*run.glob(".tmp-student-*"), *run.glob(".old-student-*")]}
+    return {kind: sorted(p.name for p in paths if _mtime(p) >= since) for kind, paths in found.items()}
 
 
-def landed(run: Path, started: float) -> str:
-    """Where a kill landed, from what the dead process left in the run folder."""
-    left = leftovers(run)
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:  # renamed or removed by the running process since it was listed
+        return -1.0
+
+
+def landed(run: Path, started: float, trained: bool) -> str:
+    """Where a kill landed, from what the dead process left in the run folder (a temporary folder a killed
+    earlier attempt left, not yet removed, does not count)."""
+    left = leftovers(run, since=started)
     if left["export"]:
         return "export"
     if left["checkpoint"]:
@@ -108,7 +98,9 @@ def landed(run: Path, started: float) -> str:
     recipe = run / "recipe.json"
     if recipe.is_file() and recipe.stat().st_mtime >= started:
         student = run / "student" / "model_index.json"
-        return "after export" if student.is_file() and student.stat().st_mtime >= started else "training"
+        if student.is_file() and student.stat().st_mtime >= started:
+            return "after export"
+        return "before export" if trained else "training"  # a finished run's resume trains nothing
     return "start-up"
 
 
@@ -166,9 +158,9 @@ def campaign(out: Path, kills: int, seed: int, steps: int) -> dict:
             if wait_for(lambda: recipe_json.is_file() and recipe_json.stat().st_mtime >= started, proc, 600, 0.01):
                 wait_for(lambda: False, proc, rng.uniform(0, remaining * per_step), poll=0.01)
         elif trigger == "checkpoint":
-            wait_for(lambda: bool(leftovers(run)["checkpoint"]), proc, 600)
+            wait_for(lambda: bool(leftovers(run, since=started)["checkpoint"]), proc, 600)
         else:
-            wait_for(lambda: bool(leftovers(run)["export"]), proc, 600)
+            wait_for(lambda: bool(leftovers(run, since=started)["export"]), proc, 600)
         killed = proc.poll() is None
         if killed:
             proc.send_signal(signal.SIGKILL)
@@ -176,8 +168,8 @@ def campaign(out: Path, kills: int, seed: int, steps: int) -> dict:
         record = {"run": run.name, "trigger": trigger, "resume": resume, "from_step": steps - remaining,
                   "returncode": proc.returncode, "killed": killed and proc.returncode == -signal.SIGKILL}
         if record["killed"]:
-            record["landed"] = landed(run, started)
-            record["left"] = leftovers(run)
+            record["landed"] = landed(run, started, trained=remaining == 0)
+            record["left"] = leftovers(run, since=started)
             record["step_after"] = latest_step(run)
             counts[record["landed"]] = counts.get(record["landed"], 0) + 1
             partial_seen += len(record["left"]["checkpoint"])

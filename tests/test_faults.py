@@ -16,14 +16,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_cond_unet, tiny_unet
+from conftest import tiny_cond_unet, tiny_recipe, tiny_unet
 from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline
 from safetensors.torch import load_file
 
@@ -53,25 +52,8 @@ def teacher(root):
 
 @pytest.fixture(scope="module")
 def recipe(root):
-    path = root / "tiny.toml"
-    path.write_text(textwrap.dedent(f"""
-        method = "dmd2"
-        [student]
-        ema_decay = 0.5
-        [optim.generator]
-        lr = 1e-3
-        warmup_steps = 0
-        [optim.critic]
-        lr = 1e-3
-        warmup_steps = 2
-        [train]
-        steps = {STEPS}
-        batch_size = 4
-        checkpoint_every = 2
-        log_every = 2
-        progress = false
-    """))
-    return path
+    """DMD2 without a [dmd2] section (the cases switch methods with --set method=...; runs pass dmd2.ratio=2)."""
+    return Path(tiny_recipe(root / "tiny.toml", ratio=None, ema_decay=0.5, steps=STEPS, checkpoint_every=2))
 
 
 @pytest.fixture(scope="module")

@@ -4,12 +4,11 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_unet
+from conftest import tiny_recipe, tiny_unet
 from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline, StableDiffusionPipeline
 from safetensors.torch import load_file
 
@@ -60,25 +59,7 @@ def sd_teacher(tmp_path_factory):
 
 @pytest.fixture
 def recipe(tmp_path):
-    path = tmp_path / "tiny.toml"
-    path.write_text(textwrap.dedent("""
-        method = "dmd2"
-        [dmd2]
-        ratio = 2
-        [optim.generator]
-        lr = 1e-3
-        warmup_steps = 0
-        [optim.critic]
-        lr = 1e-3
-        warmup_steps = 2
-        [train]
-        steps = 6
-        batch_size = 4
-        checkpoint_every = 3
-        log_every = 2
-        progress = false
-    """))
-    return str(path)
+    return tiny_recipe(tmp_path / "tiny.toml")
 
 
 def weights(folder: Path) -> dict:
