@@ -10,6 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+ALLOW_PICKLE_HELP = ("also load pickled .bin weight files where a pipeline has no safetensors (pickles can run code "
+                     "when loaded: only for folders from a source you trust)")
+
 
 def _zoo(args) -> int:
     from fastgen import zoo
@@ -28,8 +31,8 @@ def _zoo(args) -> int:
     if args.zoo_cmd == "train":
         from fastgen.train.teachers import train_teacher
 
-        out = train_teacher(args.name, out=args.out, seed=args.seed, steps=args.steps, vae_steps=args.vae_steps,
-                            batch_size=args.batch_size)
+        out = train_teacher(args.name, out=args.out, replace_installed=args.replace_installed, seed=args.seed,
+                            steps=args.steps, vae_steps=args.vae_steps, batch_size=args.batch_size)
         if not args.no_card:
             from fastgen.train.cards import write_card
 
@@ -52,22 +55,24 @@ def _demo(args) -> int:
     return 0
 
 
-def _ints(text: str | None) -> list[int] | None:
+def _ints(text: str | None, option: str) -> list[int] | None:
     if text is None:
         return None
     try:
         return [int(t) for t in text.replace(",", " ").split()]
     except ValueError:
-        raise ValueError(f"expected comma-separated integers, got {text!r}") from None
+        raise ValueError(f"{option} expects comma-separated whole numbers, got {text!r}.") from None
 
 
 def _eval(args) -> int:
     from fastgen.eval.evaluate import DEFAULT_METRICS, evaluate, metrics_markdown
 
-    result = evaluate(args.target, steps=args.steps, timesteps=_ints(args.timesteps), guidance=args.guidance,
+    result = evaluate(args.target, steps=args.steps, timesteps=_ints(args.timesteps, "--timesteps"),
+                      guidance=args.guidance,
                       num_images=args.num_images, metrics=args.metrics or DEFAULT_METRICS, out=args.out,
                       solver=args.solver, batch_size=args.batch_size, seed=args.seed, fid_reference=args.fid_reference,
-                      clip_model=args.clip_model, clip_pretrained=args.clip_pretrained, device=args.device)
+                      clip_model=args.clip_model, clip_pretrained=args.clip_pretrained, device=args.device,
+                      allow_pickle=args.allow_pickle)
     print(metrics_markdown(result))
     if args.out:
         print(f"wrote {args.out}/metrics.json, metrics.md and samples.png")
@@ -77,9 +82,9 @@ def _eval(args) -> int:
 def _bench(args) -> int:
     from fastgen.eval.bench import bench, bench_markdown
 
-    result = bench(args.teacher, students=args.students, solvers=args.solvers.split(","), nfes=_ints(args.nfes),
-                   num_images=args.num_images, guidance=args.guidance, out=args.out, seed=args.seed,
-                   batch_size=args.batch_size)
+    result = bench(args.teacher, students=args.students, solvers=args.solvers.split(","),
+                   nfes=_ints(args.nfes, "--nfes"), num_images=args.num_images, guidance=args.guidance, out=args.out,
+                   seed=args.seed, batch_size=args.batch_size, allow_pickle=args.allow_pickle)
     print(bench_markdown(result))
     print(f"wrote {args.out}/bench.md, bench.json and bench.png")
     return 0
@@ -100,7 +105,7 @@ def _train(args) -> int:
     from fastgen.train.runner import run_training
 
     run_training(args.recipe, overrides=args.set, teacher=args.teacher, out=args.out, resume=args.resume,
-                 evaluate_folder=training_evaluator)
+                 evaluate_folder=training_evaluator, allow_pickle=args.allow_pickle)
     return 0
 
 
@@ -119,7 +124,8 @@ class _TrainHelp(argparse.RawDescriptionHelpFormatter):
 def _classifier(args) -> int:
     from fastgen.eval.classifiers import train_classifier
 
-    folder = train_classifier(args.name, args.out, seed=args.seed, epochs=args.epochs)
+    folder = train_classifier(args.name, args.out, seed=args.seed, epochs=args.epochs,
+                              replace_installed=args.replace_installed)
     print(f"wrote {folder}")
     return 0
 
@@ -172,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--clip-model", default="ViT-B-32", help="open_clip model for clip (default: ViT-B-32)")
     ev.add_argument("--clip-pretrained", default="openai", help="open_clip pretrained tag (default: openai)")
     ev.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    ev.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
     ev.set_defaults(func=_eval)
 
     be = sub.add_parser("bench", help="Quality-vs-NFE frontier: teacher solvers at NFE 1-50 and students.",
@@ -187,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--out", default="bench", help="output folder (default: bench)")
     be.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     be.add_argument("--batch-size", type=int, default=200, help="images per pipeline call (default: 200)")
+    be.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
     be.set_defaults(func=_bench)
 
     co = sub.add_parser("compare", help="Which method reaches the teacher first: training runs' metrics against "
@@ -214,15 +222,22 @@ def build_parser() -> argparse.ArgumentParser:
                     help="override a recipe key, e.g. --set train.steps=2000 --set optim.generator.lr=1e-4 (repeatable)")
     tr.add_argument("--teacher", default=None, help="teacher: zoo name, diffusers pipeline folder or hub id")
     tr.add_argument("--out", default=None, help="run folder (default: runs/RECIPE)")
-    tr.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT/checkpoints")
+    tr.add_argument("--resume", action="store_true",
+                    help="continue from the latest checkpoint in OUT/checkpoints (the run's recipe and teacher; "
+                         "train.steps and the checkpoint/log/eval settings may change); a complete run is exported "
+                         "again")
+    tr.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
     tr.set_defaults(func=_train)
 
     cl = sub.add_parser("classifier", help="Train a zoo domain classifier (for FD, KID and prompt accuracy).",
                         description="Train the digits or fmnist domain classifier from a fixed seed and write its "
-                                    "weights, reference feature statistics and README (default: the installed "
-                                    "fastgen/zoo/classifiers/NAME folder).")
+                                    "weights, reference feature statistics and README to --out (or, with "
+                                    "--replace-installed, to the installed fastgen/zoo/classifiers/NAME folder).")
     cl.add_argument("name", choices=["digits", "fmnist"], help="which classifier")
-    cl.add_argument("--out", default=None, help="output folder (default: the installed one)")
+    cl.add_argument("--out", default=None, help="output folder (required unless --replace-installed)")
+    cl.add_argument("--replace-installed", action="store_true",
+                    help="write into the installed fastgen/zoo/classifiers/NAME folder, replacing the shipped "
+                         "classifier")
     cl.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     cl.add_argument("--epochs", type=int, default=None, help="epochs (default: the shipped recipe)")
     cl.set_defaults(func=_classifier)
@@ -238,7 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Retrain a teacher from its fixed seed (reproduces the shipped weights) "
                                          "and write its model card and grids.")
     ztrain.add_argument("name", help="teacher name (see `fastgen zoo list`)")
-    ztrain.add_argument("--out", default=None, help="output folder (default: the installed zoo folder)")
+    ztrain.add_argument("--out", default=None, help="output folder (required unless --replace-installed)")
+    ztrain.add_argument("--replace-installed", action="store_true",
+                        help="write into the installed zoo folder, replacing the shipped teacher")
     ztrain.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
     ztrain.add_argument("--steps", type=int, default=None, help="denoiser training steps (default: per teacher)")
     ztrain.add_argument("--vae-steps", type=int, default=None, help="VAE training steps, fmnist-ldm only")
@@ -258,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (KeyError, FileNotFoundError, ValueError, TypeError, NotImplementedError, RuntimeError) as err:
-        msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        msg = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+        msg = " ".join(line.strip() for line in msg.splitlines() if line.strip()) or type(err).__name__
         print(f"fastgen {args.cmd}: error: {msg}", file=sys.stderr)
         return 2
 

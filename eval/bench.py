@@ -16,16 +16,17 @@ from pathlib import Path
 import torch
 
 from fastgen import zoo
+from fastgen.pipelines.folders import check_output_dir
 
 from .evaluate import DEFAULT_METRICS, check_counts, fmt, real_floor, run_one, student_call
-from .generate import SOLVERS, load_pipeline, solver_scheduler, zoo_name_of
+from .generate import SOLVERS, check_generation, load_pipeline, solver_scheduler, zoo_name_of
 
 NFES = (1, 2, 4, 8, 16, 50)
 
 
 def bench(teacher: str, students: list[str] = (), solvers=tuple(SOLVERS), nfes=NFES, num_images: int = 1000,
           guidance: float | None = None, out: str | Path = "bench", seed: int = 0, batch_size: int = 200,
-          progress: bool = True) -> dict:
+          progress: bool = True, allow_pickle: bool = False) -> dict:
     """Run the frontier and write its table and plot.
 
     Args:
@@ -35,14 +36,33 @@ def bench(teacher: str, students: list[str] = (), solvers=tuple(SOLVERS), nfes=N
         nfes: step counts of the teacher's solvers.
         num_images: images per row (the same prompts and seed for every row).
         guidance: the teacher's guidance scale (default: the zoo's recommended one).
+        allow_pickle: let the pipelines load pickled (``.bin``) weights where they have no safetensors.
+
+    Bad input is a one-line error raised before the first image is generated.
     """
     from tqdm.auto import tqdm
 
-    pipe = load_pipeline(teacher)
+    from fastgen.pipelines.export import read_metadata
+
+    # every check before the first image: solvers, step counts, the call, the output folder, the students
+    solvers, nfes = list(solvers), list(nfes)
+    unknown = [s for s in solvers if s not in SOLVERS]
+    if unknown or not solvers:
+        raise ValueError(f"--solvers: unknown solver(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
+                         f"available: {', '.join(SOLVERS)}.")
+    if not nfes or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in nfes):
+        raise ValueError(f"--nfes must be positive step counts, got {nfes}.")
+    metrics = list(DEFAULT_METRICS)  # fd_class and acc are skipped for unconditional teachers
+    check_counts(metrics, num_images, None)
+    check_generation(num_images, None, None, guidance, batch_size)
+    out = check_output_dir(out)
+    for folder in students:
+        if not read_metadata(folder):
+            raise ValueError(f"--students {folder} has no fastgen metadata: is it an exported student?")
+    pipe = load_pipeline(teacher, allow_pickle=allow_pickle)
     zoo_name = zoo_name_of(pipe, teacher)
     if zoo_name is None:
         raise ValueError("fastgen bench scores with the zoo's domain classifiers; pass a zoo teacher.")
-    metrics = list(DEFAULT_METRICS)  # fd_class and acc are skipped for unconditional teachers
     labels = torch.arange(num_images) % len(zoo.prompts()) if hasattr(pipe, "encode_prompt") else None
     check_counts(metrics, num_images, len(zoo.prompts()) if labels is not None else None)
     guidance = guidance if guidance is not None else zoo.RECOMMENDED_GUIDANCE.get(zoo_name)
@@ -55,10 +75,8 @@ def bench(teacher: str, students: list[str] = (), solvers=tuple(SOLVERS), nfes=N
                          batch_size=batch_size, progress=False)
         rows.append({"sampler": solver, "kind": "teacher", "guidance": guidance, **row})
     for folder in students:
-        student = load_pipeline(folder)
+        student = load_pipeline(folder, allow_pickle=allow_pickle)
         call = student_call(student)
-        if not call:
-            raise ValueError(f"{folder} has no fastgen metadata: is it an exported student?")
         row, _ = run_one(student, zoo_name, metrics, num_images, steps=call.get("steps"),
                          timesteps=call.get("timesteps"), guidance=call.get("guidance"), seed=seed,
                          batch_size=batch_size, progress=False)
@@ -72,7 +90,6 @@ def bench(teacher: str, students: list[str] = (), solvers=tuple(SOLVERS), nfes=N
     floor = real_floor(zoo_name, num_images, metrics, labels)
     result = {"teacher": teacher, "zoo": zoo_name, "num_images": num_images, "seed": seed, "guidance": guidance,
               "threads": torch.get_num_threads(), "floor": floor, "rows": rows}
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(result, indent=1))
     (out / "bench.md").write_text(bench_markdown(result))

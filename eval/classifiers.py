@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from fastgen.pipelines.folders import installed_output, keep_other_files, writing_folder
 from fastgen.zoo import ZOO_DIR
 
 CLASSIFIER_DIR = ZOO_DIR / "classifiers"
@@ -506,7 +507,7 @@ Response of the FD to distortions (real train images vs the real test split, n =
 
 
 def train_classifier(name: str, out_dir: str | Path | None = None, seed: int = 0, epochs: int | None = None,
-                     progress: bool = True, machine: str | None = None) -> Path:
+                     progress: bool = True, machine: str | None = None, replace_installed: bool = False) -> Path:
     """Train classifier ``name`` on its real train split and write its folder; returns the folder.
 
     Writes ``model.safetensors``, ``config.json`` (architecture, training arguments, seed, test
@@ -515,19 +516,32 @@ def train_classifier(name: str, out_dir: str | Path | None = None, seed: int = 0
 
     Args:
         name: ``"digits"`` or ``"fmnist"`` (or a zoo teacher name).
-        out_dir: output folder; default the installed ``fastgen/zoo/classifiers/<name>/``.
+        out_dir: output folder; default the installed ``fastgen/zoo/classifiers/<name>/``, which once it holds
+            weights is replaced only with ``replace_installed``. Written under a temporary name, then renamed.
         seed: seed of initialisation, shuffling and augmentation.
         epochs: passes over the train split (default: ``DEFAULTS[name]``).
         progress: show a tqdm progress bar.
         machine: description of the machine for the README (default: the CPU/GPU count).
     """
-    from safetensors.torch import save_file
-
     name = classifier_for(name)
     arch, train = DEFAULTS[name]
     if epochs is not None:
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ValueError(f"--epochs must be >= 1, got {epochs!r}.")
         train = TrainConfig(**{**asdict(train), "epochs": epochs})
-    folder = Path(out_dir) if out_dir is not None else classifier_dir(name)
+    final = installed_output(out_dir, classifier_dir(name), replace_installed, f"classifier {name!r}",
+                             marker="model.safetensors")
+    with writing_folder(final, marker="model.safetensors", what="Classifier folder") as folder:
+        _train_into(folder, name, arch, train, seed, epochs, progress, machine)
+        keep_other_files(final, folder)
+    return final
+
+
+def _train_into(folder: Path, name: str, arch, train, seed: int, epochs: int | None, progress: bool,
+                machine: str | None) -> None:
+    """The body of :func:`train_classifier`: train and write every file into ``folder``."""
+    from safetensors.torch import save_file
+
     start, cpu_start = time.time(), time.process_time()
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -565,7 +579,6 @@ def train_classifier(name: str, out_dir: str | Path | None = None, seed: int = 0
     model.calibrate_features(images)
 
     test_accuracy = _accuracy(model, test_images, test_labels)
-    folder.mkdir(parents=True, exist_ok=True)
     save_reference_stats(model, name, folder)
     wall, cpu = time.time() - start, time.process_time() - cpu_start
     sanity_start = time.time()
@@ -596,7 +609,6 @@ def train_classifier(name: str, out_dir: str | Path | None = None, seed: int = 0
     }
     (folder / "config.json").write_text(json.dumps(record, indent=2) + "\n")
     _write_readme(folder, name, record)
-    return folder
 
 
 def save_reference_stats(model: DomainClassifier, name: str, folder: Path) -> Path:
@@ -635,15 +647,18 @@ def write_reference(name: str, folder: str | Path | None = None) -> Path:
                   feature_sanity_time_s=time.time() - start)
     (folder / "config.json").write_text(json.dumps(record, indent=2) + "\n")
     _write_readme(folder, name, record)
-    return folder
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m fastgen.eval.classifiers NAME [--out DIR] [--seed S] [--epochs E] [--machine TEXT] [--reference-only]``."""
+    """``python -m fastgen.eval.classifiers NAME [--out DIR | --replace-installed] [--seed S] [--epochs E]
+    [--machine TEXT] [--reference-only]``."""
     parser = argparse.ArgumentParser(prog="python -m fastgen.eval.classifiers",
                                      description="Train a zoo domain classifier (weights, reference stats, README).")
     parser.add_argument("name", choices=NAMES, help="which classifier to train")
-    parser.add_argument("--out", default=None, help="output folder (default: the installed fastgen/zoo/classifiers/NAME)")
+    parser.add_argument("--out", default=None, help="output folder (required unless --replace-installed, or with "
+                                                    "--reference-only: default the installed one)")
+    parser.add_argument("--replace-installed", action="store_true",
+                        help="train into the installed fastgen/zoo/classifiers/NAME, replacing the shipped classifier")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--epochs", type=int, default=None, help="epochs (default: the shipped recipe)")
     parser.add_argument("--machine", default=None, help="machine description written to the README")
@@ -657,7 +672,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.name}: rewrote reference_stats.npz, config.json and README.md in {folder}")
         return 0
     folder = train_classifier(args.name, args.out, seed=args.seed, epochs=args.epochs,
-                              progress=not args.no_progress, machine=args.machine)
+                              progress=not args.no_progress, machine=args.machine,
+                              replace_installed=args.replace_installed)
     record = json.loads((folder / "config.json").read_text())
     print(f"{args.name}: test accuracy {record['test_accuracy'] * 100:.2f}%, {record['wall_time_s']:.0f} s -> {folder}")
     return 0

@@ -29,9 +29,12 @@ from pathlib import Path
 import torch
 
 from fastgen import zoo
+from fastgen.pipelines.folders import check_output_dir
 from fastgen.pipelines.images import save_grid
+from fastgen.schedule import check_timesteps
 
-from .generate import Generated, generate, load_pipeline, solver_scheduler, zoo_name_of
+from .generate import (SOLVERS, Generated, check_generation, generate, load_pipeline, solver_scheduler,
+                       timesteps_scheduler, zoo_name_of)
 from .speed import PeakMemory, speed_row
 
 # Metrics scored with the zoo's data (real test split) and domain classifiers; each has a real-data floor.
@@ -156,8 +159,9 @@ def real_floor(zoo_name: str, num_images: int, metrics=DEFAULT_METRICS, labels=N
 
 
 def score(gen: Generated, zoo_name: str | None, metrics: list[str], fid_reference=None,
-          clip_model: str = "ViT-B-32", clip_pretrained: str | None = "openai") -> dict:
-    """The requested metrics of generated images with the domain metrics' floors (speed is added by the caller)."""
+          clip_model: str = "ViT-B-32", clip_pretrained: str | None = "openai", clip=None) -> dict:
+    """The requested metrics of generated images with the domain metrics' floors (speed is added by the caller).
+    ``clip``: an already loaded ``(model, preprocess, tokenizer)`` (:func:`~.metrics.load_clip`)."""
     from .metrics import clean_fid, clip_score
 
     result: dict = {}
@@ -173,7 +177,9 @@ def score(gen: Generated, zoo_name: str | None, metrics: list[str], fid_referenc
     if "clip" in metrics:
         if gen.prompts is None:
             raise ValueError("--metrics clip needs a text-to-image pipeline.")
-        result["clip"] = clip_score(gen.images, gen.prompts, clip_model, clip_pretrained)
+        model, preprocess, tokenizer = clip or (None, None, None)
+        result["clip"] = clip_score(gen.images, gen.prompts, clip_model, clip_pretrained, model=model,
+                                    preprocess=preprocess, tokenizer=tokenizer)
     return result
 
 
@@ -215,7 +221,7 @@ def evaluate(target: str, steps: int | None = None, timesteps: list[int] | None 
              guidance: float | None = None, num_images: int = 1000, metrics=DEFAULT_METRICS,
              out: str | Path | None = None, solver: str | None = None, batch_size: int = 100, seed: int = 0,
              fid_reference=None, clip_model: str = "ViT-B-32", clip_pretrained: str | None = "openai",
-             device: str = "cpu", progress: bool = True) -> dict:
+             device: str = "cpu", progress: bool = True, allow_pickle: bool = False) -> dict:
     """Evaluate one pipeline (zoo name, folder or hub id) and write ``metrics.json``, ``metrics.md``, ``samples.png``.
 
     Args:
@@ -228,16 +234,36 @@ def evaluate(target: str, steps: int | None = None, timesteps: list[int] | None 
         metrics: subset of :data:`METRICS`.
         out: output folder (default: no files).
         solver: replace the pipeline's scheduler by a training-free solver (ddim, dpm++2m, unipc, euler).
+            With ``timesteps``, a scheduler that takes them (:func:`~.generate.timesteps_scheduler`: DDIM runs
+            as first-order DPM-Solver++).
+        allow_pickle: let the pipeline load pickled (``.bin``) weights where it has no safetensors.
+
+    Bad input (including missing FID / CLIP weights and an unwritable ``out``) is a one-line error raised
+    before the first image is generated.
     """
+    from .metrics import check_fid, load_clip
+
+    # every check that needs no pipeline first, then those that need it: all before the first image
     metrics = parse_metrics(metrics)
-    check_counts(metrics, num_images, None)  # fail before loading or generating anything
-    if "fid" in metrics and fid_reference is None:
-        raise ValueError("--metrics fid needs --fid-reference (an image folder, a clean-fid dataset name or a "
-                         ".npz statistics file).")
-    pipe = load_pipeline(target, device if device != "cpu" else None)
+    check_counts(metrics, num_images, None)
+    check_generation(num_images, steps, timesteps, guidance, batch_size)
+    if solver is not None and solver not in SOLVERS:
+        raise ValueError(f"Unknown solver {solver!r}; available: {', '.join(SOLVERS)}.")
+    if out is not None:
+        out = check_output_dir(out)
+    if "fid" in metrics:
+        if fid_reference is None:
+            raise ValueError("--metrics fid needs --fid-reference (an image folder, a clean-fid dataset name or a "
+                             ".npz statistics file).")
+        check_fid(fid_reference)
+    pipe = load_pipeline(target, device if device != "cpu" else None, allow_pickle=allow_pickle)
     zoo_name = zoo_name_of(pipe, target)
     check_domain(metrics, zoo_name)
-    check_counts(metrics, num_images, len(zoo.prompts()) if hasattr(pipe, "encode_prompt") else None)
+    text = hasattr(pipe, "encode_prompt")
+    check_counts(metrics, num_images, len(zoo.prompts()) if text else None)
+    if "clip" in metrics and not text:
+        raise ValueError("--metrics clip needs a text-to-image pipeline.")
+    clip = load_clip(clip_model, clip_pretrained, device) if "clip" in metrics else None
     call = student_call(pipe)
     if solver:
         pipe.scheduler = solver_scheduler(solver, pipe.scheduler.config)
@@ -245,15 +271,22 @@ def evaluate(target: str, steps: int | None = None, timesteps: list[int] | None 
     timesteps = timesteps or (call.get("timesteps") if steps is None else None)
     if steps is None and not timesteps:
         raise ValueError(f"{target} is not a fastgen student: give --steps or --timesteps.")
+    if timesteps:
+        try:
+            check_timesteps(timesteps, pipe.scheduler.config.get("num_train_timesteps", 1000))
+        except ValueError as err:
+            raise ValueError(f"--timesteps {list(timesteps)}: {err}") from None
+        if not text:
+            raise ValueError(f"{type(pipe).__name__} cannot be called with explicit timesteps; use --steps.")
+        pipe.scheduler = timesteps_scheduler(pipe.scheduler, solver)
     if guidance is None:
         guidance = call.get("guidance", zoo.RECOMMENDED_GUIDANCE.get(zoo_name) if zoo_name else None)
     row, gen = run_one(pipe, zoo_name, metrics, num_images, steps, timesteps, guidance, seed, batch_size, device,
-                       progress, fid_reference=fid_reference, clip_model=clip_model, clip_pretrained=clip_pretrained)
-    result = {"target": target, "zoo": zoo_name, "solver": solver, "call": {k: v for k, v in gen.call.items()},
-              "guidance": guidance, "num_images": num_images, "seed": seed, "threads": torch.get_num_threads(),
-              "metrics": row}
+                       progress, fid_reference=fid_reference, clip=clip)
+    result = {"target": target, "zoo": zoo_name, "solver": solver, "scheduler": type(pipe.scheduler).__name__,
+              "call": {k: v for k, v in gen.call.items()}, "guidance": guidance, "num_images": num_images,
+              "seed": seed, "threads": torch.get_num_threads(), "metrics": row}
     if out is not None:
-        out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(result, indent=1))
         (out / "metrics.md").write_text(metrics_markdown(result))

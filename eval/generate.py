@@ -39,6 +39,45 @@ def solver_scheduler(name: str, base_config):
     return getattr(diffusers, cls_name).from_config(config, **options)
 
 
+def timesteps_scheduler(scheduler, solver: str | None = None):
+    """The scheduler that runs a pipeline on explicit timesteps: ``scheduler`` itself (or ``solver``'s) when its
+    ``set_timesteps`` takes them. DDIM -- the zoo teachers' own ``DDIMScheduler``, or ``solver="ddim"`` -- takes
+    none, so it is run as first-order DPM-Solver++, which is DDIM on any timesteps (Lu et al. 2022; the last
+    step returns x0, as fastgen's ``sample_ddim``: tested). A ``ValueError`` names the solvers that take them."""
+    import diffusers
+
+    current = type(scheduler).__name__
+    if solver is not None:
+        scheduler = solver_scheduler(solver, scheduler.config)
+    if "timesteps" in inspect.signature(scheduler.set_timesteps).parameters:
+        return scheduler
+    if solver in (None, "ddim") and type(scheduler).__name__ == "DDIMScheduler":
+        config = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_") and k != "fastgen"}
+        return diffusers.DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=1,
+                                                                final_sigmas_type="zero")
+    takes = [name for name in SOLVERS if name == "ddim" or "timesteps" in inspect.signature(
+        getattr(diffusers, SOLVERS[name][0]).set_timesteps).parameters]
+    raise ValueError(f"--timesteps: {'solver ' + repr(solver) if solver else current} takes no explicit timesteps; "
+                     f"use --steps, or a --solver that does: {', '.join(takes)}.")
+
+
+def check_generation(num_images: int, steps: int | None = None, timesteps=None, guidance: float | None = None,
+                     batch_size: int = 100) -> None:
+    """One-line ``ValueError`` for a generation request that cannot run, before anything is loaded."""
+    from fastgen.denoiser import check_guidance_scale
+    from fastgen.schedule import check_timesteps
+
+    for name, value in (("--num-images", num_images), ("--batch-size", batch_size), ("--steps", steps)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    if timesteps:
+        try:
+            check_timesteps(timesteps)
+        except ValueError as err:
+            raise ValueError(f"--timesteps {list(timesteps)}: {err}") from None
+    check_guidance_scale(guidance, "--guidance")
+
+
 def zoo_name_of(pipe, name_or_path: str) -> str | None:
     """The zoo teacher a pipeline is (or was distilled from), for picking the domain classifier."""
     found = zoo.name_of(name_or_path)
@@ -99,8 +138,7 @@ def generate(pipe, num_images: int, num_inference_steps: int | None = None, time
     Returns:
         :class:`Generated`; ``nfe`` counts network evaluations per image (a CFG pair counts once).
     """
-    if num_images < 1:
-        raise ValueError(f"num_images must be at least 1, got {num_images}.")
+    check_generation(num_images, num_inference_steps, timesteps, guidance_scale, batch_size)
     text = hasattr(pipe, "encode_prompt")
     params = inspect.signature(type(pipe).__call__).parameters
     kwargs: dict = {}

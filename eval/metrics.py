@@ -16,6 +16,7 @@ Images are float tensors ``[N, C, H, W]`` in [0, 1] throughout (what the sampler
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import platform
 import tempfile
@@ -416,6 +417,13 @@ def _check_reference(reference, dataset_res, dataset_split, mode, custom: bool):
     return "dataset", str(reference)
 
 
+def check_fid(reference, dataset_res: int | None = None, dataset_split: str = "train", mode: str = "clean") -> None:
+    """Everything :func:`clean_fid` needs besides the images -- the Inception weights and the reference -- as
+    one-line errors, for callers that must fail before generating."""
+    _check_reference(reference, dataset_res, dataset_split, mode, custom=False)
+    check_inception_weights()
+
+
 def _cleanfid_features(folder: Path, feat_model, mode: str, batch_size: int, device, verbose: bool) -> np.ndarray:
     from cleanfid.fid import get_folder_features
 
@@ -550,6 +558,7 @@ def load_clip(clip_model: str = "ViT-B-32", clip_pretrained: str | None = "opena
             and clip_pretrained not in open_clip.list_pretrained_tags_by_model(clip_model)):
         raise ValueError(f"open_clip has no pretrained tag {clip_pretrained!r} for {clip_model!r}; available: "
                          f"{', '.join(open_clip.list_pretrained_tags_by_model(clip_model)) or 'none'}.")
+    logging.disable(logging.ERROR)  # open_clip logs a failed download as an ERROR line; the error below says it once
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(clip_model, pretrained=clip_pretrained,
                                                                      device=device)
@@ -559,6 +568,8 @@ def load_clip(clip_model: str = "ViT-B-32", clip_pretrained: str | None = "opena
         raise RuntimeError(f"open_clip weights for model {clip_model!r} with pretrained={clip_pretrained!r} are not "
                            f"available{offline}: they are downloaded on first use and cannot be fetched offline; "
                            f"run once with network access or pass a checkpoint file. ({type(e).__name__}: {e})") from e
+    finally:
+        logging.disable(logging.NOTSET)
     return model.eval(), preprocess, tokenizer
 
 

@@ -13,12 +13,23 @@ conditioning, optional ``timestep_cond`` guidance embedding) and ``SD3Transforme
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import nn
 
 from .schedule import NoiseSchedule
+
+
+def check_guidance_scale(value, what: str = "guidance_scale"):
+    """``value`` if it is ``None`` or a finite number >= 0 (at or below 1: no guidance), else a one-line
+    ``ValueError`` naming ``what``. Negative or NaN scales would otherwise be accepted silently."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{what} must be a finite number >= 0 (1 or less: no guidance), got {value!r}.")
+    return value
 
 
 @dataclass
@@ -188,4 +199,4 @@ class Denoiser(nn.Module):
             handle.remove()
 
 
-__all__ = ["Conditioning", "Prediction", "Denoiser", "bottleneck_module"]
+__all__ = ["Conditioning", "Prediction", "Denoiser", "bottleneck_module", "check_guidance_scale"]

@@ -17,6 +17,8 @@ and ``"flow"`` (``noise - x0``). All conversions are linear in the output for a 
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow")
@@ -205,5 +207,30 @@ def edm_sigma(schedule: NoiseSchedule, t) -> torch.Tensor:
     return sigma / alpha
 
 
-__all__ = ["NoiseSchedule", "VPSchedule", "FlowSchedule", "schedule_from_scheduler_config", "edm_sigma",
-           "PREDICTION_TYPES"]
+def check_timesteps(timesteps: Sequence, num_train_timesteps: int | None = None) -> list[int]:
+    """Validate a student's timestep list: whole numbers (``999.5`` is an error, not truncated to 999), strictly
+    descending, in [0, T-1] (without ``num_train_timesteps``: >= 0; recipes check that before the teacher is
+    loaded). Returns them as ints; a one-line ``ValueError`` otherwise."""
+    ts = list(timesteps)
+    if not ts:
+        raise ValueError("The timestep list is empty.")
+    for t in ts:
+        try:
+            whole = not isinstance(t, (bool, str)) and float(t).is_integer()
+        except (TypeError, ValueError):
+            whole = False
+        if not whole:
+            raise ValueError(f"Timesteps must be whole numbers, got {t!r} in {ts}.")
+    ts = [int(t) for t in ts]
+    high = num_train_timesteps if num_train_timesteps is not None else float("inf")
+    bad = [t for t in ts if not 0 <= t < high]
+    if bad:
+        top = "T-1" if num_train_timesteps is None else num_train_timesteps - 1
+        raise ValueError(f"Timesteps {bad} are out of range [0, {top}].")
+    if any(a <= b for a, b in zip(ts, ts[1:])):
+        raise ValueError(f"Timesteps must be strictly descending, got {ts}.")
+    return ts
+
+
+__all__ = ["check_timesteps", "NoiseSchedule", "VPSchedule", "FlowSchedule", "schedule_from_scheduler_config",
+           "edm_sigma", "PREDICTION_TYPES"]

@@ -23,9 +23,17 @@ from typing import Sequence
 
 import torch
 
-from .sampler import check_timesteps
+from fastgen.denoiser import check_guidance_scale
+from fastgen.schedule import check_timesteps
+
+from .folders import writing_folder
 
 METADATA_KEY = "fastgen"
+# The config keys through which a pipeline talks to its denoising network: a student must agree with the
+# teacher's network on each (the layers inside may differ), or the exported folder cannot run.
+INTERFACE_KEYS = ("in_channels", "out_channels", "sample_size", "cross_attention_dim", "addition_embed_type",
+                  "projection_class_embeddings_input_dim", "encoder_hid_dim", "patch_size",
+                  "joint_attention_dim", "pooled_projection_dim", "guidance_embeds")
 
 
 def _set_timesteps(scheduler, n: int) -> list[int]:
@@ -96,6 +104,21 @@ def exported_scheduler(pipe, timesteps: Sequence[int], sampler: str = "multistep
     return scheduler, custom
 
 
+def check_student_network(pipe, network_name: str, model: torch.nn.Module) -> None:
+    """Raise a one-line ``ValueError`` when ``model`` cannot stand in for the pipeline's ``network_name``:
+    another class, or another interface (channels, size, conditioning width: :data:`INTERFACE_KEYS`)."""
+    teacher = pipe.components[network_name]
+    if type(model).__name__ != type(teacher).__name__:
+        raise ValueError(f"The student network is a {type(model).__name__}, but {type(pipe).__name__}'s {network_name} "
+                         f"is a {type(teacher).__name__}: it comes from another teacher.")
+    ours, theirs = dict(getattr(model, "config", {})), dict(teacher.config)
+    differ = [f"{k} {ours.get(k)!r} (the teacher's: {theirs.get(k)!r})" for k in INTERFACE_KEYS
+              if k in theirs and ours.get(k) != theirs.get(k)]
+    if differ:
+        raise ValueError(f"The student network does not fit {type(pipe).__name__}'s {network_name}: "
+                         f"{', '.join(differ)}; it comes from another teacher.")
+
+
 def _model_card(pipe_class: str, scheduler_class: str, meta: dict, call: str, is_text: bool) -> str:
     example = 'pipe("a photo of a sneaker", ' if is_text else "pipe("
     return f"""---
@@ -147,11 +170,17 @@ def export_student(teacher, out_dir: str | Path, *, model: torch.nn.Module | Non
         method: name recorded in the metadata and model card.
         guidance_scale: the guidance to call the student with (0 for guidance-distilled students).
     Returns:
-        ``out_dir`` as a Path.
+        ``out_dir`` as a Path. It is written into a temporary folder and renamed into place, so a kill
+        leaves the previous folder (or none), never a half-written one; an existing folder is replaced
+        only if it is a pipeline folder (``model_index.json``).
+    Raises:
+        ValueError: ``model`` is not a network of this teacher's kind, the timesteps cannot be reproduced
+            by a built-in scheduler, or ``out_dir`` is a file or an unrelated folder.
     """
-    from diffusers import DiffusionPipeline
+    from .loading import load_pipeline
 
-    pipe = DiffusionPipeline.from_pretrained(str(teacher)) if isinstance(teacher, (str, Path)) else teacher
+    check_guidance_scale(guidance_scale)
+    pipe = load_pipeline(str(teacher), what="Teacher") if isinstance(teacher, (str, Path)) else teacher
     network_name = "unet" if "unet" in pipe.components else "transformer"
     teacher_config = dict(pipe.scheduler.config)
     timesteps = check_timesteps(timesteps, teacher_config.get("num_train_timesteps", 1000))
@@ -170,13 +199,14 @@ def export_student(teacher, out_dir: str | Path, *, model: torch.nn.Module | Non
         if hasattr(model, "peft_config"):
             raise ValueError("The student still carries peft adapters; fuse them first with "
                              "fastgen.pipelines.lora.fuse_student(model).")
+        check_student_network(pipe, network_name, model)
         components[network_name] = model
     components["scheduler"] = scheduler
     student = type(pipe)(**components)
-    out = Path(out_dir)
-    student.save_pretrained(out)
-    (out / "README.md").write_text(_model_card(type(pipe).__name__, type(scheduler).__name__, meta, call, is_text))
-    return out
+    with writing_folder(out_dir, marker="model_index.json", what="Student folder") as tmp:
+        student.save_pretrained(tmp)
+        (tmp / "README.md").write_text(_model_card(type(pipe).__name__, type(scheduler).__name__, meta, call, is_text))
+    return Path(out_dir)
 
 
 def read_metadata(folder: str | Path) -> dict:

@@ -13,10 +13,10 @@ from typing import Sequence
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from fastgen.denoiser import Conditioning, Denoiser
-from fastgen.schedule import schedule_from_scheduler_config
+from fastgen.denoiser import Conditioning, Denoiser, check_guidance_scale
+from fastgen.schedule import check_timesteps, schedule_from_scheduler_config
 
-from .sampler import SAMPLERS, check_timesteps
+from .sampler import SAMPLERS
 
 
 def denoiser_from_pipeline(pipe, model: torch.nn.Module | None = None) -> Denoiser:
@@ -102,10 +102,15 @@ class PipelineSampler:
         if sampler not in SAMPLERS:
             raise ValueError(f"Unknown sampler {sampler!r}; expected one of {list(SAMPLERS)}.")
         timesteps = check_timesteps(timesteps, self.denoiser.schedule.num_train_timesteps)
+        check_guidance_scale(guidance_scale)
+        if prompts is not None:
+            prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+            if not prompts:
+                raise ValueError("prompts is empty: pass at least one prompt.")
+        elif isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer (or pass prompts), got {batch_size!r}.")
         cond, uncond, w = self.conditioning(prompts, guidance_scale)
         n = len(prompts) if prompts is not None else batch_size
-        if not n:
-            raise ValueError("Pass prompts or a positive batch_size.")
         model = self.denoiser.model
         noise = randn_tensor((n, *self.latent_shape), generator=generator, device=model.device, dtype=model.dtype)
         latents = SAMPLERS[sampler](self.denoiser, noise, timesteps, cond, uncond, w, generator, progress)

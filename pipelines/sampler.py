@@ -103,16 +103,3 @@ def student_timesteps(schedule, num_steps: int, sampler: str = "multistep") -> l
         raise ValueError(f"Unknown sampler {sampler!r}; expected one of {list(SAMPLERS)}.")
     scheduler.set_timesteps(num_steps)
     return [int(t) for t in scheduler.timesteps]
-
-
-def check_timesteps(timesteps: Sequence[int], num_train_timesteps: int) -> list[int]:
-    """Validate a student's timestep list: integers in [0, T-1], strictly descending."""
-    ts = [int(t) for t in timesteps]
-    if not ts:
-        raise ValueError("The timestep list is empty.")
-    bad = [t for t in ts if not 0 <= t < num_train_timesteps]
-    if bad:
-        raise ValueError(f"Timesteps {bad} are out of range [0, {num_train_timesteps - 1}].")
-    if any(a <= b for a, b in zip(ts, ts[1:])):
-        raise ValueError(f"Timesteps must be strictly descending, got {ts}.")
-    return ts

@@ -36,3 +36,29 @@ def tiny_sd3_transformer():
     return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
                                  attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
                                  caption_projection_dim=16, pooled_projection_dim=16, pos_embed_max_size=16)
+
+
+def tiny_recipe(path, ratio: int | None = 2, ema_decay: float = 0.0, steps: int = 6, batch_size: int = 4,
+                checkpoint_every: int = 3, log_every: int = 2, critic_warmup: int = 2):
+    """Write a DMD2 recipe for the tiny teachers (tests, tests/kill9_campaign.py) and return its path as a str.
+    ``ratio=None`` leaves out the [dmd2] section, so that ``--set method=...`` can switch the method."""
+    from pathlib import Path
+
+    method = f"[dmd2]\nratio = {ratio}\n" if ratio is not None else ""
+    Path(path).write_text(f"""method = "dmd2"
+{method}[student]
+ema_decay = {ema_decay}
+[optim.generator]
+lr = 1e-3
+warmup_steps = 0
+[optim.critic]
+lr = 1e-3
+warmup_steps = {critic_warmup}
+[train]
+steps = {steps}
+batch_size = {batch_size}
+checkpoint_every = {checkpoint_every}
+log_every = {log_every}
+progress = false
+""")
+    return str(path)

@@ -139,17 +139,23 @@ def test_a_method_from_outside_the_package_trains_resumes_and_exports(ddpm_teach
     assert recipes.load_recipe(tmp_path / "a" / "recipe.json").to_dict() == saved  # recipe.json loads back
 
 
-def test_resume_refuses_a_checkpoint_of_another_shape(ddpm_teacher, tmp_path):
+def test_resume_refuses_another_recipe_and_a_checkpoint_of_another_shape(ddpm_teacher, tmp_path):
     tiny = tmp_path / "tiny.toml"
     tiny.write_text('method = "dmd2"\n[student]\nlora_rank = 2\n[critic]\nlora_rank = 2\n'
                     '[train]\nsteps = 2\nbatch_size = 2\ncheckpoint_every = 1\nprogress = false\n')
     run_training(str(tiny), teacher=str(ddpm_teacher), out=str(tmp_path / "r"))
-    with pytest.raises(RuntimeError, match=r"differ in shape .*stored.*LoRA rank"):
+    with pytest.raises(ValueError, match=r"--resume: .*student.lora_rank: 2 in the run, 4 now"):
         run_training(str(tiny), ["student.lora_rank=4", "train.steps=3"], teacher=str(ddpm_teacher),
                      out=str(tmp_path / "r"), resume=True)
-    with pytest.raises(RuntimeError, match=r"missing.*not this run's"):
-        run_training(str(tiny), ["student.lora_rank=0", "train.steps=3"], teacher=str(ddpm_teacher),
-                     out=str(tmp_path / "r"), resume=True)
+    # the checkpoint's own check, for a recipe.json that no longer says what the checkpoint holds
+    recipe_json = tmp_path / "r" / "recipe.json"
+    saved = json.loads(recipe_json.read_text())
+    for rank, message in ((4, r"differ in shape .*stored.*LoRA rank"), (0, r"missing.*not this run's")):
+        saved["student"]["lora_rank"] = rank
+        recipe_json.write_text(json.dumps(saved))
+        with pytest.raises(RuntimeError, match=message):
+            run_training(str(tiny), [f"student.lora_rank={rank}", "train.steps=3"], teacher=str(ddpm_teacher),
+                         out=str(tmp_path / "r"), resume=True)
 
 
 def write(tmp_path, text):

@@ -4,12 +4,11 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_unet
+from conftest import tiny_recipe, tiny_unet
 from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline, StableDiffusionPipeline
 from safetensors.torch import load_file
 
@@ -60,25 +59,7 @@ def sd_teacher(tmp_path_factory):
 
 @pytest.fixture
 def recipe(tmp_path):
-    path = tmp_path / "tiny.toml"
-    path.write_text(textwrap.dedent("""
-        method = "dmd2"
-        [dmd2]
-        ratio = 2
-        [optim.generator]
-        lr = 1e-3
-        warmup_steps = 0
-        [optim.critic]
-        lr = 1e-3
-        warmup_steps = 2
-        [train]
-        steps = 6
-        batch_size = 4
-        checkpoint_every = 3
-        log_every = 2
-        progress = false
-    """))
-    return str(path)
+    return tiny_recipe(tmp_path / "tiny.toml")
 
 
 def weights(folder: Path) -> dict:
@@ -264,4 +245,9 @@ def test_two_process_data_parallel_run_resumes_exactly(ddpm_teacher, recipe, tmp
     assert (checkpoint / "random_states_0.pkl").is_file() and (checkpoint / "random_states_1.pkl").is_file()
     log = json.loads((tmp_path / "whole" / "train_log.json").read_text())
     assert log["update_counts"] == {"generator": 3, "critic": 6}
+    assert log["ddp_find_unused_parameters"]  # the generator rests on critic-only iterations (ratio 2)
     assert type(DiffusionPipeline.from_pretrained(tmp_path / "whole" / "student")).__name__ == "DDPMPipeline"
+    # ratio 1: every iteration reaches every parameter, so DDP runs without the search (it would fail otherwise)
+    launch("every", "--set", "dmd2.ratio=1", "--set", "train.steps=3")
+    log = json.loads((tmp_path / "every" / "train_log.json").read_text())
+    assert not log["ddp_find_unused_parameters"] and log["update_counts"] == {"generator": 3, "critic": 3}

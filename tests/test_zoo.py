@@ -75,7 +75,8 @@ def test_shipped_teachers_load_with_plain_diffusers():
 def test_teacher_training_smoke(tmp_path):
     """A few steps of each teacher's training run write a folder diffusers loads."""
     for name in zoo.names():
-        out = train_teacher(name, out=tmp_path / name, steps=3, vae_steps=3, batch_size=8, max_train_images=64)
+        vae_steps = 3 if name == "fmnist-ldm" else None  # digits-ddpm has no VAE: --vae-steps is an error there
+        out = train_teacher(name, out=tmp_path / name, steps=3, vae_steps=vae_steps, batch_size=8, max_train_images=64)
         pipe = DiffusionPipeline.from_pretrained(out)
         assert (out / "training_log.json").is_file()
         if name == "fmnist-ldm":

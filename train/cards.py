@@ -49,11 +49,21 @@ def _fmt_s(seconds: float) -> str:
 
 
 def write_card(name: str, folder: str | Path) -> Path:
-    from diffusers import DiffusionPipeline
+    """Write ``folder``'s README.md and sample grids from its ``training_log.json`` (``fastgen zoo card``)."""
+    from fastgen.pipelines.loading import load_pipeline
 
+    if name not in zoo.TEACHERS:
+        raise KeyError(f"Unknown zoo teacher {name!r}; available: {', '.join(zoo.TEACHERS)}.")
     folder = Path(folder)
-    log = json.loads((folder / "training_log.json").read_text())
-    pipe = DiffusionPipeline.from_pretrained(folder)
+    log_file = folder / "training_log.json"
+    if not log_file.is_file():
+        raise FileNotFoundError(f"{folder} has no training_log.json: a model card is written from the log of "
+                                f"`fastgen zoo train {name} --out {folder}`.")
+    try:
+        log = json.loads(log_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{log_file} is not a training log (invalid JSON: {err}).") from None
+    pipe = load_pipeline(str(folder), what="Teacher")
     guidance = zoo.RECOMMENDED_GUIDANCE.get(name)
     if name == "fmnist-ldm":
         panels = sample_grid_panels(pipe, per_class=4, guidance_scale=guidance)

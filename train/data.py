@@ -16,6 +16,7 @@ so a resumed run sees the same batches as an uninterrupted one.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -31,6 +32,37 @@ from fastgen.pipelines.images import load_image_folder
 from fastgen.pipelines.sampler import sample_ddim, student_timesteps
 
 
+def read_cache(path: Path | None, key: dict) -> tuple[dict, dict] | None:
+    """``(tensors, extra)`` of a cache file written by :func:`write_cache` for the same ``key``, else ``None``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    if path is None or not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads((f.metadata() or {}).get("fastgen", "{}"))
+        if meta.get("key") != key:
+            return None
+        return load_file(str(path)), meta.get("extra", {})
+    except (SafetensorError, OSError, ValueError):  # unreadable (e.g. not a cache of this version): rebuild it
+        return None
+
+
+def write_cache(path: Path | None, key: dict, tensors: dict, extra: dict | None = None) -> None:
+    """Cache ``tensors`` (``None`` values left out) with ``key`` and JSON ``extra`` as one safetensors file,
+    written to a temporary file and renamed: a kill never leaves a truncated cache, and no pickle is loaded."""
+    from safetensors.torch import save_file
+
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    save_file({k: v.contiguous() for k, v in tensors.items() if v is not None}, str(tmp),
+              metadata={"fastgen": json.dumps({"key": key, "extra": extra or {}})})
+    os.replace(tmp, path)
+
+
 def load_prompts(source: str | Sequence[str]) -> list[str]:
     """Prompts from ``"zoo"`` (the zoo's class prompts), a text file (one per line), or a list."""
     if not isinstance(source, str):
@@ -42,7 +74,14 @@ def load_prompts(source: str | Sequence[str]) -> list[str]:
         if not path.is_file():
             raise FileNotFoundError(f"Prompt file {source!r} not found (give a text file with one prompt per line, "
                                     "or \"zoo\" for the zoo's class prompts).")
-        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"Prompt file {source!r} is not UTF-8 text (give a text file with one prompt per "
+                             "line).") from None
+        if "\x00" in text:
+            raise ValueError(f"Prompt file {source!r} is binary, not text (give a text file with one prompt per line).")
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"No prompts in {source!r}.")
     return prompts
@@ -114,10 +153,10 @@ def load_real(pipe, source: str, zoo_name: str | None, max_images: int = 10000, 
         cache: file to cache the encoded samples in (reused when its source matches).
     """
     key = {"source": str(source), "zoo": zoo_name, "max_images": max_images, "seed": seed}
-    if cache is not None and cache.is_file():
-        data = torch.load(cache)
-        if data.get("key") == key:
-            return RealData(data["samples"], data["labels"], data["prompts"])
+    cached = read_cache(cache, key)
+    if cached is not None:
+        tensors, extra = cached
+        return RealData(tensors["samples"], tensors.get("labels"), extra["prompts"])
     if source == "zoo":
         if zoo_name is None:
             raise ValueError('data.real = "zoo" needs a zoo teacher; give an image folder for other teachers.')
@@ -132,9 +171,7 @@ def load_real(pipe, source: str, zoo_name: str | None, max_images: int = 10000, 
     images = images[pick]
     labels = labels[pick] if labels is not None else None
     samples = _vae_encode(pipe, images, seed)
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"key": key, "samples": samples, "labels": labels, "prompts": prompts}, cache)
+    write_cache(cache, key, {"samples": samples, "labels": labels}, {"prompts": prompts})
     return RealData(samples, labels, prompts)
 
 
@@ -164,10 +201,10 @@ def teacher_ode_pairs(pipe, teacher, bank: PromptBank | None, num_pairs: int, nu
     """
     key = {"num_pairs": num_pairs, "num_steps": num_steps, "guidance_scale": guidance_scale, "seed": seed,
            "teacher": str(getattr(pipe, "name_or_path", "")), "prompts": bank.prompts if bank is not None else None}
-    if cache is not None and cache.is_file():
-        data = torch.load(cache)
-        if data.get("key") == key:
-            return OdePairs(data["noise"], data["target"], data["labels"])
+    cached = read_cache(cache, key)
+    if cached is not None:
+        tensors, _ = cached
+        return OdePairs(tensors["noise"], tensors["target"], tensors.get("labels"))
     config = teacher.model.config
     shape = (config.in_channels, config.sample_size, config.sample_size)
     device = next(teacher.model.parameters()).device
@@ -183,9 +220,8 @@ def teacher_ode_pairs(pipe, teacher, bank: PromptBank | None, num_pairs: int, nu
                 cond, uncond = bank(labels[lo:lo + batch_size])
             targets.append(sample_ddim(teacher, z, timesteps, cond, uncond, guidance_scale).cpu())
     pairs = OdePairs(noise, torch.cat(targets), labels)
+    write_cache(cache, key, {"noise": pairs.noise, "target": pairs.target, "labels": labels})
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"key": key, "noise": pairs.noise, "target": pairs.target, "labels": labels}, cache)
         (cache.with_suffix(".json")).write_text(json.dumps(key, indent=1))
     return pairs
 

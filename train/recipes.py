@@ -139,15 +139,19 @@ class Recipe:
 
     def flat(self) -> dict:
         """``{"train.steps": 1000, "optim.critic.lr": 2e-4, ...}`` (for trackers and logs)."""
-        def walk(prefix, value, out):
-            if isinstance(value, dict):
-                for k, v in value.items():
-                    walk(f"{prefix}.{k}" if prefix else k, v, out)
-            else:
-                out[prefix] = value
-            return out
+        return flatten(self.to_dict())
 
-        return walk("", self.to_dict(), {})
+
+def flatten(data: dict, prefix: str = "") -> dict:
+    """Nested recipe data as ``{"section.key": value}`` (``optim.<group>.key`` for optimizer groups)."""
+    out = {}
+    for key, value in data.items():
+        name = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict):
+            out.update(flatten(value, name))
+        else:
+            out[name] = value
+    return out
 
 
 # --- parsing --------------------------------------------------------------------------------------
@@ -354,5 +358,6 @@ def describe_options() -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Recipe", "RecipeError", "DataOptions", "TrainOptions", "load_recipe", "build_recipe", "parse_override",
+__all__ = ["Recipe", "RecipeError", "flatten",
+           "DataOptions", "TrainOptions", "load_recipe", "build_recipe", "parse_override",
            "describe_options", "available_recipes", "recipe_path", "RECIPES_DIR"]

@@ -8,14 +8,15 @@ through :mod:`fastgen.pipelines`, as a plain diffusers folder (``<out>/student``
 ``<out>/student_lora/pytorch_lora_weights.safetensors``). Nothing here names a method.
 
 Run folder layout: ``recipe.json`` (the resolved recipe; ``fastgen train <out>/recipe.json`` runs it
-again), ``checkpoints/``, ``logs/`` (trackers), ``cache/`` (encoded real images, teacher ODE pairs),
-``eval.jsonl``, ``train_log.json``, ``student/``; for methods with several rounds also
-``rounds/round-<r>/`` (each round's student, exported when the round ends).
+again), ``teacher.json`` (the teacher's fingerprint, checked by ``--resume``), ``checkpoints/``, ``logs/``
+(trackers), ``cache/`` (encoded real images, teacher ODE pairs; safetensors), ``eval.jsonl``,
+``train_log.json``, ``student/``; for methods with several rounds also ``rounds/round-<r>/`` (each round's
+student, exported when the round ends); ``.lock`` (held by the running process, see
+:class:`~.runfolder.RunFolderLock`). Folders are written to a temporary name and renamed into place.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Callable, Sequence
@@ -25,23 +26,28 @@ import torch
 from fastgen import zoo
 from fastgen.lora import AdapterDenoiser
 from fastgen.pipelines.export import export_student, exported_scheduler
-from fastgen.pipelines.loading import load_pipeline
+from fastgen.pipelines.folders import check_output_dir, writing_folder
+from fastgen.pipelines.loading import load_pipeline, pipeline_fingerprint
 from fastgen.pipelines.lora import fuse_student, save_lora_weights
-from fastgen.pipelines.sampler import check_timesteps, student_timesteps
-from fastgen.schedule import schedule_from_scheduler_config
+from fastgen.pipelines.sampler import student_timesteps
+from fastgen.schedule import check_timesteps, schedule_from_scheduler_config
 
 from .data import BatchStream, PromptBank, load_prompts, load_real, teacher_ode_pairs
 from .recipes import Recipe, describe_options, load_recipe
-from .trainer import Trainer, TrainerConfig, latest_checkpoint
+from .runfolder import (RECIPE_FILE, TEACHER_FILE, RunFolderLock, launch_rank, read_json, recipe_differences,
+                        teacher_differences, write_json)
+from .trainer import STATE_FILE, Trainer, TrainerConfig, latest_checkpoint
 
 OPTIONS_HELP = describe_options
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 # ``evaluate(folder, num_images, device) -> metrics``: scores an exported student folder (fastgen.eval.evaluate).
 FolderEvaluator = Callable[[str, int, str], dict]
 
 
-def load_teacher(name_or_path: str):
-    """Load a teacher (zoo name, pipeline folder or hub id) with every component frozen; clear errors otherwise."""
-    pipe = load_pipeline(name_or_path, what="Teacher")
+def load_teacher(name_or_path: str, allow_pickle: bool = False):
+    """Load a teacher (zoo name, pipeline folder or hub id) with every component frozen; clear errors otherwise.
+    Only safetensors weights are read unless ``allow_pickle`` (see :func:`~fastgen.pipelines.loading.load_pipeline`)."""
+    pipe = load_pipeline(name_or_path, what="Teacher", allow_pickle=allow_pickle)
     if getattr(pipe, "unet", None) is None and getattr(pipe, "transformer", None) is None:
         raise TypeError(f"Teacher {name_or_path!r} ({type(pipe).__name__}) has no unet or transformer to distill.")
     for module in pipe.components.values():
@@ -83,13 +89,13 @@ def build_data(recipe: Recipe, pipe, method, out_dir: Path, device, num_shards: 
             raise ValueError(f"{needs.why_real or recipe.method} needs real images: set data.real to 'zoo' or an image "
                              "folder.")
         real = load_real(pipe, recipe.data.real, zoo.name_of(recipe.teacher), recipe.data.max_real_images,
-                         out_dir / "cache" / "real.pt", recipe.seed)
+                         out_dir / "cache" / "real.safetensors", recipe.seed)
         if text and real.prompts is not None:
             real_bank = PromptBank(pipe, real.prompts, device)
     pairs, spec = None, needs.teacher_pairs
     if spec is not None:
         pairs = teacher_ode_pairs(pipe, method.teacher, bank, spec.count, spec.steps, spec.guidance_scale,
-                                  out_dir / "cache" / "ode_pairs.pt", recipe.seed)
+                                  out_dir / "cache" / "ode_pairs.safetensors", recipe.seed)
     return BatchStream(recipe.train.batch_size, bank, real, real_bank, pairs, spec.batch_size if spec else 0,
                        recipe.seed, device, num_shards, shard)
 
@@ -100,10 +106,10 @@ def export(method, pipe, folder: Path, lora_folder: Path | None = None, extra: d
     model = method.student.model
     if method.student_adapter is not None:
         if lora_folder is not None:
-            save_lora_weights(type(pipe), model, lora_folder, method.student_adapter)
+            with writing_folder(lora_folder, marker=LORA_WEIGHTS, what="LoRA folder") as tmp:
+                save_lora_weights(type(pipe), model, tmp, method.student_adapter)
         model = fuse_student(model, method.student_adapter)
-    if folder.exists():
-        shutil.rmtree(folder)
+    # written into a temporary folder and renamed into place: a kill leaves the previous folder or none
     return export_student(pipe, folder, model=model, timesteps=spec.timesteps, sampler=spec.sampler,
                           method=spec.method, guidance_scale=spec.guidance_scale, extra_metadata=extra)
 
@@ -121,9 +127,48 @@ def folder_evaluation(method, pipe, out_dir: Path, evaluate_folder: FolderEvalua
     return evaluate
 
 
+def check_resume(out_dir: Path, cfg: Recipe, last: Path) -> None:
+    """Refuse a ``--resume`` that would not continue the run in ``out_dir``: a recipe that differs from its
+    ``recipe.json`` outside :data:`~.runfolder.RESUMABLE_KEYS`, or ``train.steps`` below the checkpoint's step."""
+    saved = read_json(out_dir / RECIPE_FILE)
+    if saved is None:
+        raise FileNotFoundError(f"--resume: {out_dir} has checkpoints but no {RECIPE_FILE}, so it cannot be checked "
+                                "that this recipe continues that run.")
+    differ = recipe_differences(saved, cfg.to_dict())
+    if differ:
+        more = f" (and {len(differ) - 6} more)" if len(differ) > 6 else ""
+        raise ValueError(f"--resume: this recipe differs from the run's ({out_dir / RECIPE_FILE}): "
+                         f"{'; '.join(differ[:6])}{more}. Resume with the run's recipe (fastgen train "
+                         f"{out_dir / RECIPE_FILE} --out {out_dir} --resume), or start a new run in another --out.")
+    step = int(read_json(last / STATE_FILE)["step"])
+    if step > cfg.train.steps:
+        raise ValueError(f"--resume: the latest checkpoint ({last.name}) is at step {step}, beyond train.steps = "
+                         f"{cfg.train.steps}; set train.steps >= {step}.")
+
+
+def check_resumed_teacher(out_dir: Path, cfg: Recipe, fingerprint: dict) -> None:
+    """Refuse a ``--resume`` whose teacher's weights differ from the run's (``teacher.json``)."""
+    saved = read_json(out_dir / TEACHER_FILE)
+    if saved is None:  # a run folder from before teacher fingerprints: the teacher's name must match
+        before = (read_json(out_dir / RECIPE_FILE) or {}).get("teacher")
+        if before is not None and before != cfg.teacher:
+            raise ValueError(f"--resume: the run's teacher is {before!r}, this one {cfg.teacher!r}.")
+        return
+    differ = teacher_differences(saved, {"components": fingerprint})
+    if differ:
+        raise ValueError(f"--resume: the teacher {cfg.teacher!r} is not the run's ({saved.get('teacher')!r}): "
+                         f"its {', '.join(differ)} differ (weights or config). Resume with the run's teacher, or "
+                         "start a new run in another --out.")
+
+
 def run_training(recipe: str, overrides: Sequence[str] = (), teacher: str | None = None, out: str | None = None,
-                 resume: bool = False, evaluate_folder: FolderEvaluator | None = None) -> Path:
+                 resume: bool = False, evaluate_folder: FolderEvaluator | None = None,
+                 allow_pickle: bool = False) -> Path:
     """Train a student as ``recipe`` says and export it; returns the exported student folder.
+
+    Every check that needs no teacher runs first, then the teacher is loaded; nothing is written to the run
+    folder before all of them pass. The main process holds the run folder's lock (:class:`RunFolderLock`)
+    until the student is exported.
 
     Args:
         recipe: a shipped recipe name (``dmd2_fmnist_1step``; see ``train/recipes/``), a TOML file or a
@@ -131,32 +176,52 @@ def run_training(recipe: str, overrides: Sequence[str] = (), teacher: str | None
         overrides: ``"section.key=value"`` strings (``--set``), applied after the recipe.
         teacher: replaces the recipe's teacher (zoo name, pipeline folder or hub id).
         out: run folder (default: the recipe's ``out``, else ``runs/<recipe name>``).
-        resume: continue from the latest checkpoint in ``<out>/checkpoints``.
+        resume: continue from the latest checkpoint in ``<out>/checkpoints``. The recipe must be the run's
+            (only :data:`~.runfolder.RESUMABLE_KEYS` may change) and the teacher must have the run's weights.
+            Resuming a complete run exports its student again.
         evaluate_folder: scores an exported student folder, for ``train.eval_every`` (the ``fastgen``
             command passes :func:`fastgen.eval.evaluate.training_evaluator`).
+        allow_pickle: let the teacher load pickled (``.bin``) weights where it has no safetensors.
     """
-    from accelerate.utils import set_seed
-
     cfg = load_recipe(recipe, overrides)
     if teacher is not None:
         cfg.teacher = teacher
-    out_dir = Path(out or cfg.out or Path("runs") / cfg.name)
-    if not resume and latest_checkpoint(out_dir / "checkpoints") is not None:
-        raise ValueError(f"{out_dir} already holds checkpoints of a run; pass --resume to continue it, "
-                         "or choose another --out.")
-    if resume and latest_checkpoint(out_dir / "checkpoints") is None:
-        raise FileNotFoundError(f"--resume: no complete checkpoint in {out_dir / 'checkpoints'}.")
+    out_dir = check_output_dir(out or cfg.out or Path("runs") / cfg.name)
     t = cfg.train
     if t.eval_every and evaluate_folder is None:
         raise ValueError("train.eval_every needs an evaluator (the fastgen command passes one; from Python, pass "
                          "evaluate_folder=fastgen.eval.evaluate.training_evaluator).")
+    with RunFolderLock(out_dir, active=launch_rank() == 0):
+        last = latest_checkpoint(out_dir / "checkpoints")
+        if not resume and last is not None:
+            raise ValueError(f"{out_dir} already holds checkpoints of a run; pass --resume to continue it, "
+                             "or choose another --out.")
+        if resume and last is None:
+            raise FileNotFoundError(f"--resume: no complete checkpoint in {out_dir / 'checkpoints'}.")
+        if resume:
+            check_resume(out_dir, cfg, last)
+        return _run(cfg, out_dir, resume, evaluate_folder, allow_pickle,
+                      saved_steps=(read_json(out_dir / RECIPE_FILE) or {}).get("train", {}).get("steps"))
+
+
+def _run(cfg: Recipe, out_dir: Path, resume: bool, evaluate_folder, allow_pickle: bool, saved_steps) -> Path:
+    """The body of :func:`run_training`, inside the run folder's lock."""
+    from accelerate.utils import set_seed
+
+    t = cfg.train
     set_seed(cfg.seed)
-    pipe = load_teacher(cfg.teacher)
+    pipe = load_teacher(cfg.teacher, allow_pickle)
+    fingerprint = pipeline_fingerprint(pipe)
+    if resume:
+        check_resumed_teacher(out_dir, cfg, fingerprint)
     schedule = schedule_from_scheduler_config(pipe.scheduler.config)
     timesteps = resolve_timesteps(cfg, pipe, schedule)
     method = build_method(cfg, pipe, timesteps)
     if cfg.student.ema_decay and method.ema_group is None:
         raise ValueError(f"student.ema_decay is set, but method {cfg.method!r} keeps no EMA.")
+    if resume and saved_steps != t.steps and len(method.rounds(t.steps)) > 1:
+        raise ValueError(f"--resume: method {cfg.method!r} trains in rounds whose lengths follow train.steps, so it "
+                         f"cannot change on resume (the run's: {saved_steps}, now {t.steps}).")
     lora_file = bool(cfg.student.lora_rank and t.export_lora)
     if lora_file and not hasattr(type(pipe), "save_lora_weights"):
         print(f"note: {type(pipe).__name__} has no LoRA loader, so only the fused student is exported "
@@ -178,11 +243,11 @@ def run_training(recipe: str, overrides: Sequence[str] = (), teacher: str | None
     if len(trainer.round_ends) > 1:  # a method with rounds: each round's student is a folder of its own
         trainer.on_round_end = lambda r, step: export(method, pipe, out_dir / "rounds" / f"round-{r}",
                                                       extra={"recipe": cfg.name, "round": r, "train_steps": step})
-    if acc.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "recipe.json").write_text(json.dumps(cfg.to_dict(), indent=1))
     with acc.main_process_first():  # the main process writes the caches (real latents, ODE pairs), the others read them
         batches = build_data(cfg, pipe, method, out_dir, trainer.device, acc.num_processes, acc.process_index)
+    if acc.is_main_process:  # every check has passed: the run's identity, then training
+        write_json(out_dir / RECIPE_FILE, cfg.to_dict())
+        write_json(out_dir / TEACHER_FILE, {"teacher": cfg.teacher, "components": fingerprint})
     summary = trainer.train(batches, resume=resume)
     folder = out_dir / "student"
     if acc.is_main_process:
@@ -190,7 +255,8 @@ def run_training(recipe: str, overrides: Sequence[str] = (), teacher: str | None
                  "lora_rank": cfg.student.lora_rank}
         with trainer.student_weights():
             export(method, pipe, folder, out_dir / "student_lora" if lora_file else None, extra)
-        print(f"trained {summary['steps_run']} steps at {summary['s_per_step']:.3f} s/step; wrote {folder}")
+        speed = f" at {summary['s_per_step']:.3f} s/step" if summary["s_per_step"] is not None else ""
+        print(f"trained {summary['steps_run']} steps{speed}; wrote {folder}")
     trainer.end()
     return folder
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fastgen import zoo
+from fastgen.pipelines.folders import installed_output, keep_other_files, writing_folder
 from fastgen.zoo.data import load_digits, load_fashion_mnist
 
 
@@ -284,16 +285,34 @@ def train_fmnist(out: Path, cfg: TeacherConfig) -> dict:
             "train_images": len(images)}
 
 
-def train_teacher(name: str, out: str | Path | None = None, **overrides) -> Path:
-    """Train a zoo teacher from its fixed seed and write it (default: into the installed zoo)."""
+def check_teacher_config(name: str, cfg: TeacherConfig, overrides: dict) -> None:
+    """One-line ``ValueError`` for settings that cannot train ``name`` (before anything is loaded or written)."""
+    positive = {"steps": cfg.steps, "batch_size": cfg.batch_size,
+                "vae_steps": cfg.vae_steps if name == "fmnist-ldm" else 1}
+    bad = {k: v for k, v in positive.items() if v < 1}
+    if bad:
+        raise ValueError(", ".join(f"--{k.replace('_', '-')} must be >= 1, got {v}" for k, v in bad.items()) + ".")
+    if name != "fmnist-ldm" and overrides.get("vae_steps") is not None:
+        raise ValueError(f"--vae-steps applies to fmnist-ldm only; {name} has no VAE.")
+    if cfg.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {cfg.seed}.")
+
+
+def train_teacher(name: str, out: str | Path | None = None, replace_installed: bool = False, **overrides) -> Path:
+    """Train a zoo teacher from its fixed seed and write it to ``out`` (or, with ``replace_installed``, into the
+    installed zoo). The folder is written under a temporary name and renamed into place when training is done;
+    files of a replaced folder that training does not write (model card, grids, notes) are kept."""
     if name not in zoo.TEACHERS:
         raise KeyError(f"Unknown zoo teacher {name!r}; available: {', '.join(zoo.TEACHERS)}.")
     cfg = TeacherConfig(**{**asdict(DEFAULTS[name]), **{k: v for k, v in overrides.items() if v is not None}})
-    out = Path(out) if out is not None else zoo.path(name, check=False)
-    out.mkdir(parents=True, exist_ok=True)
-    stats = (train_digits if name == "digits-ddpm" else train_fmnist)(out, cfg)
-    log = {"name": name, "config": asdict(cfg), "machine": _machine(), **stats,
-           "command": f"fastgen zoo train {name}" + "".join(
-               f" --{k.replace('_', '-')} {v}" for k, v in overrides.items() if v is not None)}
-    (out / "training_log.json").write_text(json.dumps(log, indent=1))
+    check_teacher_config(name, cfg, overrides)
+    out = installed_output(out, zoo.path(name, check=False), replace_installed, f"zoo teacher {name!r}",
+                           marker="model_index.json")
+    with writing_folder(out, marker="model_index.json", what="Teacher folder") as tmp:
+        stats = (train_digits if name == "digits-ddpm" else train_fmnist)(tmp, cfg)
+        log = {"name": name, "config": asdict(cfg), "machine": _machine(), **stats,
+               "command": f"fastgen zoo train {name} --out DIR" + "".join(
+                   f" --{k.replace('_', '-')} {v}" for k, v in overrides.items() if v is not None)}
+        (tmp / "training_log.json").write_text(json.dumps(log, indent=1))
+        keep_other_files(out, tmp)
     return out

@@ -14,17 +14,23 @@ training rounds (optimizers and schedules restart at each), gradient accumulatio
 gradient clipping, an optional EMA of the method's ``ema_group`` (diffusers' ``EMAModel``), a
 progress bar with the current losses, accelerate trackers, periodic evaluation, and checkpoints:
 
-* every ``checkpoint_every`` steps ``accelerator.save_state`` writes into ``.tmp-checkpoint-N``,
-  which is then renamed to ``checkpoint-N`` -- a kill never leaves a half-written checkpoint, and
-  leftover temporary folders are ignored on resume. The method's whole state is stored but its frozen
-  teacher base (:meth:`~fastgen.methods.DistillationMethod.frozen_base`, reloaded from the teacher's
-  folder): trained weights, target networks, buffers; plus optimizers, schedulers, EMA, RNG states
-  and the data stream.
+* every ``checkpoint_every`` steps, and at the last step, ``accelerator.save_state`` writes into
+  ``.tmp-checkpoint-N``, which is then renamed to ``checkpoint-N`` -- a kill never leaves a half-written
+  checkpoint, and leftover temporary folders are ignored and removed on resume. The method's whole state
+  is stored but its frozen teacher base (:meth:`~fastgen.methods.DistillationMethod.frozen_base`,
+  reloaded from the teacher's folder): trained weights, target networks, buffers
+  (``model.safetensors``); the EMA and the data stream (``trainer_state.safetensors``); step and update
+  counts (``trainer_state.json``, written last); and accelerate's own pickles: optimizers
+  (``optimizer*.bin``), schedulers (``scheduler*.bin``) and each process's RNG states
+  (``random_states_<i>.pkl``), which accelerate loads with ``torch.load(weights_only=True)``.
+  Non-finite trained weights are never checkpointed.
 * ``train(resume=True)`` continues from the latest checkpoint, which must hold exactly the tensors
   this run's method has (with their shapes); the run then ends with the same weights as an
-  uninterrupted one.
-* A non-finite loss stops training with an error naming the step and the loss; the last good
-  checkpoint stays.
+  uninterrupted one. Resuming a complete run trains nothing (the caller exports again).
+* A non-finite loss or gradient norm stops training with an error naming the step and the value; no
+  backward or checkpoint happens after it, so the last good checkpoint stays.
+* Under DDP the search for unused parameters runs only for methods whose iterations leave some
+  trained parameter without gradient (:meth:`~fastgen.methods.DistillationMethod.uses_all_parameters_every_step`).
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from fastgen.methods.base import DistillationMethod, OptimizerOptions
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
+TRAINER_TENSORS = "trainer_state.safetensors"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -139,6 +146,7 @@ class Trainer:
         from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
         self.config = config or TrainerConfig()
+        self.find_unused_parameters = not method.uses_all_parameters_every_step()
         self.out_dir = Path(out_dir)
         self.checkpoint_dir = self.out_dir / "checkpoints"
         self.evaluate = evaluate
@@ -149,8 +157,9 @@ class Trainer:
             mixed_precision=self.config.mixed_precision, gradient_accumulation_steps=self.config.grad_accum,
             log_with=trackers or None,
             project_config=ProjectConfiguration(project_dir=str(self.out_dir), logging_dir=str(self.out_dir / "logs")),
-            # the generator is unused on critic-only iterations
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+            # DDP searches the autograd graph for unused parameters after every backward only when some
+            # iteration leaves a group without gradient (e.g. the generator on DMD2's critic-only iterations)
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=self.find_unused_parameters)])
         self.method = method
         self.groups = method.parameter_groups()
         unknown = set(optimizers or {}) - set(self.groups)
@@ -181,7 +190,7 @@ class Trainer:
                 raise ValueError(f"An EMA was asked for (ema_decay {self.config.ema_decay}), but method {method.name!r} "
                                  "names no optimizer group to keep it of.")
             self.ema = EMAModel(self.groups[self.ema_group], decay=self.config.ema_decay)
-            acc.register_for_checkpointing(self.ema)
+        self.batches = None  # the data stream of train(), checkpointed with the EMA in TRAINER_TENSORS
         acc.register_save_state_pre_hook(self._keep_method_state)
         self.update_counts = {name: 0 for name in self.groups}
         self.train_seconds = 0.0  # time spent in training iterations (not evaluation or checkpoints), over resumes
@@ -212,8 +221,15 @@ class Trainer:
             weights[i] = {k: v.contiguous() for k, v in state.items() if k in keep}
 
     def save_checkpoint(self, step: int) -> Path:
-        """Write ``checkpoint-<step>`` atomically (temporary folder, then rename) and prune old ones."""
+        """Write ``checkpoint-<step>`` atomically (temporary folder, then rename) and prune old ones.
+
+        Trained weights that are not finite are never checkpointed (rotation would delete the last good
+        checkpoint): that stops training with :class:`NonFiniteLossError`."""
         acc = self.accelerator
+        for name, params in self.groups.items():
+            bad = next((p.detach()[~torch.isfinite(p.detach())] for p in params if not torch.isfinite(p).all()), None)
+            if bad is not None:
+                self._check_finite({f"{name} weights": float(bad[0])}, step - 1, "weights")
         final = self.checkpoint_dir / f"checkpoint-{step:07d}"
         tmp = self.checkpoint_dir / f".tmp-checkpoint-{step:07d}"
         if acc.is_main_process and tmp.exists():
@@ -222,9 +238,10 @@ class Trainer:
         acc.save_state(str(tmp))
         acc.wait_for_everyone()  # every process has written its RNG state before the rename
         if acc.is_main_process:
+            self._save_trainer_tensors(tmp / TRAINER_TENSORS)
             state = {"step": step, "update_counts": self.update_counts, "time": time.time(),
                      "train_seconds": self.train_seconds}
-            (tmp / STATE_FILE).write_text(json.dumps(state))
+            (tmp / STATE_FILE).write_text(json.dumps(state))  # written last: it marks the checkpoint complete
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -257,10 +274,58 @@ class Trainer:
                                + "; ".join(p for p in parts if p) + ". Was it written by another recipe (method, "
                                "LoRA rank, GAN head)?")
         self.accelerator.load_state(str(path), strict=False)  # strict above; the frozen teacher base is not stored
+        self._load_trainer_tensors(path)
         info = json.loads((path / STATE_FILE).read_text())
         self.update_counts = dict(info["update_counts"])
         self.train_seconds = float(info.get("train_seconds", 0.0))
         return int(info["step"])
+
+    def _save_trainer_tensors(self, file: Path) -> None:
+        """The EMA and the data stream's state as one safetensors file (accelerate would pickle them as
+        ``custom_checkpoint_<i>.pkl`` and load those with ``weights_only=False``, i.e. able to run code)."""
+        from safetensors.torch import save_file
+
+        tensors, meta = {}, {}
+        if self.ema is not None:
+            state = self.ema.state_dict()
+            tensors.update({f"ema.{i}": t.detach().contiguous() for i, t in enumerate(state.pop("shadow_params"))})
+            meta["ema"] = state
+        if self.batches is not None:
+            tensors.update({f"data.{k}": v.contiguous() for k, v in self.batches.state_dict().items()})
+        save_file(tensors, str(file), metadata={"fastgen": json.dumps(meta)})
+
+    def _load_trainer_tensors(self, path: Path) -> None:
+        """Restore what :meth:`_save_trainer_tensors` wrote (or, from checkpoints written before it existed,
+        accelerate's ``custom_checkpoint_<i>.pkl``, read with ``torch.load(weights_only=True)``)."""
+        from safetensors.torch import load_file, safe_open
+
+        file = path / TRAINER_TENSORS
+        if file.is_file():
+            with safe_open(str(file), "pt") as f:
+                meta = json.loads((f.metadata() or {}).get("fastgen", "{}"))
+            tensors = load_file(str(file))
+            ema_state = None
+            if self.ema is not None:
+                shadow = [tensors[f"ema.{i}"] for i in range(sum(k.startswith("ema.") for k in tensors))]
+                ema_state = {**meta.get("ema", {}), "shadow_params": shadow}
+            data_state = {k[len("data."):]: v for k, v in tensors.items() if k.startswith("data.")}
+        else:
+            legacy = [torch.load(path / f"custom_checkpoint_{i}.pkl", map_location="cpu", weights_only=True)
+                      for i in range(2) if (path / f"custom_checkpoint_{i}.pkl").is_file()]
+            if len(legacy) != (self.ema is not None) + (self.batches is not None):
+                raise RuntimeError(f"Checkpoint {path} has no {TRAINER_TENSORS} (EMA and data stream state).")
+            ema_state = legacy.pop(0) if self.ema is not None else None
+            data_state = legacy.pop(0) if self.batches is not None else None
+        if self.ema is not None:
+            current = self.ema.shadow_params
+            shadow = ema_state.get("shadow_params") if ema_state else None
+            if shadow is None or [tuple(t.shape) for t in shadow] != [tuple(t.shape) for t in current]:
+                raise RuntimeError(f"Checkpoint {path} holds no EMA of this run's {self.ema_group} weights; was it "
+                                   "written with another student.ema_decay?")
+            ema_state["shadow_params"] = [t.to(c.device, c.dtype) for t, c in zip(shadow, current)]
+            self.ema.load_state_dict(ema_state)
+        if self.batches is not None:
+            self.batches.load_state_dict(data_state)
 
     def _restart_group(self, name: str) -> None:
         """A new round: forget the optimizer's moments and restart its learning-rate schedule."""
@@ -325,7 +390,7 @@ class Trainer:
             resume: continue from the latest checkpoint in ``out_dir/checkpoints``.
         """
         acc, cfg = self.accelerator, self.config
-        acc.register_for_checkpointing(batches)
+        self.batches = batches
         self.out_dir.mkdir(parents=True, exist_ok=True)
         start = 0
         if resume:
@@ -340,6 +405,8 @@ class Trainer:
         if cfg.trackers:
             acc.init_trackers("fastgen", config={k: v for k, v in self.tracker_config.items()
                                                  if isinstance(v, (int, float, str, bool))})
+        if start >= cfg.steps:
+            tqdm.write(f"the run is complete (step {start} of train.steps = {cfg.steps}): nothing left to train")
         self.model.train()
         bar = tqdm(total=cfg.steps, initial=start, desc="training", dynamic_ncols=True,
                    disable=not (cfg.progress and acc.is_local_main_process))
@@ -393,18 +460,28 @@ class Trainer:
                           "s_per_step": sum(step_times[-cfg.log_every:]) / len(step_times[-cfg.log_every:])}
                 self.history.append(record)
                 acc.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=done)
-            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
-                self.save_checkpoint(done)
+            if cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+                self.save_checkpoint(done)  # the last step too: a kill during the export is then redone by --resume
             if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
                 self._run_eval(done)
         bar.close()
         wall = time.perf_counter() - begin
-        if cfg.eval_every:
+        if cfg.eval_every and not self._evaluated(cfg.steps):
             self._run_eval(cfg.steps)
         summary = self.summary(start, wall, step_times)
-        if acc.is_main_process:
-            (self.out_dir / "train_log.json").write_text(json.dumps(summary, indent=1))
+        log = self.out_dir / "train_log.json"
+        if acc.is_main_process and (step_times or not log.is_file()):  # a complete run's resume keeps its log
+            log.write_text(json.dumps(summary, indent=1))
         return summary
+
+    def _evaluated(self, step: int) -> bool:
+        """Whether ``eval.jsonl`` already ends with the evaluation at ``step`` (a resumed, finished run)."""
+        records = self.out_dir / "eval.jsonl"
+        lines = records.read_text().splitlines() if records.is_file() else []
+        try:
+            return bool(lines) and json.loads(lines[-1]).get("step") == step
+        except json.JSONDecodeError:
+            return False
 
     def end(self) -> None:
         """Wait for every process, then close the trackers and the process group (call once, after export)."""
@@ -417,6 +494,7 @@ class Trainer:
         steady = step_times[min(len(step_times) // 10, 20):] or step_times
         return {"method": method.name, "config": asdict(self.config), "start_step": start,
                 "steps_run": len(step_times), "wall_s": wall,
+                "ddp_find_unused_parameters": self.find_unused_parameters,
                 "s_per_step": (sum(steady) / len(steady)) if steady else None,
                 "update_counts": self.update_counts,
                 "parameters_stored": sum(stored.values()),

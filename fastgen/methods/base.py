@@ -36,6 +36,7 @@ from torch import nn
 
 from fastgen.denoiser import Conditioning, Denoiser
 from fastgen.lora import DEFAULT_UNET_TARGETS, AdapterDenoiser, add_lora, base_copy, lora_parameters
+from fastgen.schedule import check_timesteps
 
 from .common import backward_simulation, straight_through_clip
 
@@ -191,6 +192,11 @@ class StudentOptions:
     def validate(self) -> None:
         if self.num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {self.num_steps}.")
+        if self.timesteps:
+            try:
+                check_timesteps(self.timesteps)  # the upper bound needs the teacher's T: the runner checks it
+            except ValueError as err:
+                raise ValueError(f"timesteps = {self.timesteps}: {err}") from None
         if self.lora_rank < 0 or self.lora_alpha < 0:
             raise ValueError(f"lora_rank and lora_alpha must be >= 0, got {self.lora_rank} and {self.lora_alpha}.")
         if not 0 <= self.ema_decay < 1:
@@ -308,6 +314,12 @@ class DistillationMethod(nn.Module):
     def training_step(self, batch: Batch, step: int) -> StepOutput:
         """One iteration (``step`` counts from 0): the losses of the groups to update now."""
         raise NotImplementedError
+
+    def uses_all_parameters_every_step(self) -> bool:
+        """Whether every iteration's losses reach every trained parameter. Data-parallel training then skips
+        DDP's search for unused parameters (a traversal of the autograd graph after every backward); a wrong
+        ``True`` makes DDP fail at the next iteration, so the default is ``False``."""
+        return False
 
     def forward(self, batch: Batch, step: int) -> StepOutput:
         return self.training_step(batch, step)

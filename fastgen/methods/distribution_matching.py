@@ -9,13 +9,13 @@ their update schedule (see :mod:`.dmd`, :mod:`.dmd2`, :mod:`.sid`). The math is 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from fastgen.critic import CriticOptions, FakeScoreCritic
+from fastgen.denoiser import check_guidance_scale
 
 from .base import Batch, DistillationMethod, OptimizerOptions, StepOutput, option, student_parameters
 from .common import check_t_range, guided_x0, noised
@@ -31,9 +31,7 @@ class DistributionMatchingOptions:
     dm_t_max: float = option(0.98, "see dm_t_min")
 
     def validate(self) -> None:
-        if self.guidance_scale is not None and not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0):
-            raise ValueError(f"guidance_scale must be a finite number >= 0 (1 or less: no guidance), "
-                             f"got {self.guidance_scale}.")
+        check_guidance_scale(self.guidance_scale)
         check_t_range((self.dm_t_min, self.dm_t_max), "dm_t_min, dm_t_max")
 
 
@@ -122,6 +120,9 @@ class DistributionMatchingMethod(DistillationMethod):
     def updates(self, step: int) -> tuple[str, ...]:
         """The groups updated at iteration ``step``: the critic every iteration, the generator every ``ratio``."""
         return ("generator", "critic") if step % self.ratio == 0 else ("critic",)
+
+    def uses_all_parameters_every_step(self) -> bool:
+        return self.ratio == 1  # the generator rests on the other iterations
 
     def generator_update(self, x: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict]:
         """``(loss, logged terms)`` of the generator on its samples ``x`` (with grad)."""

@@ -60,6 +60,8 @@ class DMD(DistributionMatchingMethod):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        if self.critic.head is not None:
+            raise ValueError("dmd has no GAN term: set critic.gan_head = false (DMD2 has one).")
         self.regression_weight = self.options.regression_weight
         self.dm_loss, self.reg_loss = DistributionMatchingLoss(), RegressionLoss()
 

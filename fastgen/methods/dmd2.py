@@ -54,6 +54,9 @@ class DMD2(DistributionMatchingMethod):
         if (o.gan_generator_weight or o.gan_critic_weight) and self.critic.head is None:
             raise ValueError("dmd2.gan_generator_weight / gan_critic_weight need the critic's GAN head: "
                              "set critic.gan_head = true.")
+        if self.critic.head is not None and not (o.gan_generator_weight or o.gan_critic_weight):
+            raise ValueError("critic.gan_head = true trains a GAN head only with dmd2.gan_generator_weight or "
+                             "dmd2.gan_critic_weight > 0 (and data.real); set a weight, or critic.gan_head = false.")
         self.ratio = o.ratio
         self.gan_generator_weight, self.gan_critic_weight = o.gan_generator_weight, o.gan_critic_weight
         self.dm_loss = DistributionMatchingLoss()
