@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastgen", description=(
         "Diffusion step-distillation on diffusers: train 1-4 step students, export them as plain "
         "diffusers pipelines, and measure them."))
+    from fastgen import __version__
+
+    parser.add_argument("--version", action="version", version=f"fastgen {__version__}")
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="Distill fmnist-ldm into a 1-step DMD2 student and compare it with the teacher.",

@@ -40,8 +40,8 @@ import json
 import math
 import os
 import re
-import resource
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -121,8 +121,18 @@ def _warmup(steps: int) -> Callable[[int], float]:
     return lambda i: min(1.0, (i + 1) / steps) if steps > 0 else 1.0
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+def _peak_rss_mb() -> float | None:
+    """This process's peak resident memory in MB (``resource`` is Unix-only: on Windows psutil's peak working
+    set; ``None`` where neither tells)."""
+    try:
+        import resource
+    except ImportError:
+        import psutil
+
+        peak = getattr(psutil.Process().memory_info(), "peak_wset", None)
+        return peak / 2**20 if peak is not None else None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux, bytes on macOS
+    return peak / (2**20 if sys.platform == "darwin" else 1024.0)
 
 
 class Trainer:
@@ -509,7 +519,7 @@ def _check_tracker(name: str) -> None:
     if module is None:
         return  # another accelerate tracker: accelerate validates it
     if importlib.util.find_spec(module) is None and not (name == "tensorboard" and importlib.util.find_spec("tensorboardX")):
-        raise ValueError(f"Tracker {name!r} is not installed; `pip install {module}` (or `pip install fastgen[tracking]`), "
+        raise ValueError(f"Tracker {name!r} is not installed; `pip install {module}` (or `pip install fastgen-diffusion[tracking]`), "
                          f"or leave train.trackers empty.")
 
 
