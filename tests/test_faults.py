@@ -125,7 +125,7 @@ CASES = [
     (TRAIN + ["--set", "train.keep_checkpoints=0"], "keep_checkpoints must be >= 1"),
     (TRAIN + ["--set", "train.log_every=-5"], "log_every must be >= 0"),
     (TRAIN + ["--set", "train.eval_images=0"], "eval_images must be >= 1"),
-    (TRAIN + ["--set", "train.mixed_precision=fp8"], "mixed_precision must be 'no', 'bf16' or 'fp16', not 'fp8'"),
+    (TRAIN + ["--set", "train.mixed_precision=fp8"], "mixed_precision must be '' (accelerate's config), 'no', 'bf16' or 'fp16', not 'fp8'"),
     (TRAIN + ["--set", "train.max_grad_norm=nan"], "max_grad_norm must be >= 0"),
     (TRAIN + ["--set", "train.stpes=3"], "unknown recipe key 'train.stpes'"),
     (TRAIN + ["--set", "colour=3"], "unknown recipe key 'colour'"),

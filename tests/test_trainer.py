@@ -251,3 +251,20 @@ def test_two_process_data_parallel_run_resumes_exactly(ddpm_teacher, recipe, tmp
     launch("every", "--set", "dmd2.ratio=1", "--set", "train.steps=3")
     log = json.loads((tmp_path / "every" / "train_log.json").read_text())
     assert not log["ddp_find_unused_parameters"] and log["update_counts"] == {"generator": 3, "critic": 3}
+
+
+def test_mixed_precision_defaults_to_the_accelerate_config(ddpm_teacher, recipe, tmp_path):
+    """train.mixed_precision unset: accelerate's config decides (`accelerate launch --mixed_precision bf16` sets
+    ACCELERATE_MIXED_PRECISION); bf16 autocast runs on the CPU. A recipe value still wins over the config."""
+    env = {**os.environ, "ACCELERATE_MIXED_PRECISION": "bf16", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+    def train(out, *extra):
+        cmd = [sys.executable, "-m", "fastgen.cli", "train", recipe, "--teacher", str(ddpm_teacher), "--out",
+               str(tmp_path / out), "--set", "train.steps=2", "--set", "train.checkpoint_every=0", *extra]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads((tmp_path / out / "train_log.json").read_text())
+
+    assert recipes.load_recipe(recipe).train.mixed_precision == ""
+    assert train("config")["mixed_precision"] == "bf16"
+    assert train("recipe", "--set", "train.mixed_precision=no")["mixed_precision"] == "no"

@@ -64,7 +64,9 @@ class TrainOptions:
     steps: int = option(1000, "training iterations")
     batch_size: int = option(64, "student samples per iteration (per process)")
     grad_accum: int = option(1, "gradient accumulation micro-batches per iteration")
-    mixed_precision: str = option("no", "'no', 'bf16' or 'fp16'")
+    mixed_precision: str = option("", "'' (accelerate's config: `accelerate config`, `accelerate launch "
+                                      "--mixed_precision`, ACCELERATE_MIXED_PRECISION; else 'no'), 'no', 'bf16' or "
+                                      "'fp16'")
     max_grad_norm: float = option(10.0, "gradient clipping per optimizer group (0: none)")
     checkpoint_every: int = option(500, "checkpoint every N steps (0: never)")
     keep_checkpoints: int = option(2, "checkpoints to keep")
@@ -87,8 +89,9 @@ class TrainOptions:
         bad = {k: v for k, v in never_negative.items() if v < 0}
         if bad:
             raise ValueError(f"{', '.join(bad)} must be >= 0 (0: never), got {', '.join(str(v) for v in bad.values())}.")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', not {self.mixed_precision!r}.")
+        if self.mixed_precision not in ("", "no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision must be '' (accelerate's config), 'no', 'bf16' or 'fp16', not "
+                             f"{self.mixed_precision!r}.")
         if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
             raise ValueError(f"max_grad_norm must be >= 0 (0: no clipping), got {self.max_grad_norm}.")
 

@@ -227,7 +227,7 @@ def _run(cfg: Recipe, out_dir: Path, resume: bool, evaluate_folder, allow_pickle
         print(f"note: {type(pipe).__name__} has no LoRA loader, so only the fused student is exported "
               "(train.export_lora applies to pipelines with one).")
         lora_file = False
-    trainer_cfg = TrainerConfig(steps=t.steps, grad_accum=t.grad_accum, mixed_precision=t.mixed_precision,
+    trainer_cfg = TrainerConfig(steps=t.steps, grad_accum=t.grad_accum, mixed_precision=t.mixed_precision or None,
                                 max_grad_norm=t.max_grad_norm, ema_decay=cfg.student.ema_decay,
                                 checkpoint_every=t.checkpoint_every, keep_checkpoints=t.keep_checkpoints,
                                 log_every=t.log_every, eval_every=t.eval_every, trackers=list(t.trackers),

@@ -68,7 +68,9 @@ class TrainerConfig:
     Args:
         steps: iterations (each runs ``grad_accum`` micro-batches).
         grad_accum: gradient accumulation micro-batches per iteration.
-        mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"`` (accelerate's autocast; fp16 adds a grad scaler).
+        mixed_precision: ``None`` (accelerate's config: ``accelerate launch --mixed_precision`` or the
+            ``ACCELERATE_MIXED_PRECISION`` it sets; else ``"no"``), ``"no"``, ``"bf16"`` or ``"fp16"``
+            (accelerate's autocast; fp16 adds a grad scaler). The precision in force is ``summary()["mixed_precision"]``.
         max_grad_norm: clip each group's gradient norm to this (0: no clipping).
         ema_decay: EMA of the weights of the method's ``ema_group`` (0: none); the EMA weights are
             evaluated and exported.
@@ -83,7 +85,7 @@ class TrainerConfig:
 
     steps: int = 1000
     grad_accum: int = 1
-    mixed_precision: str = "no"
+    mixed_precision: str | None = None
     max_grad_norm: float = 10.0
     ema_decay: float = 0.0
     checkpoint_every: int = 0
@@ -448,7 +450,7 @@ class Trainer:
                 if cfg.max_grad_norm > 0:
                     acc.unscale_gradients(self.optimizers[name])
                     norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                    if cfg.mixed_precision != "fp16":  # fp16: the grad scaler skips inf steps itself
+                    if acc.mixed_precision != "fp16":  # fp16: the grad scaler skips inf steps itself
                         self._check_finite({f"{name} gradient norm": float(norm)}, step, "gradient")
                 self.optimizers[name].step()
                 self.schedulers[name].step()
@@ -502,7 +504,8 @@ class Trainer:
         method = self.accelerator.unwrap_model(self.model)
         stored = {p.data_ptr(): p.numel() for p in method.parameters()}
         steady = step_times[min(len(step_times) // 10, 20):] or step_times
-        return {"method": method.name, "config": asdict(self.config), "start_step": start,
+        return {"method": method.name, "config": asdict(self.config),
+                "mixed_precision": self.accelerator.mixed_precision, "start_step": start,
                 "steps_run": len(step_times), "wall_s": wall,
                 "ddp_find_unused_parameters": self.find_unused_parameters,
                 "s_per_step": (sum(steady) / len(steady)) if steady else None,
