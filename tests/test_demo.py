@@ -9,7 +9,7 @@ from fastgen.cli import main
 
 def test_demo_distills_exports_and_reports(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--steps", "4", "--num-images", "10", "--out", str(out)]) == 0
+    assert main(["demo", "--train-steps", "4", "--num-images", "10", "--out", str(out)]) == 0
     result = json.loads((out / "demo.json").read_text())
     assert [r["steps"] for r in result["rows"]] == [50, 1, 1]
     assert all(r["fd"] > 0 and 0 <= r["acc"] <= 1 for r in result["rows"])

@@ -29,6 +29,7 @@ from fastgen.denoiser import Conditioning
 from fastgen.methods.base import Batch
 from fastgen.pipelines.generate import encode_prompts
 from fastgen.pipelines.images import load_image_folder
+from fastgen.pipelines.prompts import load_prompts
 from fastgen.pipelines.sampler import sample_ddim, student_timesteps
 
 
@@ -61,30 +62,6 @@ def write_cache(path: Path | None, key: dict, tensors: dict, extra: dict | None 
     save_file({k: v.contiguous() for k, v in tensors.items() if v is not None}, str(tmp),
               metadata={"fastgen": json.dumps({"key": key, "extra": extra or {}})})
     os.replace(tmp, path)
-
-
-def load_prompts(source: str | Sequence[str]) -> list[str]:
-    """Prompts from ``"zoo"`` (the zoo's class prompts), a text file (one per line), or a list."""
-    if not isinstance(source, str):
-        prompts = [str(p) for p in source]
-    elif source == "zoo":
-        prompts = zoo.prompts()
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"Prompt file {source!r} not found (give a text file with one prompt per line, "
-                                    "or \"zoo\" for the zoo's class prompts).")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise ValueError(f"Prompt file {source!r} is not UTF-8 text (give a text file with one prompt per "
-                             "line).") from None
-        if "\x00" in text:
-            raise ValueError(f"Prompt file {source!r} is binary, not text (give a text file with one prompt per line).")
-        prompts = [line.strip() for line in text.splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"No prompts in {source!r}.")
-    return prompts
 
 
 class PromptBank:

@@ -164,9 +164,12 @@ def _hint_name(hint) -> str:
     return "float" if "float" in str(hint) else str(hint)
 
 
-def _check_type(key: str, value, default, hint: str):
-    """Type check of one value against its field (ints are accepted for floats)."""
+def _check_type(key: str, value, default, hint: str, optional: bool = False):
+    """Type check of one value against its field (ints are accepted for floats). ``None`` (JSON's null: a run's
+    ``recipe.json`` writes unset optional keys so) is accepted for ``optional`` fields only."""
     if value is None:
+        if optional:
+            return None
         raise ValueError(f"Recipe key {key!r} cannot be empty.")
     if isinstance(default, bool) or hint == "bool":
         ok = isinstance(value, bool)
@@ -198,7 +201,9 @@ def _fill(obj, values: dict, section: str, origin: str):
             hint = f" It moved to [{moved.rsplit('.', 1)[0]}] {moved.rsplit('.', 1)[1]}." if moved else ""
             raise RecipeError(f"{origin}: unknown recipe key '{section}.{key}'.{hint} Valid keys in [{section}]: "
                            f"{', '.join(known) or 'none'}.")
-        setattr(obj, key, _check_type(f"{section}.{key}", value, option_default(known[key]), _hint_name(hints[key])))
+        optional = type(None) in typing.get_args(hints[key])
+        setattr(obj, key, _check_type(f"{section}.{key}", value, option_default(known[key]), _hint_name(hints[key]),
+                                      optional))
     return obj
 
 

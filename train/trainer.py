@@ -391,26 +391,29 @@ class Trainer:
         tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                  for k, v in metrics.items()))
 
-    def train(self, batches, resume: bool = False) -> dict:
-        """Run to ``config.steps``; returns a summary (also written to ``out_dir/train_log.json``).
+    def train(self, batches, resume: bool = False, checkpoint: Path | None = None) -> dict:
+        """Run to ``config.steps``; returns a summary (also written to ``out_dir/train_log.json``, whose logged
+        history of the steps before a resume is kept).
 
         Call :meth:`end` when done with the trained method (after exporting it).
 
         Args:
             batches: an iterator of :class:`~fastgen.methods.Batch` with ``state_dict`` /
                 ``load_state_dict`` (e.g. :class:`fastgen.train.data.BatchStream`); it is checkpointed.
-            resume: continue from the latest checkpoint in ``out_dir/checkpoints``.
+            resume: continue from ``checkpoint``, by default the latest in ``out_dir/checkpoints``.
+            checkpoint: the checkpoint folder to resume from.
         """
         acc, cfg = self.accelerator, self.config
         self.batches = batches
         self.out_dir.mkdir(parents=True, exist_ok=True)
         start = 0
         if resume:
-            last = latest_checkpoint(self.checkpoint_dir)
+            last = checkpoint or latest_checkpoint(self.checkpoint_dir)
             if last is None:
                 raise FileNotFoundError(f"--resume: no complete checkpoint in {self.checkpoint_dir}.")
             start = self.load_checkpoint(last)
             tqdm.write(f"resumed from {last} (step {start})")
+            self.history = [r for r in self._logged_history() if r.get("step", 0) <= start]
         if acc.is_main_process and self.checkpoint_dir.is_dir():
             for leftover in self.checkpoint_dir.glob(".tmp-checkpoint-*"):
                 shutil.rmtree(leftover, ignore_errors=True)
@@ -485,6 +488,13 @@ class Trainer:
         if acc.is_main_process and (step_times or not log.is_file()):  # a complete run's resume keeps its log
             log.write_text(json.dumps(summary, indent=1))
         return summary
+
+    def _logged_history(self) -> list[dict]:
+        """The history of ``out_dir/train_log.json`` (empty when there is none or it is unreadable)."""
+        try:
+            return list(json.loads((self.out_dir / "train_log.json").read_text()).get("history", []))
+        except (OSError, ValueError, AttributeError):
+            return []
 
     def _evaluated(self, step: int) -> bool:
         """Whether ``eval.jsonl`` already ends with the evaluation at ``step`` (a resumed, finished run)."""
