@@ -21,3 +21,12 @@ def test_demo_distills_exports_and_reports(tmp_path, capsys):
     assert pipe.scheduler.config["fastgen"]["timesteps"] == [749]  # the recipe's generator timestep
     pipe.scheduler.set_timesteps(1)  # a plain `pipe(prompt, num_inference_steps=1)` runs the network at 749
     assert pipe.scheduler.timesteps.tolist() == [749]
+
+
+def test_demo_checks_fashion_mnist_before_training(tmp_path, monkeypatch, capsys):
+    from fastgen.zoo import data
+
+    monkeypatch.setattr(data, "FASHION_MNIST_DIR", tmp_path / "missing")
+    assert main(["demo", "--train-steps", "2", "--num-images", "10", "--out", str(tmp_path / "demo")]) == 2
+    assert "Fashion-MNIST not found" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()  # nothing trained, nothing written
