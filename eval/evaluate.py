@@ -225,7 +225,8 @@ def evaluate(target: str, steps: int | None = None, timesteps: list[int] | None 
              guidance: float | None = None, num_images: int = 1000, metrics=DEFAULT_METRICS,
              out: str | Path | None = None, solver: str | None = None, batch_size: int = 100, seed: int = 0,
              fid_reference=None, clip_model: str = "ViT-B-32", clip_pretrained: str | None = "openai",
-             device: str = "cpu", progress: bool = True, allow_pickle: bool = False, prompts=None) -> dict:
+             device: str = "cpu", progress: bool = True, allow_pickle: bool = False, prompts=None,
+             grid: str | Path | None = None) -> dict:
     """Evaluate one pipeline (zoo name, folder or hub id) and write ``metrics.json``, ``metrics.md``, ``samples.png``.
 
     Args:
@@ -244,6 +245,7 @@ def evaluate(target: str, steps: int | None = None, timesteps: list[int] | None 
         prompts: what text-to-image pipelines are prompted with, cycled: ``None`` or ``"zoo"`` (the zoo's class
             prompts), a text file with one prompt per line, or a list. With other prompts than the zoo's the
             class metrics (``fd_class``, ``acc``) are left out.
+        grid: also (or, without ``out``, only) write the sample grid (up to 100 images) to this PNG file.
 
     Bad input (including missing FID / CLIP weights and an unwritable ``out``) is a one-line error raised
     before the first image is generated.
@@ -300,7 +302,8 @@ def evaluate(target: str, steps: int | None = None, timesteps: list[int] | None 
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(result, indent=1))
         (out / "metrics.md").write_text(metrics_markdown(result))
-        save_grid(gen.images[:100], out / "samples.png", nrow=10, scale=4 if gen.images.shape[-1] <= 32 else 1)
+    for path in ([out / "samples.png"] if out is not None else []) + ([Path(grid)] if grid is not None else []):
+        save_grid(gen.images[:100], path, nrow=10, scale=4 if gen.images.shape[-1] <= 32 else 1)
     return result
 
 
@@ -324,8 +327,9 @@ def metrics_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def training_evaluator(folder: str, num_images: int, device: str = "cpu") -> dict:
-    """:data:`TRAINING_METRICS` of an exported student folder (``train.eval_every``); the class metrics are
-    left out for unconditional pipelines."""
-    result = evaluate(folder, num_images=num_images, metrics=TRAINING_METRICS, progress=False, device=device)
+def training_evaluator(folder: str, num_images: int, device: str = "cpu", grid: str | Path | None = None) -> dict:
+    """:data:`TRAINING_METRICS` of an exported student folder (``train.eval_every``), and its sample grid written
+    to ``grid``; the class metrics are left out for unconditional pipelines."""
+    result = evaluate(folder, num_images=num_images, metrics=TRAINING_METRICS, progress=False, device=device,
+                      grid=grid)
     return {k: v for k, v in result["metrics"].items() if k in TRAINING_METRICS}

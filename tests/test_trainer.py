@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -182,7 +183,7 @@ def test_lora_student_export_round_trip(sd_teacher, recipe, tmp_path):
 def test_periodic_evaluation_does_not_change_training(ddpm_teacher, recipe, tmp_path):
     calls = []
 
-    def evaluate_folder(folder, num_images, device):
+    def evaluate_folder(folder, num_images, device, grid=None):
         calls.append(DiffusionPipeline.from_pretrained(folder).scheduler.config["fastgen"]["method"])
         torch.randn(100)  # evaluation draws random numbers: training's RNG must not notice
         return {"fd": 1.0 / len(calls)}
@@ -268,3 +269,29 @@ def test_mixed_precision_defaults_to_the_accelerate_config(ddpm_teacher, recipe,
     assert recipes.load_recipe(recipe).train.mixed_precision == ""
     assert train("config")["mixed_precision"] == "bf16"
     assert train("recipe", "--set", "train.mixed_precision=no")["mixed_precision"] == "no"
+
+
+def test_evaluations_write_sample_grids_and_a_resume_continues_the_tensorboard_run(recipe, tmp_path):
+    """Each evaluation writes samples/step-N.png and logs it with the metrics; a resumed run logs into the same
+    TensorBoard run (logs/fastgen), and what a killed run logged after its checkpoint is purged."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from fastgen.eval.evaluate import training_evaluator
+
+    out = tmp_path / "run"
+    common = ["train.eval_every=2", "train.eval_images=10", "train.trackers=['tensorboard']", "train.log_every=1",
+              "train.checkpoint_every=2"]
+    run_training(recipe, common + ["train.steps=4"], teacher="digits-ddpm", out=str(out),
+                 evaluate_folder=training_evaluator)
+    shutil.rmtree(out / "checkpoints" / "checkpoint-0000004")  # as if killed after logging steps 3 and 4
+    run_training(recipe, common + ["train.steps=6"], teacher="digits-ddpm", out=str(out), resume=True,
+                 evaluate_folder=training_evaluator)
+    grids = ["samples/step-0000002.png", "samples/step-0000004.png", "samples/step-0000006.png"]
+    assert all((out / g).is_file() for g in grids)
+    records = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["samples"]) for r in records] == list(zip([2, 4, 6], grids))  # the killed part's 4: gone
+    assert [p.name for p in (out / "logs").iterdir()] == ["fastgen"]  # one run, continued
+    events = EventAccumulator(str(out / "logs" / "fastgen"), size_guidance={"images": 0, "scalars": 0}).Reload()
+    assert sorted({e.step for e in events.Images("eval/samples")}) == [2, 4, 6]
+    steps = [e.step for e in events.Scalars("train/s_per_step")]
+    assert sorted(steps) == [1, 2, 3, 4, 5, 6]  # steps 3 and 4 of the killed part are purged, then logged again

@@ -9,10 +9,12 @@ through :mod:`fastgen.pipelines`, as a plain diffusers folder (``<out>/student``
 
 Run folder layout: ``recipe.json`` (the resolved recipe; ``fastgen train <out>/recipe.json`` runs it
 again), ``teacher.json`` (the teacher's fingerprint, checked by ``--resume``), ``checkpoints/``, ``logs/``
-(trackers), ``cache/`` (encoded real images, teacher ODE pairs; safetensors), ``eval.jsonl``,
-``train_log.json``, ``student/``; for methods with several rounds also ``rounds/round-<r>/`` (each round's
-student, exported when the round ends); ``.lock`` (held by the running process, see
-:class:`~.runfolder.RunFolderLock`). Folders are written to a temporary name and renamed into place.
+(trackers; ``trackers.json``: the tracker run a resume continues), ``cache/`` (encoded real images, teacher
+ODE pairs; safetensors), ``eval.jsonl``, ``samples/`` (the sample grid of each evaluation),
+``train_log.json``, ``resumes.jsonl`` (each ``--resume`` and the recipe keys it changed), ``student/``; for
+methods with several rounds also ``rounds/round-<r>/`` (each round's student, exported when the round ends);
+``.lock`` (held by the running process, see :class:`~.runfolder.RunFolderLock`). Folders are written to a
+temporary name and renamed into place.
 """
 
 from __future__ import annotations
@@ -41,8 +43,10 @@ from .trainer import STATE_FILE, Trainer, TrainerConfig, latest_checkpoint
 
 OPTIONS_HELP = describe_options
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
-# ``evaluate(folder, num_images, device) -> metrics``: scores an exported student folder (fastgen.eval.evaluate).
-FolderEvaluator = Callable[[str, int, str], dict]
+# ``evaluate(folder, num_images, device, grid=PNG) -> metrics``: scores an exported student folder and writes its
+# sample grid to ``grid`` (fastgen.eval.evaluate.training_evaluator).
+FolderEvaluator = Callable[..., dict]
+SAMPLES_DIR = "samples"  # the sample grid of each evaluation during training: samples/step-<N>.png
 
 
 def load_teacher(name_or_path: str, allow_pickle: bool = False):
@@ -116,14 +120,17 @@ def export(method, pipe, folder: Path, lora_folder: Path | None = None, extra: d
 
 
 def folder_evaluation(method, pipe, out_dir: Path, evaluate_folder: FolderEvaluator, num_images: int, device):
-    """``fn(step) -> metrics``: export the current student to a scratch folder, score it, remove the folder."""
+    """``fn(step) -> metrics``: export the current student to a scratch folder, score it and write its sample grid
+    to ``out_dir/samples/step-<N>.png`` (the metrics' ``"samples"``, relative to ``out_dir``), remove the folder."""
 
     def evaluate(step: int) -> dict:
         folder = export(method, pipe, out_dir / "eval" / f"step-{step:07d}")
+        grid = Path(SAMPLES_DIR) / f"step-{step:07d}.png"
         try:
-            return evaluate_folder(str(folder), num_images, str(device))
+            metrics = evaluate_folder(str(folder), num_images, str(device), grid=out_dir / grid)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+        return {**metrics, "samples": str(grid)} if (out_dir / grid).is_file() else metrics
 
     return evaluate
 

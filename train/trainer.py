@@ -55,6 +55,10 @@ from fastgen.methods.base import DistillationMethod, OptimizerOptions
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
 TRAINER_TENSORS = "trainer_state.safetensors"
+TRACKERS_FILE = "trackers.json"  # the tracker run of a run folder (wandb's run id), continued on resume
+# Trackers that get each evaluation's sample grid, with the keywords of their ``log_images`` for one
+# ``[1, H, W, C]`` uint8 array (accelerate's trackers differ in the layout they expect).
+IMAGE_TRACKERS = {"tensorboard": {"dataformats": "NHWC"}, "wandb": {}}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -388,6 +392,8 @@ class Trainer:
         with open(self.out_dir / "eval.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         self.accelerator.log({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+        if metrics.get("samples"):
+            self._log_grid(self.out_dir / metrics["samples"], step)
         tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                  for k, v in metrics.items()))
 
@@ -414,12 +420,15 @@ class Trainer:
             start = self.load_checkpoint(last)
             tqdm.write(f"resumed from {last} (step {start})")
             self.history = [r for r in self._logged_history() if r.get("step", 0) <= start]
+            if acc.is_main_process:
+                self._drop_evaluations_after(start)
         if acc.is_main_process and self.checkpoint_dir.is_dir():
             for leftover in self.checkpoint_dir.glob(".tmp-checkpoint-*"):
                 shutil.rmtree(leftover, ignore_errors=True)
         if cfg.trackers:
             acc.init_trackers("fastgen", config={k: v for k, v in self.tracker_config.items()
-                                                 if isinstance(v, (int, float, str, bool))})
+                                                 if isinstance(v, (int, float, str, bool))},
+                              init_kwargs=self._tracker_kwargs(start))
         if start >= cfg.steps:
             tqdm.write(f"the run is complete (step {start} of train.steps = {cfg.steps}): nothing left to train")
         self.model.train()
@@ -488,6 +497,49 @@ class Trainer:
         if acc.is_main_process and (step_times or not log.is_file()):  # a complete run's resume keeps its log
             log.write_text(json.dumps(summary, indent=1))
         return summary
+
+    def _tracker_kwargs(self, start: int) -> dict:
+        """accelerate's ``init_kwargs`` that make a resumed run continue its tracker run: TensorBoard writes into
+        the same ``logs/fastgen`` folder and hides what a killed run logged after its checkpoint (``purge_step``:
+        the steps after ``start``); wandb resumes the run id stored in ``trackers.json`` (``resume="allow"``)."""
+        kwargs: dict = {}
+        if "tensorboard" in self.config.trackers and start > 0:
+            kwargs["tensorboard"] = {"purge_step": start + 1}
+        if "wandb" in self.config.trackers:
+            import wandb
+
+            path = self.out_dir / TRACKERS_FILE
+            stored = json.loads(path.read_text()) if path.is_file() else {}
+            if not stored.get("wandb_id"):
+                stored["wandb_id"] = wandb.util.generate_id()
+                if self.accelerator.is_main_process:
+                    path.write_text(json.dumps(stored))
+            kwargs["wandb"] = {"id": stored["wandb_id"], "resume": "allow", "name": self.out_dir.name,
+                               "dir": str(self.out_dir / "logs")}
+        return kwargs
+
+    def _log_grid(self, path: Path, step: int) -> None:
+        """Log an evaluation's sample grid (a PNG) to the trackers that take images."""
+        import numpy as np
+        from PIL import Image
+
+        image = np.asarray(Image.open(path).convert("RGB"))[None]
+        for name, kwargs in IMAGE_TRACKERS.items():
+            if name in self.config.trackers:
+                self.accelerator.get_tracker(name).log_images({"eval/samples": image}, step=step, **kwargs)
+
+    def _drop_evaluations_after(self, step: int) -> None:
+        """Remove from ``eval.jsonl`` the evaluations a killed run made after the checkpoint it resumes from (the
+        resumed run makes them again), as TensorBoard's ``purge_step`` hides its logs."""
+        records = self.out_dir / "eval.jsonl"
+        if not records.is_file():
+            return
+        lines = records.read_text().splitlines()
+        keep = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+        if len(keep) != len(lines):
+            tmp = records.with_name(".tmp-eval.jsonl")
+            tmp.write_text("".join(line + "\n" for line in keep))
+            os.replace(tmp, records)
 
     def _logged_history(self) -> list[dict]:
         """The history of ``out_dir/train_log.json`` (empty when there is none or it is unreadable)."""
