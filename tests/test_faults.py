@@ -92,6 +92,8 @@ def files(root, teacher):
     (f / "unrelated" / "notes.md").write_text("someone's notes\n")
     (f / "empty_dir").mkdir()
     (f / "prompts.txt").write_text("a photo of a bag\n")
+    (f / "broken_images").mkdir()
+    (f / "broken_images" / "bad.png").write_bytes(b"not a png")
     (f / "no_checkpoint" / "checkpoints").mkdir(parents=True)
     (f / "no_checkpoint" / "recipe.json").write_text("{}")
     np.savez(f / "stats.npz", mu=np.zeros(4), sigma=np.eye(4))
@@ -177,6 +179,13 @@ CASES = [
     (TRAIN + ["--set", "critic.gan_head=true", "--set", "dmd2.gan_critic_weight=0.1"],
      "needs real images: set data.real"),
     (TRAIN + ["--set", "method=dmd", "--set", "critic.gan_head=true"], "dmd has no GAN term"),
+    (TRAIN + ["--set", "critic.gan_head=true", "--set", "dmd2.gan_critic_weight=0.1", "--set",
+              "data.real=/no/such/images"], "Image folder /no/such/images does not exist"),
+    (TRAIN + ["--set", "critic.gan_head=true", "--set", "dmd2.gan_critic_weight=0.1", "--set",
+              "data.real={f}/empty_dir"], "empty_dir has no images"),
+    (TRAIN + ["--set", "critic.gan_head=true", "--set", "dmd2.gan_critic_weight=0.1", "--set",
+              "data.real={f}/broken_images"], "bad.png cannot be read"),
+    (TRAIN + ["--set", "data.num_workers=-1"], "num_workers must be >= 0"),
     (TRAIN + ["--set", "dmd2.guidance_scale=2"], "dmd2.guidance_scale = 2.0, but the teacher is unconditional"),
     (TRAIN + ["--set", "method=sid", "--set", "sid.guidance=lsg"], "sid.guidance = 'lsg' needs a text-conditional"),
     (TRAIN + ["--set", "train.trackers=['no-such-tracker-fastgen']"], "no-such-tracker-fastgen"),

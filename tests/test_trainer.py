@@ -295,3 +295,28 @@ def test_evaluations_write_sample_grids_and_a_resume_continues_the_tensorboard_r
     assert sorted({e.step for e in events.Images("eval/samples")}) == [2, 4, 6]
     steps = [e.step for e in events.Scalars("train/s_per_step")]
     assert sorted(steps) == [1, 2, 3, 4, 5, 6]  # steps 3 and 4 of the killed part are purged, then logged again
+
+
+def test_gan_run_on_an_image_folder_streams_it_and_resumes_exactly(sd_teacher, recipe, tmp_path):
+    """data.real = a folder of odd-sized images: DMD2's GAN head trains on it through the streamed, VAE-encoded
+    batches at the teacher's latent shape, and a run stopped and resumed ends as the uninterrupted one."""
+    from test_real_images import odd_folder
+
+    from fastgen.train.real_images import RealImageStream
+
+    folder = odd_folder(tmp_path / "images")
+    pipe = StableDiffusionPipeline.from_pretrained(sd_teacher)
+    assert RealImageStream(pipe, folder, batch_size=4, num_workers=0).next_batch().shape == (4, 4, 8, 8)
+    gan = ["critic.gan_head=true", "dmd2.gan_generator_weight=0.01", "dmd2.gan_critic_weight=0.01",
+           f"data.real={folder}", "data.num_workers=1", "data.prompts=zoo", "train.batch_size=2"]
+    whole = run_training(recipe, gan, teacher=str(sd_teacher), out=str(tmp_path / "whole"))
+    run_training(recipe, gan + ["train.steps=3"], teacher=str(sd_teacher), out=str(tmp_path / "part"))
+    checkpoint = load_file(str(tmp_path / "part" / "checkpoints" / "checkpoint-0000003" / "trainer_state.safetensors"))
+    assert checkpoint["data.real_position"].tolist() == [3]  # the stream's position is checkpointed
+    resumed = run_training(recipe, gan + ["data.num_workers=0"], teacher=str(sd_teacher), out=str(tmp_path / "part"),
+                           resume=True)
+    a, b = weights(whole), weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    final = load_file(str(tmp_path / "whole" / "checkpoints" / "checkpoint-0000006" / "model.safetensors"))
+    assert any("head" in k for k in final)  # the GAN head trained and is checkpointed
+    assert not (tmp_path / "whole" / "cache" / "real.safetensors").exists()  # streamed, not encoded whole

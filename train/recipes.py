@@ -49,12 +49,16 @@ class DataOptions:
 
     prompts: str = option("zoo", "prompt list: a text file with one prompt per line, or 'zoo' (the zoo's class prompts)")
     real: str = option("", "real images for methods that need them (GAN losses): '' (none, data-free), 'zoo' (the zoo "
-                           "teacher's dataset) or an image folder at the teacher's resolution")
+                           "teacher's dataset) or an image folder (any sizes: streamed, resized and center-cropped to "
+                           "the teacher's resolution)")
     max_real_images: int = option(10000, "use at most this many real images")
+    num_workers: int = option(2, "DataLoader processes that read and resize an image folder (0: the training process)")
 
     def validate(self) -> None:
         if self.max_real_images < 1:
             raise ValueError(f"max_real_images must be >= 1, got {self.max_real_images}.")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}.")
 
 
 @dataclass

@@ -32,7 +32,7 @@ RESUMES_FILE = "resumes.jsonl"  # each --resume: when, from which checkpoint, wh
 # The teacher is compared by its weights (teacher.json), not by the name it was given.
 RESUMABLE_KEYS = frozenset({"train.steps", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
                             "train.eval_every", "train.eval_images", "train.trackers", "train.progress",
-                            "train.export_lora", "out", "name", "teacher"})
+                            "train.export_lora", "data.num_workers", "out", "name", "teacher"})
 
 
 def launch_rank() -> int:

@@ -36,6 +36,7 @@ from fastgen.pipelines.sampler import student_timesteps
 from fastgen.schedule import check_timesteps, schedule_from_scheduler_config
 
 from .data import BatchStream, PromptBank, load_prompts, load_real, teacher_ode_pairs
+from .real_images import RealImageStream
 from .recipes import Recipe, describe_options, flatten, load_recipe
 from .runfolder import (RECIPE_FILE, RESUMES_FILE, TEACHER_FILE, RunFolderLock, launch_rank, read_json,
                         recipe_differences, teacher_differences, write_json)
@@ -93,10 +94,14 @@ def build_data(recipe: Recipe, pipe, method, out_dir: Path, device, num_shards: 
         if not recipe.data.real:
             raise ValueError(f"{needs.why_real or recipe.method} needs real images: set data.real to 'zoo' or an image "
                              "folder.")
-        real = load_real(pipe, recipe.data.real, zoo.name_of(recipe.teacher), recipe.data.max_real_images,
-                         out_dir / "cache" / "real.safetensors", recipe.seed)
-        if text and real.prompts is not None:
-            real_bank = PromptBank(pipe, real.prompts, device)
+        if recipe.data.real == "zoo":
+            real = load_real(pipe, recipe.data.real, zoo.name_of(recipe.teacher), recipe.data.max_real_images,
+                             out_dir / "cache" / "real.safetensors", recipe.seed)
+            if text and real.prompts is not None:
+                real_bank = PromptBank(pipe, real.prompts, device)
+        else:  # an image folder of any size: streamed, never loaded whole
+            real = RealImageStream(pipe, recipe.data.real, recipe.train.batch_size, recipe.seed,
+                                   recipe.data.max_real_images, recipe.data.num_workers, num_shards, shard)
     pairs, spec = None, needs.teacher_pairs
     if spec is not None:
         pairs = teacher_ode_pairs(pipe, method.teacher, bank, spec.count, spec.steps, spec.guidance_scale,
@@ -328,7 +333,10 @@ def _run(cfg: Recipe, out_dir: Path, checkpoint: Path | None, evaluate_folder, a
             record_resume(out_dir, saved, cfg.to_dict(), checkpoint)
         write_json(out_dir / RECIPE_FILE, cfg.to_dict())
         write_json(out_dir / TEACHER_FILE, {"teacher": cfg.teacher, "components": fingerprint})
-    summary = trainer.train(batches, resume=checkpoint is not None, checkpoint=checkpoint)
+    try:
+        summary = trainer.train(batches, resume=checkpoint is not None, checkpoint=checkpoint)
+    finally:
+        batches.close()
     folder = out_dir / "student"
     if acc.is_main_process:
         export_trained(cfg, method, pipe, trainer, folder, lora_folder, t.steps)
