@@ -18,7 +18,7 @@ from fastgen.pipelines.export import read_metadata
 from fastgen.pipelines.generate import PipelineSampler
 from fastgen.train import recipes
 from fastgen.train.data import BatchStream, PromptBank
-from fastgen.train.runner import run_training
+from fastgen.train.runner import export_checkpoint, run_training
 from fastgen.train.trainer import NonFiniteLossError, latest_checkpoint
 
 PROMPTS = ["a photo of a bag", "a photo of a coat"]
@@ -160,8 +160,12 @@ def test_lora_student_export_round_trip(sd_teacher, recipe, tmp_path):
     """A briefly trained 2-step LoRA student: the fused folder loads with plain diffusers and gives
     fastgen's sampler output; the LoRA file on the teacher gives the same images."""
     folder = run_training(recipe, ["student.num_steps=2", "student.lora_rank=4", "critic.lora_rank=4",
-                                   "train.steps=2", "dmd2.ratio=1", "optim.generator.lr=1e-2", "train.checkpoint_every=0"],
+                                   "train.steps=2", "dmd2.ratio=1", "optim.generator.lr=1e-2", "train.checkpoint_every=2"],
                           teacher=str(sd_teacher), out=str(tmp_path / "lora"))
+    again = export_checkpoint(tmp_path / "lora", out=tmp_path / "again")  # fastgen export: the same two folders
+    a, b = weights(folder), weights(again)
+    assert all(torch.equal(a[k], b[k]) for k in a) and (tmp_path / "again_lora" / "pytorch_lora_weights.safetensors"
+                                                         ).is_file()
     meta = read_metadata(folder)
     assert meta["timesteps"] == [999, 499] and meta["method"] == "dmd2" and meta["guidance_scale"] == 0.0
     pipe = DiffusionPipeline.from_pretrained(folder)

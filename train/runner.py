@@ -290,15 +290,15 @@ def build_run(cfg: Recipe, out_dir: Path, allow_pickle: bool, resumed: bool, tra
     return pipe, fingerprint, method, trainer
 
 
-def lora_output(cfg: Recipe, pipe, out_dir: Path) -> Path | None:
-    """``out_dir/student_lora`` when the run also writes the LoRA file (``train.export_lora``), else ``None``."""
+def lora_output(cfg: Recipe, pipe, folder: Path) -> Path | None:
+    """``folder`` when the run also writes its LoRA file there (``train.export_lora``), else ``None``."""
     if not (cfg.student.lora_rank and cfg.train.export_lora):
         return None
     if not hasattr(type(pipe), "save_lora_weights"):
         print(f"note: {type(pipe).__name__} has no LoRA loader, so only the fused student is exported "
               "(train.export_lora applies to pipelines with one).")
         return None
-    return out_dir / "student_lora"
+    return folder
 
 
 def export_trained(cfg: Recipe, method, pipe, trainer: Trainer, folder: Path, lora_folder: Path | None,
@@ -319,7 +319,7 @@ def _run(cfg: Recipe, out_dir: Path, checkpoint: Path | None, evaluate_folder, a
     if checkpoint is not None and saved_steps != t.steps and len(method.rounds(t.steps)) > 1:
         raise ValueError(f"--resume: method {cfg.method!r} trains in rounds whose lengths follow train.steps, so it "
                          f"cannot change on resume (the run's: {saved_steps}, now {t.steps}).")
-    lora_folder = lora_output(cfg, pipe, out_dir)
+    lora_folder = lora_output(cfg, pipe, out_dir / "student_lora")
     acc = trainer.accelerator
     if t.eval_every:
         trainer.evaluate = folder_evaluation(method, pipe, out_dir, evaluate_folder, t.eval_images, trainer.device)
@@ -402,8 +402,7 @@ def export_checkpoint(run_or_checkpoint: str | Path, out: str | Path | None = No
     check_replaceable(folder, "model_index.json", "--out")
     pipe, _, method, trainer = build_run(cfg, run_dir, allow_pickle, resumed=True, trackers=False)
     trainer.load_checkpoint(checkpoint)
-    lora_folder = lora_output(cfg, pipe, folder.parent)
-    lora_folder = folder.with_name(folder.name + "_lora") if lora_folder is not None else None
+    lora_folder = lora_output(cfg, pipe, folder.with_name(folder.name + "_lora"))
     export_trained(cfg, method, pipe, trainer, folder, lora_folder, step)
     trainer.end()
     print(f"exported {checkpoint} (step {step}) to {folder}")
