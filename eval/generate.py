@@ -111,7 +111,7 @@ def unconditional_call(pipe, batch_size: int, num_inference_steps: int, generato
 
 @dataclass
 class Generated:
-    """Images in [0, 1] with what made them and how long it took."""
+    """Images in [0, 1] with what made them and how long it took (``batch_seconds``: each pipeline call)."""
 
     images: torch.Tensor
     labels: torch.Tensor | None
@@ -119,6 +119,15 @@ class Generated:
     seconds: float
     nfe: int
     call: dict = field(default_factory=dict)
+    batch_seconds: list[float] = field(default_factory=list)
+    batch_sizes: list[int] = field(default_factory=list)
+
+    def timed(self) -> tuple[int, float]:
+        """``(images, seconds)`` for speed figures: every call but the first (the warm-up: lazy initialisation,
+        allocator and kernel caches), or the one call there is."""
+        if len(self.batch_seconds) < 2:
+            return len(self.images), self.seconds
+        return sum(self.batch_sizes[1:]), sum(self.batch_seconds[1:])
 
 
 def generate(pipe, num_images: int, num_inference_steps: int | None = None, timesteps: list[int] | None = None,
@@ -161,15 +170,19 @@ def generate(pipe, num_images: int, num_inference_steps: int | None = None, time
         if guidance_scale is not None:
             kwargs["guidance_scale"] = guidance_scale
     generator = torch.Generator().manual_seed(seed)
-    chunks = []
+    chunks, batch_seconds, batch_sizes = [], [], []
     start = time.perf_counter()
     for lo in tqdm(range(0, num_images, batch_size), desc="generating", disable=not progress, leave=False):
         n = min(batch_size, num_images - lo)
+        tick = time.perf_counter()
         with torch.no_grad():
             if text:
                 out = pipe(prompt=all_prompts[lo:lo + n], generator=generator, output_type="np", **kwargs).images
                 chunks.append(torch.from_numpy(out).permute(0, 3, 1, 2).float())
             else:
                 chunks.append(unconditional_call(pipe, n, kwargs["num_inference_steps"], generator).float().cpu())
+        batch_seconds.append(time.perf_counter() - tick)
+        batch_sizes.append(n)
     seconds = time.perf_counter() - start
-    return Generated(torch.cat(chunks), labels, all_prompts if text else None, seconds, nfe, kwargs)
+    return Generated(torch.cat(chunks), labels, all_prompts if text else None, seconds, nfe, kwargs, batch_seconds,
+                     batch_sizes)

@@ -131,7 +131,7 @@ tags:
 
 # {meta['num_steps']}-step {meta['method']} student of `{meta['teacher']}`
 
-Distilled with [fastgen](https://pypi.org/project/fastgen/) (method: `{meta['method']}`). This is a plain
+Distilled with [fastgen](https://pypi.org/project/fastgen-diffusion/) (method: `{meta['method']}`). This is a plain
 `{pipe_class}` with a `{scheduler_class}`; fastgen is not needed to run it.
 
 ```python

@@ -62,3 +62,12 @@ log_every = {log_every}
 progress = false
 """)
     return str(path)
+
+
+def save_tiny_ddpm(folder, seed: int = 0):
+    """Write a tiny ``DDPMPipeline`` teacher (safetensors) to ``folder`` and return the folder."""
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    torch.manual_seed(seed)
+    DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(folder)
+    return folder
