@@ -252,7 +252,8 @@ def _model_card(pipe_class: str, scheduler_class: str, meta: dict, call: str, is
                 license_id: str | None) -> str:
     """The student's README.md: Hugging Face model-card YAML, the exact call, what other step counts do."""
     example = 'pipe("a photo of a sneaker", ' if is_text else "pipe("
-    lines = ["---", "library_name: diffusers", f"pipeline_tag: {'text-to-image' if is_text else 'unconditional-image-generation'}"]
+    tag = "text-to-image" if is_text else "unconditional-image-generation"
+    lines = ["---", "library_name: diffusers", f"pipeline_tag: {tag}"]
     if hub_id is not None:
         lines.append(f"base_model: {hub_id}")
     lines.append(f"license: {license_id or 'other'}")
@@ -288,16 +289,16 @@ fastgen metadata (`{METADATA_FILE}`):
 """
 
 
-def _pipeline_kwargs(pipeline_class, pipe, components: dict) -> dict:
-    """The components and config entries (``requires_safety_checker``, ...) of ``pipe`` that ``pipeline_class``
-    takes; a component it requires that ``pipe`` lacks is ``None``."""
+def pipeline_kwargs(pipeline_class, components: dict, config: dict) -> dict:
+    """The arguments that build ``pipeline_class`` from ``components`` and a pipeline ``config``
+    (``requires_safety_checker``, ...): those it takes; a component it requires that is missing is ``None``."""
     params = inspect.signature(pipeline_class.__init__).parameters
     kwargs = {name: components.get(name) for name in params if name != "self" and
               params[name].kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD) and
               (name in components or params[name].default is inspect.Parameter.empty)}
     for name in params:
-        if name not in kwargs and name in pipe.config and not name.startswith("_"):
-            kwargs[name] = pipe.config[name]
+        if name not in kwargs and name in config and not name.startswith("_"):
+            kwargs[name] = config[name]
     if "requires_safety_checker" in params and kwargs.get("safety_checker") is None:
         kwargs["requires_safety_checker"] = False  # no checker: nothing to require (and no warning at every load)
     return kwargs
@@ -350,7 +351,7 @@ def export_student(teacher, out_dir: str | Path, *, model: torch.nn.Module | Non
         check_student_network(pipe, network_name, model)
         components[network_name] = model
     components["scheduler"] = scheduler
-    student = pipeline_class(**_pipeline_kwargs(pipeline_class, pipe, components))
+    student = pipeline_class(**pipeline_kwargs(pipeline_class, components, dict(pipe.config)))
     card = _model_card(pipeline_class.__name__, type(scheduler).__name__, meta, call, is_text, hub_id,
                        teacher_license(pipe, hub_id))
     with writing_folder(out_dir, marker="model_index.json", what="Student folder") as tmp:
@@ -376,23 +377,29 @@ def read_metadata(folder: str | Path) -> dict:
     return json.loads(legacy.read_text()).get(LEGACY_METADATA_KEY, {}) if legacy.is_file() else {}
 
 
-def pipeline_metadata(pipe) -> dict:
-    """The fastgen metadata of a loaded pipeline: its folder's (:func:`read_metadata`), for a hub id the repo's
-    ``fastgen.json`` (through the hub cache), else the legacy scheduler-config key; {} for other pipelines."""
-    source = str(getattr(pipe, "name_or_path", None) or "")
-    if source and (Path(source) / "model_index.json").is_file():
-        meta = read_metadata(source)
-        if meta:
-            return meta
-    elif source and HUB_ID.match(source):
+def source_metadata(source: str | Path, **hub_kwargs) -> dict:
+    """The fastgen metadata of a pipeline folder or hub id (``fastgen.json`` through the hub cache, with
+    ``hub_kwargs`` such as ``revision``); {} where there is none or the hub cannot be reached."""
+    if (Path(source) / "model_index.json").is_file():
+        return read_metadata(source)
+    if HUB_ID.match(str(source)):
         try:
             from huggingface_hub import hf_hub_download
 
-            return json.loads(Path(hf_hub_download(source, METADATA_FILE)).read_text())
+            return json.loads(Path(hf_hub_download(str(source), METADATA_FILE, **hub_kwargs)).read_text())
         except Exception:  # noqa: BLE001 -- offline or no such file: not a fastgen student as far as we can tell
-            pass
-    return dict(dict(pipe.scheduler.config).get(LEGACY_METADATA_KEY) or {})
+            return {}
+    return {}
 
 
-__all__ = ["export_student", "exported_scheduler", "read_metadata", "pipeline_metadata", "student_pipeline_class",
+def pipeline_metadata(pipe) -> dict:
+    """The fastgen metadata of a loaded pipeline: its folder's or hub repo's (:func:`source_metadata`), else the
+    legacy scheduler-config key; {} for other pipelines."""
+    source = str(getattr(pipe, "name_or_path", None) or "")
+    meta = source_metadata(source) if source else {}
+    return meta or dict(dict(pipe.scheduler.config).get(LEGACY_METADATA_KEY) or {})
+
+
+__all__ = ["export_student", "exported_scheduler", "read_metadata", "source_metadata", "pipeline_metadata",
+           "pipeline_kwargs", "student_pipeline_class",
            "teacher_reference", "check_student_network", "call_arguments", "METADATA_FILE"]

@@ -55,7 +55,8 @@ def run_diffusers_only(tmp_path, jobs, quiet=True):
     proc = subprocess.run([sys.executable, str(script), str(spec), str(result)], capture_output=True, text=True,
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert not quiet or proc.stdout == proc.stderr == "", f"loading or calling an exported folder printed:\n{proc.stderr}{proc.stdout}"
+    printed = proc.stderr + proc.stdout
+    assert not quiet or printed == "", f"loading or calling an exported folder printed:\n{printed}"
     data = np.load(result)
     return [torch.from_numpy(data[str(i)]).permute(0, 3, 1, 2) for i in range(len(jobs))]
 
@@ -183,8 +184,8 @@ def lcm_steps(t0: int, n: int) -> list[int]:
 
 def test_every_step_count_runs_and_is_fastgen_sampler(teachers, tmp_path):
     """The default call (50 steps for Stable Diffusion, 1 for the unconditional ConsistencyModelPipeline) and any
-    N up to t0 + 1 (tested to 50) run on 1- and 4-step students, as fastgen's multistep sampler on the timesteps docs/export.md
-    gives; the trained N gives the trained timesteps."""
+    N up to t0 + 1 (tested to 50) run on 1- and 4-step students, as fastgen's multistep sampler on the timesteps
+    docs/export.md gives; the trained N gives the trained timesteps."""
     jobs, expected = [], []
     sd, digits = teachers["fmnist-ldm"], teachers["digits-ddpm"]
     for trained in ([749], [999, 749, 499, 249]):
