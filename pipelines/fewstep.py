@@ -32,7 +32,7 @@ from fastgen.denoiser import Denoiser, check_guidance_scale
 from fastgen.schedule import check_timesteps, schedule_from_scheduler_config
 
 from .export import METADATA_FILE, pipeline_kwargs, source_metadata
-from .generate import PipelineSampler
+from .generate import PipelineSampler, placement
 from .sampler import SAMPLERS, sample_ddim
 
 COMPONENTS = ("unet", "transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
@@ -223,11 +223,11 @@ class FewStepPipeline(DiffusionPipeline):
             n = len(prompts)
         else:
             prompts, n = None, batch_size * num_images_per_prompt
+        device, dtype = self._placement(sampler.denoiser.model)
         cond, uncond, w = sampler.conditioning(prompts, guidance, negative_prompt,
-                                               need_uncond=hybrid and w_teacher is not None)
-        model = sampler.denoiser.model
+                                               need_uncond=hybrid and w_teacher is not None, device=device)
         x = latents if latents is not None else randn_tensor((n, *sampler.latent_shape), generator=generator,
-                                                             device=model.device, dtype=model.dtype)
+                                                             device=device, dtype=dtype)
         refine = None
         if hybrid:
             if teacher is None and self.teacher is not None:
@@ -249,6 +249,14 @@ class FewStepPipeline(DiffusionPipeline):
         images = x if output_type == "latent" else self._postprocess(base, sampler, x, output_type)
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+    def _placement(self, model) -> tuple[torch.device, torch.dtype]:
+        """The execution device and dtype: the student's parameters', or with offloading hooks diffusers' own
+        ``_execution_device`` (which walks every submodule: not per call otherwise)."""
+        device, dtype = placement(model)
+        if getattr(model, "_hf_hook", None) is not None or getattr(model, "_diffusers_hook", None) is not None:
+            device = self._execution_device
+        return device, dtype
 
     @staticmethod
     def _refinement(teacher: Denoiser, cond, uncond, w, student: Denoiser, strength: float, steps: int,

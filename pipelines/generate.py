@@ -27,13 +27,21 @@ def denoiser_from_pipeline(pipe, model: torch.nn.Module | None = None) -> Denois
     return Denoiser(network, schedule_from_scheduler_config(pipe.scheduler.config))
 
 
-def encode_prompts(pipe, prompts: Sequence[str], negative_prompt: str = "",
-                   guidance: bool = True) -> tuple[Conditioning, Conditioning | None]:
+def placement(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    """``(device, dtype)`` of a network's first parameter. diffusers' ``model.device`` / ``pipe.device`` walk every
+    submodule looking for offloading hooks, milliseconds per call of Python for a small network's call."""
+    parameter = next(module.parameters())
+    return parameter.device, parameter.dtype
+
+
+def encode_prompts(pipe, prompts: Sequence[str], negative_prompt: str = "", guidance: bool = True,
+                   device: torch.device | None = None) -> tuple[Conditioning, Conditioning | None]:
     """Conditioning of ``prompts`` and of the negative prompt, with the pipeline's own ``encode_prompt``
-    (without ``guidance`` the negative prompt is not encoded and ``None`` is returned for it)."""
+    (without ``guidance`` the negative prompt is not encoded and ``None`` is returned for it), on ``device``
+    (default: the pipeline's)."""
     if not hasattr(pipe, "encode_prompt"):
         raise TypeError(f"{type(pipe).__name__} is not text-conditional; pass batch_size instead of prompts.")
-    device = pipe.device
+    device = device if device is not None else pipe.device
     if "text_encoder_3" in getattr(pipe, "components", {}):  # SD3: (embeds, neg, pooled, neg_pooled)
         embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
             prompt=list(prompts), prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=1,
@@ -62,9 +70,10 @@ class PipelineSampler:
         return (cfg.in_channels, size, size)
 
     def conditioning(self, prompts: Sequence[str] | None, guidance_scale: float | None, negative_prompt: str = "",
-                     need_uncond: bool = False):
+                     need_uncond: bool = False, device: torch.device | None = None):
         """``(cond, uncond, w)`` with diffusers' convention: guidance only when ``w > 1``. The negative prompt is
-        encoded only when guidance (or ``need_uncond``) needs it; ``uncond`` is ``None`` otherwise."""
+        encoded only when guidance (or ``need_uncond``) needs it; ``uncond`` is ``None`` otherwise. ``device``:
+        where the embeddings go (default: the pipeline's)."""
         if prompts is None:
             if self.denoiser.is_conditional:
                 raise ValueError("This pipeline is text-conditional: pass prompts.")
@@ -74,7 +83,8 @@ class PipelineSampler:
         embedded = getattr(unet_cfg, "time_cond_proj_dim", None) is not None  # guidance distilled into a w-embedding
         if embedded:
             w = None
-        cond, uncond = encode_prompts(self.pipe, prompts, negative_prompt, guidance=w is not None or need_uncond)
+        cond, uncond = encode_prompts(self.pipe, prompts, negative_prompt, guidance=w is not None or need_uncond,
+                                      device=device)
         if embedded:
             scale = torch.full((len(prompts),), (guidance_scale or 1.0) - 1.0)
             cond.timestep_cond = self.pipe.get_guidance_scale_embedding(
@@ -88,7 +98,7 @@ class PipelineSampler:
             latents = latents / vae.config.scaling_factor
             if getattr(vae.config, "shift_factor", None):
                 latents = latents + vae.config.shift_factor
-            latents = vae.decode(latents.to(vae.dtype)).sample
+            latents = vae.decode(latents.to(placement(vae)[1])).sample
         return (latents / 2 + 0.5).clamp(0, 1)
 
     @torch.no_grad()
@@ -118,6 +128,7 @@ class PipelineSampler:
         cond, uncond, w = self.conditioning(prompts, guidance_scale)
         n = len(prompts) if prompts is not None else batch_size
         model = self.denoiser.model
-        noise = randn_tensor((n, *self.latent_shape), generator=generator, device=model.device, dtype=model.dtype)
+        device, dtype = placement(model)
+        noise = randn_tensor((n, *self.latent_shape), generator=generator, device=device, dtype=dtype)
         latents = SAMPLERS[sampler](self.denoiser, noise, timesteps, cond, uncond, w, generator, progress)
         return latents if output == "latents" else self.decode(latents)

@@ -208,6 +208,26 @@ def test_every_step_count_runs_and_is_fastgen_sampler(teachers, tmp_path):
         torch.testing.assert_close(got, want.float(), atol=1e-4, rtol=0, msg=lambda m: f"{job}: {m}")
 
 
+def test_default_call_returns_an_image_for_every_kind_of_student(teachers, tmp_path):
+    """`pipe(prompt)` / `pipe()` with no other argument, in a fresh diffusers-only process that prints nothing:
+    LCM (1 and 4 steps, cut schedule, custom timesteps), DDIM and LoRA-fused students of both zoo teachers."""
+    sd, digits = teachers["fmnist-ldm"], teachers["digits-ddpm"]
+    lora = type(sd.unet).from_config(sd.unet.config)
+    lora.load_state_dict(sd.unet.state_dict())
+    add_lora(lora, "student", rank=2, init_lora_weights=False)
+    kinds = [(sd, [749], "multistep", None), (sd, [999, 749, 499, 249], "multistep", None),
+             (sd, [249], "multistep", None), (sd, [625, 300], "multistep", None),
+             (sd, [999, 749, 499, 249], "ddim", None), (sd, [749], "multistep", fuse_student(lora, "student")),
+             (digits, [749], "multistep", None), (digits, [249], "multistep", None),
+             (digits, [999, 749, 499, 249], "ddim", None)]
+    jobs = []
+    for i, (pipe, timesteps, sampler, model) in enumerate(kinds):
+        folder = export_student(pipe, tmp_path / str(i), model=model, timesteps=timesteps, sampler=sampler)
+        jobs.append({"folder": str(folder), "kwargs": {"prompt": PROMPTS[0]} if pipe is sd else {}, "seed": i})
+    for (pipe, *_), images in zip(kinds, run_diffusers_only(tmp_path, jobs)):
+        assert images.shape == ((1, 1, 32, 32) if pipe is sd else (1, 1, 8, 8)) and torch.isfinite(images).all()
+
+
 def test_model_card_and_metadata(teachers, tmp_path):
     """Card YAML: base_model only for a hub teacher, the teacher's license, pipeline_tag; no local path anywhere."""
     from huggingface_hub import ModelCard
