@@ -112,7 +112,8 @@ class FewStepPipeline(DiffusionPipeline):
             from .loading import load_pipeline
 
             teacher = load_pipeline(str(teacher), what="Teacher")
-        network = teacher.components.get("unet") or teacher.components.get("transformer")
+        network = teacher.components.get("unet")
+        network = network if network is not None else teacher.components.get("transformer")
         self.register_modules(teacher=network.to(self.device), teacher_scheduler=teacher.scheduler)
         return self
 
