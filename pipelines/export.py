@@ -220,12 +220,17 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 def teacher_reference(pipe) -> tuple[str, str | None]:
     """``(name, hub_id)`` of a teacher pipeline for the metadata and model card, with no local path in them: the
-    zoo name (``fmnist-ldm``), the hub id it was loaded from (also returned as ``hub_id``), or the last part of a
-    local folder's path; ``"teacher"`` for a pipeline built in memory."""
+    zoo name (``fmnist-ldm``), the hub id it was loaded from, directly or as a folder of the hub cache (also
+    returned as ``hub_id``), or the last part of a local folder's path; ``"teacher"`` for a pipeline built in
+    memory."""
     source = str(getattr(pipe, "name_or_path", None) or "")
     if not source:
         return "teacher", None
     if Path(source).exists():
+        cached = [p.name[len("models--"):] for p in Path(source).resolve().parents if p.name.startswith("models--")]
+        if cached:  # a snapshot folder of the hub cache: .../models--owner--name/snapshots/<revision>
+            hub_id = cached[0].replace("--", "/", 1)
+            return hub_id, hub_id
         return zoo.name_of(source) or Path(source).resolve().name, None
     if HUB_ID.match(source):
         return source, source

@@ -250,6 +250,11 @@ def test_model_card_and_metadata(teachers, tmp_path):
     assert read_metadata(hub_student)["teacher"] == "some-org/tiny-sd"
     data = ModelCard.load(export_student(digits, tmp_path / "digits", timesteps=[749]) / "README.md").data
     assert data.pipeline_tag == "unconditional-image-generation"
+    snapshot = tmp_path / "hub" / "models--some-org--tiny-ddpm" / "snapshots" / "0123abc"  # a hub cache folder
+    digits.save_pretrained(snapshot)
+    cached = DiffusionPipeline.from_pretrained(snapshot)
+    data = ModelCard.load(export_student(cached, tmp_path / "cached", timesteps=[749]) / "README.md").data
+    assert data.base_model == "some-org/tiny-ddpm" and read_metadata(tmp_path / "cached")["teacher"] == data.base_model
 
 
 def test_folder_loads_with_transformers_4_files(teachers, tmp_path):
