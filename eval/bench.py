@@ -46,7 +46,7 @@ def bench(teacher: str, students: list[str] = (), solvers=tuple(SOLVERS), nfes=N
     """
     from tqdm.auto import tqdm
 
-    from fastgen.pipelines.export import read_metadata
+    from fastgen.pipelines.export import pipeline_metadata, read_metadata
 
     # every check before the first image: solvers, step counts, the call, the output folder, the students
     solvers, nfes = list(solvers), list(nfes)
@@ -88,7 +88,7 @@ def bench(teacher: str, students: list[str] = (), solvers=tuple(SOLVERS), nfes=N
         row, _ = run_one(student, zoo_name, metrics, num_images, steps=call.get("steps"),
                          timesteps=call.get("timesteps"), guidance=call.get("guidance"), seed=seed,
                          batch_size=batch_size, device=device, progress=False, prompts=prompt_list)
-        meta = dict(student.scheduler.config)["fastgen"]
+        meta = pipeline_metadata(student)
         rows.append({"sampler": f"{meta['method']} student ({Path(folder).name})", "kind": "student",
                      "guidance": call.get("guidance"), **row})
     baseline = next((r["s_per_image"] for r in rows if r["sampler"] == "ddim" and r["nfe"] == 50), None)

@@ -202,7 +202,9 @@ def run_one(pipe, zoo_name, metrics, num_images, steps=None, timesteps=None, gui
 
 def student_call(pipe) -> dict:
     """``{"steps"|"timesteps", "guidance"}`` from an exported student's fastgen metadata ({} for others)."""
-    meta = dict(pipe.scheduler.config).get("fastgen") or {}
+    from fastgen.pipelines.export import pipeline_metadata
+
+    meta = pipeline_metadata(pipe)
     if not meta:
         return {}
     call = {"guidance": meta.get("guidance_scale")}

@@ -83,25 +83,32 @@ def zoo_name_of(pipe, name_or_path: str) -> str | None:
     found = zoo.name_of(name_or_path)
     if found:
         return found
-    teacher = str(dict(pipe.scheduler.config).get("fastgen", {}).get("teacher", ""))
+    from fastgen.pipelines.export import pipeline_metadata
+
+    teacher = str(pipeline_metadata(pipe).get("teacher", ""))
     # a student exported elsewhere records the teacher's folder on that machine: match its last part too
     return zoo.name_of(teacher) or next((n for n in zoo.names() if teacher.rstrip("/").endswith(n)), None)
 
 
-def unconditional_call(pipe, batch_size: int, num_inference_steps: int, generator: torch.Generator) -> torch.Tensor:
+def unconditional_call(pipe, batch_size: int, num_inference_steps: int | None, generator: torch.Generator,
+                       timesteps: list[int] | None = None) -> torch.Tensor:
     """``DDPMPipeline.__call__`` for any scheduler; images ``[B, C, H, W]`` in [0, 1].
 
     ``DDPMPipeline`` passes ``generator`` to every ``scheduler.step`` (UniPC's does not accept it) and
     never calls ``scale_model_input`` (Euler needs it), so it runs only DDPM-like schedulers. This is
     its loop with the two checks diffusers' other pipelines make; for DDPM, DDIM and LCM schedulers it
-    gives exactly the pipeline's images (tested).
+    gives exactly the pipeline's images (tested), and with ``timesteps`` (a scheduler that takes them) those
+    of ``ConsistencyModelPipeline``, the class of exported unconditional students.
     """
     from diffusers.utils.torch_utils import randn_tensor
 
     unet, scheduler = pipe.unet, pipe.scheduler
     shape = (batch_size, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     image = randn_tensor(shape, generator=generator, device=pipe.device, dtype=unet.dtype) * scheduler.init_noise_sigma
-    scheduler.set_timesteps(num_inference_steps)
+    if timesteps is not None:
+        scheduler.set_timesteps(timesteps=list(timesteps))
+    else:
+        scheduler.set_timesteps(num_inference_steps)
     step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     for t in scheduler.timesteps:
         model_output = unet(scheduler.scale_model_input(image, t), t).sample
@@ -180,7 +187,8 @@ def generate(pipe, num_images: int, num_inference_steps: int | None = None, time
                 out = pipe(prompt=all_prompts[lo:lo + n], generator=generator, output_type="np", **kwargs).images
                 chunks.append(torch.from_numpy(out).permute(0, 3, 1, 2).float())
             else:
-                chunks.append(unconditional_call(pipe, n, kwargs["num_inference_steps"], generator).float().cpu())
+                chunks.append(unconditional_call(pipe, n, kwargs.get("num_inference_steps"), generator,
+                                                 kwargs.get("timesteps")).float().cpu())
         batch_seconds.append(time.perf_counter() - tick)
         batch_sizes.append(n)
     seconds = time.perf_counter() - start

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 import fastgen
 import fastgen.zoo
 from fastgen.cli import build_parser, main
+from fastgen.pipelines.export import read_metadata
 from fastgen.train.recipes import load_recipe
 from fastgen.train.runner import default_out
 
@@ -69,7 +70,7 @@ def test_export_a_run_or_a_checkpoint_without_training(teacher, recipe, tmp_path
     assert main(["export", str(run / "checkpoints" / "checkpoint-0000003"), "--out", str(tmp_path / "s3")]) == 0
     early = unet(tmp_path / "s3")
     assert any(not torch.equal(early[k], trained[k]) for k in trained)
-    meta = json.loads((tmp_path / "s3" / "scheduler" / "scheduler_config.json").read_text())["fastgen"]
+    meta = read_metadata(tmp_path / "s3")
     assert meta["train_steps"] == 3 and meta["method"] == "dmd2"
     assert {p: p.stat().st_mtime_ns for p in before} == before  # the run itself is left as it was
     assert "exported" in capsys.readouterr().out

@@ -5,6 +5,7 @@ import json
 from diffusers import DiffusionPipeline
 
 from fastgen.cli import main
+from fastgen.pipelines.export import read_metadata
 
 
 def test_demo_distills_exports_and_reports(tmp_path, capsys):
@@ -18,7 +19,7 @@ def test_demo_distills_exports_and_reports(tmp_path, capsys):
     assert "| DMD2 student | 1 |" in capsys.readouterr().out
     pipe = DiffusionPipeline.from_pretrained(result["student"])  # the exported student is plain diffusers
     assert type(pipe.scheduler).__name__ == "LCMScheduler"
-    assert pipe.scheduler.config["fastgen"]["timesteps"] == [749]  # the recipe's generator timestep
+    assert read_metadata(pipe.name_or_path)["timesteps"] == [749]  # the recipe's generator timestep
     pipe.scheduler.set_timesteps(1)  # a plain `pipe(prompt, num_inference_steps=1)` runs the network at 749
     assert pipe.scheduler.timesteps.tolist() == [749]
 

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from fastgen import zoo
 from fastgen.pipelines.folders import installed_output, keep_other_files, writing_folder
+from fastgen.pipelines.portable import write_legacy_text_encoder
 from fastgen.zoo.data import load_digits, load_fashion_mnist
 
 
@@ -274,6 +275,7 @@ def train_fmnist(out: Path, cfg: TeacherConfig) -> dict:
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    image_encoder=None, requires_safety_checker=False)
     pipe.save_pretrained(out)
+    write_legacy_text_encoder(text_encoder, out / "text_encoder")  # readable by transformers 4.x too
     import shutil
     for f in ("vocab.json", "merges.txt"):  # keep the human-readable byte vocabulary beside tokenizer.json
         shutil.copy(out / "_tokenizer_build" / f, out / "tokenizer" / f)
