@@ -18,6 +18,7 @@ set by config, so the folder's README.md states the exact call.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -42,47 +43,70 @@ def _set_timesteps(scheduler, n: int) -> list[int]:
     return [int(round(float(t))) for t in scheduler.timesteps]
 
 
-def _built_in_scheduler(teacher_config: dict, timesteps: list[int], sampler: str):
-    """The diffusers scheduler that reproduces fastgen's sampler, and the timesteps its ``set_timesteps(N)`` gives."""
+def _lcm_grids(timesteps: list[int]) -> list[int]:
+    """Candidate ``original_inference_steps`` of an LCMScheduler for these timesteps: ``N`` itself, then the grids
+    of every skipping step ``k`` that all ``t + 1`` share (LCM's training grid is ``t = j k - 1``), coarsest first."""
+    g = math.gcd(*(t + 1 for t in timesteps))
+    return [len(timesteps)] + [(timesteps[0] + 1) // k for k in range(g, 0, -1) if g % k == 0]
+
+
+def _built_in_scheduler(teacher_config: dict, timesteps: list[int], sampler: str, overrides: dict | None = None):
+    """The diffusers scheduler that reproduces fastgen's sampler, and the timesteps its ``set_timesteps(N)`` gives.
+
+    ``overrides``: config keys of the student's own (``prediction_type``, ``timestep_scaling``, ...)."""
     from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, LCMScheduler
 
     config = {k: v for k, v in teacher_config.items() if not k.startswith("_") and k != METADATA_KEY}
+    config.update(overrides or {})
     n = len(timesteps)
+    T = config.get("num_train_timesteps", 1000)
     if teacher_config.get("_class_name", "").startswith("FlowMatch"):
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(config, stochastic_sampling=(sampler == "multistep"))
     elif sampler == "multistep":
-        scheduler = LCMScheduler.from_config(config, original_inference_steps=n, set_alpha_to_one=True)
-        if timesteps[0] < config.get("num_train_timesteps", 1000) - 1:  # the cut schedule, where it reproduces them
-            cut = _truncated_lcm(config, timesteps[0] + 1, n)
-            if _set_timesteps(cut, n) == timesteps:
-                scheduler = cut
+        scheduler = None
+        for original_steps in _lcm_grids(timesteps):  # the first schedule whose set_timesteps(N) gives them
+            if not 0 < original_steps <= T:
+                continue
+            if timesteps[0] == T - 1:
+                candidate = LCMScheduler.from_config(config, original_inference_steps=original_steps,
+                                                     set_alpha_to_one=True)
+            else:  # the cut schedule, where it reproduces them
+                candidate = _truncated(LCMScheduler, config, timesteps[0] + 1, original_inference_steps=original_steps)
+            if _set_timesteps(candidate, n) == timesteps:
+                scheduler = candidate
+                break
+        scheduler = scheduler or LCMScheduler.from_config(config, original_inference_steps=n, set_alpha_to_one=True)
     elif sampler == "ddim":
-        T = config.get("num_train_timesteps", 1000)
-        if [t - T // n for t in timesteps] != timesteps[1:] + [timesteps[-1] - T // n] or timesteps[-1] - T // n >= 0:
+        # DDIMScheduler steps from t to t - T'//N, so it reproduces the trailing grid t_i = (N - i) d - 1 of
+        # T' = N d (its own for d = T // N when N divides T; with the betas cut at T' < T otherwise)
+        d = timesteps[-1] + 1
+        if timesteps != [(n - i) * d - 1 for i in range(n)] or n * d > T:
             raise ValueError(
                 f"DDIMScheduler steps from t to t - T//N, so it reproduces only evenly spaced trailing timesteps "
-                f"ending at T//N - 1 (N dividing T={T}); got {timesteps}.")
-        scheduler = DDIMScheduler.from_config(config, timestep_spacing="trailing", set_alpha_to_one=True)
+                f"t_i = (N - i) d - 1 with N d <= T = {T} (the betas are cut at N d < T); got {timesteps}.")
+        scheduler = (DDIMScheduler.from_config(config, timestep_spacing="trailing", set_alpha_to_one=True) if n * d == T
+                     else _truncated(DDIMScheduler, config, n * d, timestep_spacing="trailing"))
     else:
         raise ValueError(f"Unknown sampler {sampler!r}; expected 'multistep' or 'ddim'.")
     return scheduler, _set_timesteps(scheduler, n)
 
 
-def _truncated_lcm(config: dict, num_train_timesteps: int, n: int):
-    """An ``LCMScheduler`` whose first step is ``num_train_timesteps - 1`` < T - 1.
+def _truncated(scheduler_class, config: dict, num_train_timesteps: int, **options):
+    """A scheduler on the teacher's betas cut at ``num_train_timesteps`` < T.
 
     Pipelines without a ``timesteps`` argument (``DDPMPipeline``) only call ``set_timesteps(N)``, which
     always starts at ``T - 1``. Cutting the teacher's betas at ``t0 + 1`` keeps ``alphas_cumprod`` for
-    every ``t <= t0`` unchanged, so ``set_timesteps(N)`` of the cut schedule starts at ``t0`` instead.
+    every ``t <= t0`` unchanged, so ``set_timesteps(N)`` of the cut schedule starts at ``t0`` instead
+    (and DDIM's step ``T // N`` becomes ``(t0 + 1) // N``).
     """
-    from diffusers import DDPMScheduler, LCMScheduler
+    from diffusers import DDPMScheduler
 
     betas = DDPMScheduler.from_config(config).betas[:num_train_timesteps]
-    return LCMScheduler.from_config(config, num_train_timesteps=num_train_timesteps, trained_betas=betas.tolist(),
-                                    original_inference_steps=n, set_alpha_to_one=True)
+    return scheduler_class.from_config(config, num_train_timesteps=num_train_timesteps, trained_betas=betas.tolist(),
+                                       set_alpha_to_one=True, **options)
 
 
-def exported_scheduler(pipe, timesteps: Sequence[int], sampler: str = "multistep"):
+def exported_scheduler(pipe, timesteps: Sequence[int], sampler: str = "multistep", overrides: dict | None = None):
     """``(scheduler, custom)``: the built-in scheduler the export writes for these trained timesteps, and
     whether the pipeline must be called with ``timesteps=`` (``set_timesteps(N)`` gives others).
 
@@ -93,7 +117,7 @@ def exported_scheduler(pipe, timesteps: Sequence[int], sampler: str = "multistep
 
     config = dict(pipe.scheduler.config)
     ts = check_timesteps(timesteps, config.get("num_train_timesteps", 1000))
-    scheduler, default = _built_in_scheduler(config, ts, sampler)
+    scheduler, default = _built_in_scheduler(config, ts, sampler, overrides)
     custom = default != ts
     if custom and "timesteps" not in inspect.signature(type(pipe).__call__).parameters:
         raise ValueError(
@@ -156,7 +180,8 @@ fastgen metadata (also in `scheduler/scheduler_config.json` under `"{METADATA_KE
 
 def export_student(teacher, out_dir: str | Path, *, model: torch.nn.Module | None = None,
                    timesteps: Sequence[int], sampler: str = "multistep", method: str = "student",
-                   guidance_scale: float = 0.0, extra_metadata: dict | None = None) -> Path:
+                   guidance_scale: float = 0.0, extra_metadata: dict | None = None,
+                   scheduler_config: dict | None = None) -> Path:
     """Write a student as a plain diffusers folder.
 
     Args:
@@ -168,7 +193,10 @@ def export_student(teacher, out_dir: str | Path, *, model: torch.nn.Module | Non
         timesteps: the trained, descending network timesteps, e.g. ``[999, 749, 499, 249]``.
         sampler: ``"multistep"`` (x0 then re-noise) or ``"ddim"``.
         method: name recorded in the metadata and model card.
-        guidance_scale: the guidance to call the student with (0 for guidance-distilled students).
+        guidance_scale: the guidance to call the student with (0 for guidance-distilled students; for students
+            with a guidance embedding, the ``W`` the pipeline embeds).
+        scheduler_config: the student's own scheduler settings, e.g. ``{"prediction_type": "v_prediction"}``
+            (default: the teacher's).
     Returns:
         ``out_dir`` as a Path. It is written into a temporary folder and renamed into place, so a kill
         leaves the previous folder (or none), never a half-written one; an existing folder is replaced
@@ -184,7 +212,7 @@ def export_student(teacher, out_dir: str | Path, *, model: torch.nn.Module | Non
     network_name = "unet" if "unet" in pipe.components else "transformer"
     teacher_config = dict(pipe.scheduler.config)
     timesteps = check_timesteps(timesteps, teacher_config.get("num_train_timesteps", 1000))
-    scheduler, custom = exported_scheduler(pipe, timesteps, sampler)
+    scheduler, custom = exported_scheduler(pipe, timesteps, sampler, scheduler_config)
     is_text = hasattr(pipe, "encode_prompt")
     call = f"timesteps={timesteps}" if custom else f"num_inference_steps={len(timesteps)}"
     if is_text:

@@ -62,3 +62,45 @@ log_every = {log_every}
 progress = false
 """)
     return str(path)
+
+
+class Killed(Exception):
+    """Stands in for a kill: raised inside the training loop, after the checkpoint of the step before."""
+
+
+def assert_resumes_exactly(method_class, recipe, teacher, root, stops, overrides=()):
+    """Train ``recipe`` whole, then once per step in ``stops`` killed at that step and resumed through the runner;
+    every resumed run must end with exactly the whole run's state (all checkpointed tensors) and exported weights.
+    Returns the whole run's folder."""
+    import pytest
+    from safetensors.torch import load_file
+
+    from fastgen.train.runner import run_training
+    from fastgen.train.trainer import latest_checkpoint
+
+    whole = run_training(str(recipe), list(overrides), teacher=str(teacher), out=str(root / "whole")).parent
+    step_of = method_class.training_step
+    for stop in stops:
+        folder = root / f"stop{stop}"
+
+        def dies(self, batch, step, stop=stop):
+            if step == stop:
+                raise Killed
+            return step_of(self, batch, step)
+
+        method_class.training_step = dies
+        try:
+            with pytest.raises(Killed):
+                run_training(str(recipe), list(overrides), teacher=str(teacher), out=str(folder))
+        finally:
+            method_class.training_step = step_of
+        run_training(str(recipe), list(overrides), teacher=str(teacher), out=str(folder), resume=True)
+        a = load_file(str(latest_checkpoint(whole / "checkpoints") / "model.safetensors"))
+        b = load_file(str(latest_checkpoint(folder / "checkpoints") / "model.safetensors"))
+        assert a.keys() == b.keys() and not any(k.startswith("teacher.") for k in a)
+        for key in a:
+            assert torch.equal(a[key], b[key]), (stop, key)
+        wa = load_file(str(next((whole / "student" / "unet").glob("*.safetensors"))))
+        wb = load_file(str(next((folder / "student" / "unet").glob("*.safetensors"))))
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    return whole

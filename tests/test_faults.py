@@ -113,6 +113,7 @@ def snapshot(*paths) -> dict:
 # DDPM teacher, {run} a finished run of it, {new} a run folder that does not exist, {f} the input files.
 TRAIN = ["train", "{recipe}", "--teacher", "{teacher}", "--out", "{new}"]
 RESUME = ["train", "{recipe}", "--teacher", "{teacher}", "--out", "{run}", "--resume", "--set", "dmd2.ratio=2"]
+PD = ["train", "pd_digits", "--teacher", "{teacher}", "--out", "{new}"]
 EVAL = ["eval", "digits-ddpm", "--steps", "1", "--num-images", "10", "--out", "{new}"]
 BENCH = ["bench", "digits-ddpm", "--num-images", "10", "--nfes", "1", "--out", "{new}"]
 CASES = [
@@ -170,6 +171,13 @@ CASES = [
     (TRAIN + ["--set", "method=dmd", "--set", "critic.gan_head=true"], "dmd has no GAN term"),
     (TRAIN + ["--set", "dmd2.guidance_scale=2"], "dmd2.guidance_scale = 2.0, but the teacher is unconditional"),
     (TRAIN + ["--set", "method=sid", "--set", "sid.guidance=lsg"], "sid.guidance = 'lsg' needs a text-conditional"),
+    (PD + ["--set", "student.num_steps=5", "--set", "progressive.teacher_steps=48"],
+     "progressive.teacher_steps = 48 does not halve to student.num_steps = 5 (48 -> 24 -> 12 -> 6)"),
+    (PD + ["--set", "progressive.prediction_type=epsilon"], "an epsilon-output student cannot take a step to t = 0"),
+    (PD + ["--set", "progressive.guidance_min=1.0", "--set", "progressive.guidance_max=3.0"],
+     "progressive.guidance_min/guidance_max (guided PD) needs a teacher network "
+     "that takes diffusers' guidance embedding (time_cond_proj_dim): UNet2DConditionModel; this teacher's network is a "
+     "UNet2DModel"),
     (TRAIN + ["--set", "train.trackers=['no-such-tracker-fastgen']"], "no-such-tracker-fastgen"),
     (["train", "{recipe}", "--teacher", "fmnist-ldm", "--out", "{new}", "--set", "data.prompts=/no/prompts.txt"],
      "Prompt file '/no/prompts.txt' not found"),

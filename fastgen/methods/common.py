@@ -55,6 +55,25 @@ def guided_x0(teacher: Denoiser, x_t: torch.Tensor, t, cond: Conditioning | None
     return teacher(x_t, t, cond, uncond, guidance_scale).x0
 
 
+def ddim_step(denoiser: Denoiser, x_t: torch.Tensor, t, t_next, cond: Conditioning | None = None,
+              uncond: Conditioning | None = None, guidance_scale=None) -> torch.Tensor:
+    """One deterministic DDIM step of ``denoiser`` from ``t`` to ``t_next`` (per sample, ``[B]`` or scalars):
+    ``a_{t_next} x0 + s_{t_next} eps``, with x0 clipped as the schedule's samplers clip it; where ``t_next < 0``
+    (past the last step) the step returns x0 itself, as the samplers' last step does.
+
+    Args:
+        denoiser: the network (teacher, round teacher or student) with its schedule.
+        x_t: the samples at ``t``.
+        t, t_next: integer timesteps, ``t_next < t``.
+        cond, uncond, guidance_scale: conditioning and classifier-free guidance (a number or one per sample).
+    """
+    pred = denoiser(x_t, t, cond, uncond, guidance_scale)
+    x0 = pred.x0_clipped
+    t_next = torch.as_tensor(t_next, device=x_t.device).expand(len(x_t))
+    moved = denoiser.schedule.add_noise(x0, pred.eps, t_next.clamp_min(0))
+    return torch.where((t_next < 0).reshape(-1, *[1] * (x_t.ndim - 1)), x0, moved)
+
+
 def straight_through_clip(x0: torch.Tensor, clip: float | None) -> torch.Tensor:
     """``x0`` clipped to ``[-clip, clip]`` in the forward pass, with the identity as its gradient.
 
@@ -82,4 +101,5 @@ def backward_simulation(x0_fn: Callable[[torch.Tensor, int, Conditioning | None]
     return x
 
 
-__all__ = ["check_t_range", "sample_timesteps", "noised", "guided_x0", "straight_through_clip", "backward_simulation"]
+__all__ = ["check_t_range", "sample_timesteps", "noised", "guided_x0", "ddim_step", "straight_through_clip",
+           "backward_simulation"]
