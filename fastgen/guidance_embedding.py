@@ -99,5 +99,16 @@ def with_guidance(cond: Conditioning, guidance_scale: torch.Tensor | float, dim:
     return replace(cond, timestep_cond=emb)
 
 
-__all__ = ["EMBEDDING_DIM", "CAPABLE", "takes_guidance_embedding", "check_guidance_network",
+def call_guidance(guidance_range: tuple[float, float], chosen: float | None, recommended: float | None) -> float:
+    """The ``W`` a guidance-conditioned student's exported call is made with: ``chosen``, else the teacher's
+    ``recommended`` one when it lies in the trained ``guidance_range``, else the range's middle."""
+    lo, hi = guidance_range
+    if chosen is not None:
+        return float(chosen)
+    if recommended is not None and lo <= recommended <= hi:
+        return float(recommended)
+    return (lo + hi) / 2
+
+
+__all__ = ["call_guidance", "EMBEDDING_DIM", "CAPABLE", "takes_guidance_embedding", "check_guidance_network",
            "guidance_conditioned_network", "embedding_dim", "guidance_embedding", "with_guidance"]

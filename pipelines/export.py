@@ -64,7 +64,8 @@ def _built_in_scheduler(teacher_config: dict, timesteps: list[int], sampler: str
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(config, stochastic_sampling=(sampler == "multistep"))
     elif sampler == "multistep":
         scheduler = None
-        for original_steps in _lcm_grids(timesteps):  # the first schedule whose set_timesteps(N) gives them
+        preferred = [config.pop("original_inference_steps")] if "original_inference_steps" in config else []
+        for original_steps in preferred + _lcm_grids(timesteps):  # the first schedule whose set_timesteps(N) gives them
             if not 0 < original_steps <= T:
                 continue
             if timesteps[0] == T - 1:

@@ -178,6 +178,15 @@ CASES = [
      "progressive.guidance_min/guidance_max (guided PD) needs a teacher network "
      "that takes diffusers' guidance embedding (time_cond_proj_dim): UNet2DConditionModel; this teacher's network is a "
      "UNet2DModel"),
+    (["train", "cd_digits", "--teacher", "{teacher}", "--out", "{new}", "--set", "cd.skip=600"],
+     "cd.skip = 600 is larger than the grid allows: T = 1000 teacher timesteps give T // skip = 1 grid points"),
+    (["train", "cd_digits", "--teacher", "{teacher}", "--out", "{new}", "--set", "cd.skip=30"],
+     "cd.skip = 30 must divide the teacher's T = 1000 timesteps"),
+    (["train", "lcm_fmnist", "--teacher", "{teacher}", "--out", "{new}"], "lcm.guidance_embedding needs a teacher "
+     "network that takes diffusers' guidance embedding (time_cond_proj_dim): UNet2DConditionModel; this teacher's "
+     "network is a UNet2DModel"),
+    (["train", "lcm_lora_fmnist", "--out", "{new}", "--set", "lcm.guidance_embedding=true"],
+     "lcm.guidance_embedding = true needs a full-weight student"),
     (TRAIN + ["--set", "train.trackers=['no-such-tracker-fastgen']"], "no-such-tracker-fastgen"),
     (["train", "{recipe}", "--teacher", "fmnist-ldm", "--out", "{new}", "--set", "data.prompts=/no/prompts.txt"],
      "Prompt file '/no/prompts.txt' not found"),

@@ -30,13 +30,13 @@ from dataclasses import dataclass
 
 import torch
 
-from fastgen.denoiser import Conditioning, Denoiser, check_guidance_scale
-from fastgen.guidance_embedding import check_guidance_network, with_guidance
-from fastgen.schedule import VPSchedule
+from fastgen.denoiser import Conditioning, Denoiser
+from fastgen.guidance_embedding import check_guidance_network
 
 from .base import (Batch, DataNeeds, DistillationMethod, ExportSpec, OptimizerOptions, StepOutput, StudentOptions,
                    make_student, option, register, student_parameters)
-from .common import ddim_step
+from .common import check_vp_teacher, ddim_step
+from .guidance import DistilledGuidance, GuidanceRangeOptions
 
 PREDICTION_TYPES = ("v_prediction", "sample")
 
@@ -57,26 +57,16 @@ def halvings(start: int, target: int) -> int | None:
 
 
 @dataclass
-class ProgressiveOptions:
-    """Progressive distillation. Recipe: ``[progressive]``."""
+class ProgressiveOptions(GuidanceRangeOptions):
+    """Progressive distillation. Recipe: ``[progressive]``; ``guidance_min/max`` set: guided PD (Meng et al. 2023)."""
 
     teacher_steps: int = option(64, "DDIM steps of the teacher the first round halves; every round halves them, down "
                                     "to student.num_steps (64 -> 32 -> ... -> 1)")
     prediction_type: str = option("v_prediction", "the student's output: 'v_prediction' or 'sample' (x0); not "
                                                   "'epsilon', which cannot take a step to t = 0")
-    guidance_min: float | None = option(None, "guided PD (Meng et al. 2023): the teacher's CFG scale w ~ U[guidance_min, "
-                                              "guidance_max] per sample, distilled first into a guidance-conditioned "
-                                              "student; unset: unguided")
-    guidance_max: float | None = option(None, "see guidance_min")
-    guidance_scale: float | None = option(None, "guided PD: the W of the exported call pipe(..., guidance_scale=W); "
-                                                "default: the teacher's recommended one if in the range, else its middle")
-    embedding_dim: int = option(256, "guided PD: width of the student's guidance embedding (time_cond_proj_dim)")
-
-    @property
-    def guided(self) -> bool:
-        return self.guidance_min is not None
 
     def validate(self) -> None:
+        super().validate()
         if self.teacher_steps < 2:
             raise ValueError(f"teacher_steps must be >= 2, got {self.teacher_steps}.")
         if self.prediction_type == "epsilon":
@@ -84,18 +74,6 @@ class ProgressiveOptions:
                              "(x_t - s_t eps) / a_t is ill-conditioned there); use 'v_prediction' or 'sample'.")
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, not {self.prediction_type!r}.")
-        if (self.guidance_min is None) != (self.guidance_max is None):
-            raise ValueError("guidance_min and guidance_max go together (guided PD), or neither (unguided).")
-        if self.guided:
-            check_guidance_scale(self.guidance_min, "guidance_min")
-            check_guidance_scale(self.guidance_max, "guidance_max")
-            if self.guidance_min > self.guidance_max:
-                raise ValueError(f"guidance_min ({self.guidance_min}) must be <= guidance_max ({self.guidance_max}).")
-        check_guidance_scale(self.guidance_scale)
-        if self.guidance_scale is not None and not self.guided:
-            raise ValueError("guidance_scale is the exported call's W of guided PD; set guidance_min and guidance_max.")
-        if self.embedding_dim < 1:
-            raise ValueError(f"embedding_dim must be >= 1, got {self.embedding_dim}.")
 
 
 @register
@@ -148,8 +126,7 @@ class ProgressiveDistillation(DistillationMethod):
             steps.append(n)
         self.round_steps = steps  # the student's steps in each round
         self.teacher_substeps = [1] * first + [2] * (len(steps) - first)  # teacher steps per student step
-        self.guidance_range = (o.guidance_min, o.guidance_max) if o.guided else None
-        self.export_guidance = self.resolve_export_guidance()
+        self.guidance = DistilledGuidance(o, embedded=True, recommended=self.default_guidance)
         # the round's frozen teacher: the previous round's student (unused in round 0, which uses the teacher)
         self.round_teacher = Denoiser(copy.deepcopy(self.student.model).requires_grad_(False), self.student.schedule)
         self.register_buffer("round", torch.zeros((), dtype=torch.long))
@@ -158,9 +135,7 @@ class ProgressiveDistillation(DistillationMethod):
     def build_student(self, teacher: Denoiser, opts: StudentOptions) -> Denoiser:
         """A full copy of the teacher network (with a guidance embedding for guided PD) that outputs v or x0."""
         o = self.options
-        if not isinstance(teacher.schedule, VPSchedule):
-            raise ValueError(f"progressive distils DDIM steps of a discrete VP teacher (a DDPM-family scheduler); this "
-                             f"teacher's schedule is {type(teacher.schedule).__name__}.")
+        check_vp_teacher(self.name, teacher)
         if o.guided:
             check_guidance_network(teacher.model, "progressive.guidance_min/guidance_max (guided PD)")
         copy_ = make_student(teacher, guidance_dim=o.embedding_dim if o.guided else None)
@@ -175,17 +150,6 @@ class ProgressiveDistillation(DistillationMethod):
 
     def student_schedule_differs(self) -> bool:
         return self.teacher.schedule.prediction_type != self.options.prediction_type
-
-    def resolve_export_guidance(self) -> float:
-        """The W of the exported call: the option, else the teacher's recommended one inside the range, else its middle."""
-        if self.guidance_range is None:
-            return 0.0
-        lo, hi = self.guidance_range
-        if self.options.guidance_scale is not None:
-            return float(self.options.guidance_scale)
-        if self.default_guidance is not None and lo <= self.default_guidance <= hi:
-            return float(self.default_guidance)
-        return (lo + hi) / 2
 
     def parameter_groups(self):
         return {"generator": student_parameters(self.student)}
@@ -216,22 +180,16 @@ class ProgressiveDistillation(DistillationMethod):
         return ddim_grid(self.schedule.num_train_timesteps, self.options.teacher_steps, n)
 
     def export_spec(self) -> ExportSpec:
-        return ExportSpec(self.name, "ddim", self.grid(), self.export_guidance,
+        return ExportSpec(self.name, "ddim", self.grid(), self.guidance.call,
                           {"prediction_type": self.options.prediction_type})
 
     # --- the loss -------------------------------------------------------------------------------
-    def student_cond(self, cond: Conditioning | None, w) -> Conditioning | None:
-        """The student's conditioning: with the guidance embedding of ``w`` for guided PD."""
-        if self.guidance_range is None:
-            return cond
-        return with_guidance(cond, w, self.options.embedding_dim)
-
     def teacher_step(self, x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, batch: Batch, w) -> torch.Tensor:
         """One DDIM step of the round's teacher: round 0 the teacher (CFG ``w`` when guided), later the previous
         round's student (its guidance embedding fed ``w``)."""
         if int(self.round) == 0:
             return ddim_step(self.teacher, x, t, t_next, batch.real_cond, batch.uncond, w)
-        return ddim_step(self.round_teacher, x, t, t_next, self.student_cond(batch.real_cond, w))
+        return ddim_step(self.round_teacher, x, t, t_next, self.guidance.student_cond(batch.real_cond, w))
 
     def target(self, x_t: torch.Tensor, t: torch.Tensor, batch: Batch, w) -> torch.Tensor:
         """``x~``: the x0 with which one DDIM step from ``x_t`` lands where the teacher's steps land (Salimans & Ho,
@@ -254,13 +212,10 @@ class ProgressiveDistillation(DistillationMethod):
         grid = torch.tensor(self.grid(), device=x.device)
         t = grid[torch.randint(len(grid), (len(x),), device=x.device)]
         x_t = self.schedule.add_noise(x, torch.randn_like(x), t)
-        w = None
-        if self.guidance_range is not None:
-            lo, hi = self.guidance_range
-            w = lo + (hi - lo) * torch.rand(len(x), device=x.device)
+        w = self.guidance.draw(len(x), x.device)
         with torch.no_grad():
             target = self.target(x_t, t, batch, w)
-        x0 = self.student(x_t, t, self.student_cond(batch.real_cond, w)).x0
+        x0 = self.student(x_t, t, self.guidance.student_cond(batch.real_cond, w)).x0
         weight = self.schedule.snr(t).to(x0).clamp_min(1.0)  # max(SNR_t, 1)
         loss = (weight * (x0.float() - target.float()).pow(2).flatten(1).mean(1)).mean()
         return StepOutput({"generator": loss}, {"pd": loss.detach()})
@@ -271,8 +226,8 @@ class ProgressiveDistillation(DistillationMethod):
                generator: torch.Generator | None = None, guidance_scale: float | None = None) -> torch.Tensor:
         """Deterministic DDIM over the current round's grid (what the exported DDIMScheduler runs); guided students
         at ``guidance_scale`` (default: the exported call's W)."""
-        w = self.export_guidance if guidance_scale is None else guidance_scale
-        cond = self.student_cond(cond, w) if cond is not None else None
+        w = self.guidance.call if guidance_scale is None else guidance_scale
+        cond = self.guidance.student_cond(cond, w) if cond is not None else None
         grid = self.grid()
         x = noise
         for t, t_next in zip(grid, grid[1:] + [-1]):
