@@ -8,8 +8,9 @@ and only the main process evaluates and writes files other than accelerate's own
 
 The trainer owns what no method should: one AdamW optimizer per optimizer group the method declares
 (:meth:`~fastgen.methods.DistillationMethod.parameter_groups`, configured by
-:class:`~fastgen.methods.OptimizerOptions`) with a warm-up schedule, the update schedule the method
-asks for (each iteration updates exactly the groups whose losses :meth:`training_step` returned),
+:class:`~fastgen.methods.OptimizerOptions`) with a warm-up schedule (then constant, or decaying linearly to 0
+in each round), the update schedule the method asks for (each iteration updates exactly the groups whose
+losses :meth:`training_step` returned, then calls the method's ``end_step``, e.g. a target network's EMA),
 training rounds (optimizers and schedules restart at each), gradient accumulation, mixed precision,
 gradient clipping, an optional EMA of the method's ``ema_group`` (diffusers' ``EMAModel``), a
 progress bar with the current losses, accelerate trackers, periodic evaluation, and checkpoints:
