@@ -104,3 +104,35 @@ def assert_resumes_exactly(method_class, recipe, teacher, root, stops, overrides
         wb = load_file(str(next((folder / "student" / "unet").glob("*.safetensors"))))
         assert all(torch.equal(wa[k], wb[k]) for k in wa)
     return whole
+
+
+def fixed_batch_losses(method, text_pipe=None, lr: float = 2e-4, steps: int = 25, same_draws: bool = False):
+    """``(before, after)``: ``method``'s loss on one batch of 8 samples (and the zoo's prompts with ``text_pipe``) at
+    fixed draws of t, noise and w, before and after ``steps`` Adam steps on that batch (each with fresh draws, or
+    with those same draws when ``same_draws``); the method's ``end_step`` runs after each."""
+    from fastgen import zoo
+    from fastgen.methods import Batch
+    from fastgen.pipelines.generate import encode_prompts
+
+    torch.manual_seed(1)
+    batch = Batch(8, real=torch.randn(8, *method.latent_shape).clamp(-1, 1))
+    if text_pipe is not None:
+        with torch.no_grad():
+            batch.real_cond, batch.uncond = encode_prompts(text_pipe, zoo.prompts()[:8])
+    opt = torch.optim.Adam(method.parameter_groups()["generator"], lr=lr)
+
+    def fixed_loss():
+        torch.manual_seed(123)
+        with torch.no_grad():
+            return float(method.training_step(batch, 0).losses["generator"])
+
+    before = fixed_loss()
+    for step in range(steps):
+        if same_draws:
+            torch.manual_seed(123)
+        loss = method.training_step(batch, step).losses["generator"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        method.end_step(step)
+    return before, fixed_loss()

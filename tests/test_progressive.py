@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import assert_resumes_exactly
+from conftest import assert_resumes_exactly, fixed_batch_losses
 from diffusers import DiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 from safetensors.torch import load_file
@@ -68,26 +68,8 @@ def test_loss_on_a_fixed_batch_decreases(pipes, name):
     method = method_on(pipe, steps=4, teacher_steps=8, **({"guidance_min": 1.0, "guidance_max": 3.0} if guided else {}))
     assert method.round_steps == [8, 4]
     method.begin_round(1)  # a halving round, with the first round's student as the teacher
-    torch.manual_seed(1)
-    shape = (8, *method.latent_shape)
-    batch = Batch(8, real=torch.randn(shape).clamp(-1, 1))
-    if guided:
-        with torch.no_grad():
-            batch.real_cond, batch.uncond = encode_prompts(pipe, zoo.prompts()[:8])
-    opt = torch.optim.Adam(method.parameter_groups()["generator"], lr=2e-4)
-
-    def fixed_loss():
-        torch.manual_seed(123)  # the same t, noise and w each time
-        with torch.no_grad():
-            return float(method.training_step(batch, 0).losses["generator"])
-
-    first = fixed_loss()
-    for _ in range(25):
-        loss = method.training_step(batch, 0).losses["generator"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert fixed_loss() < 0.6 * first
+    before, after = fixed_batch_losses(method, pipe if guided else None)
+    assert after < 0.6 * before
 
 
 @pytest.mark.parametrize("name", ["digits-ddpm", "fmnist-ldm"])
