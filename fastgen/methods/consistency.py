@@ -96,8 +96,10 @@ class ConsistencyOptions:
 
 @register
 class ConsistencyDistillation(DistillationMethod):
-    """Consistency distillation (Song et al. 2023) with a DDIM teacher step, LCM's boundary scalings and an EMA
-    target network. Arguments as :class:`~fastgen.methods.base.DistillationMethod`, with :class:`ConsistencyOptions`.
+    """Consistency distillation (Song et al. 2023): DDIM teacher step, EMA target network, any VP teacher.
+
+    LCM's boundary scalings. Arguments as :class:`~fastgen.methods.base.DistillationMethod`, with
+    :class:`ConsistencyOptions`.
     """
 
     name = "cd"
@@ -242,8 +244,9 @@ class LatentConsistencyOptions(GuidanceRangeOptions, ConsistencyOptions):
 
 @register
 class LatentConsistency(ConsistencyDistillation):
-    """Latent consistency distillation (Luo et al. 2023) and LCM-LoRA: CD with a guidance-conditioned (or LoRA)
-    student and ``w`` drawn per sample. Arguments as :class:`ConsistencyDistillation`, with
+    """Latent consistency distillation (Luo et al. 2023) and LCM-LoRA, w drawn per sample.
+
+    CD with a guidance-conditioned (or LoRA) student. Arguments as :class:`ConsistencyDistillation`, with
     :class:`LatentConsistencyOptions`."""
 
     name = "lcm"

@@ -78,7 +78,7 @@ class ProgressiveOptions(GuidanceRangeOptions):
 
 @register
 class ProgressiveDistillation(DistillationMethod):
-    """Progressive distillation (Salimans & Ho 2022), guided (Meng et al. 2023) with ``guidance_min/max``.
+    """Progressive distillation (Salimans & Ho 2022); guided PD (Meng et al. 2023) with a guidance range.
 
     Arguments as :class:`~fastgen.methods.base.DistillationMethod`, with :class:`ProgressiveOptions`; the timesteps
     are the last round's grid (:meth:`recipe_timesteps`).
