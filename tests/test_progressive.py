@@ -40,6 +40,20 @@ def test_grids_nest_and_halve():
     assert halvings(64, 1) == 6 and halvings(64, 4) == 4 and halvings(48, 5) is None and halvings(4, 4) is None
 
 
+def test_rounds_split_the_steps(pipes):
+    method = method_on(pipes["digits-ddpm"], steps=1, teacher_steps=4, first_round_weight=2.0)
+    assert method.round_steps == [4, 2, 1] and method.rounds(90) == [45, 22, 23]
+    with pytest.raises(ValueError, match="train.steps = 2 is fewer than progressive's 3 rounds"):
+        method.rounds(2)
+    # a teacher already in the student's parameterisation: no converting round, the weight does not apply
+    pipe = pipes["digits-ddpm"]
+    schedule = schedule_from_scheduler_config(pipe.scheduler.config).with_prediction_type("v_prediction")
+    v_teacher = AdapterDenoiser(pipe.unet, schedule, None)
+    opts = ProgressiveOptions(teacher_steps=4, first_round_weight=2.0)
+    halving = ProgressiveDistillation(v_teacher, ddim_grid(1000, 4, 1), opts, StudentOptions(num_steps=1))
+    assert halving.round_steps == [2, 1] and halving.teacher_substeps == [2, 2] and halving.rounds(90) == [45, 45]
+
+
 def test_one_student_step_lands_where_two_teacher_steps_land(pipes):
     """The target x~: a DDIM step of a student predicting x~ from x_t reaches the teacher's two-step x''."""
     method = method_on(pipes["digits-ddpm"], steps=2, teacher_steps=4, prediction_type="sample")
@@ -52,13 +66,29 @@ def test_one_student_step_lands_where_two_teacher_steps_land(pipes):
     batch = Batch(3)
     with torch.no_grad():
         target = method.target(x_t, t, batch, None)
-        two = ddim_step(method.round_teacher, ddim_step(method.round_teacher, x_t, t, t - 250), t - 250, t - 500)
+        one = ddim_step(method.round_teacher, x_t, t, t - 250, eps_from_x0=True)
+        two = ddim_step(method.round_teacher, one, t - 250, t - 500, eps_from_x0=True)
     a, s = method.schedule.alpha_sigma(t - 500)
     a_t, s_t = method.schedule.alpha_sigma(t)
     eps = (x_t - a_t.view(-1, 1, 1, 1) * target) / s_t.view(-1, 1, 1, 1)  # the student's eps, implied by its x0
     landed = a.view(-1, 1, 1, 1) * target + s.view(-1, 1, 1, 1) * eps
     torch.testing.assert_close(landed[:1], two[:1], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(target[1:], two[1:], atol=0, rtol=0)  # the last step: the teacher's x0 itself
+
+
+def test_the_converting_rounds_target_is_the_teachers_clipped_x0(pipes):
+    """One teacher step per student step: x~ is the teacher's x0 (clipped, as digits-ddpm clips), also near t = T,
+    where a_t'' - (s_t''/s_t) a_t is ~1e-3 and the teacher's unclipped x0 is out of range."""
+    method = method_on(pipes["digits-ddpm"], steps=1, teacher_steps=64)
+    assert method.teacher_substeps[0] == 1 and int(method.round) == 0
+    torch.manual_seed(0)
+    x_t = torch.randn(4, 1, 8, 8)
+    t = torch.tensor([959, 944, 479, 14])
+    with torch.no_grad():
+        target = method.target(x_t, t, Batch(4), None)
+        x0 = method.teacher(x_t, t).x0
+    assert x0.abs().max() > 2  # the clip is active
+    torch.testing.assert_close(target, x0.clamp(-1, 1), atol=2e-3, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["digits-ddpm", "fmnist-ldm"])

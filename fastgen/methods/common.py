@@ -63,7 +63,7 @@ def guided_x0(teacher: Denoiser, x_t: torch.Tensor, t, cond: Conditioning | None
 
 
 def ddim_step(denoiser: Denoiser, x_t: torch.Tensor, t, t_next, cond: Conditioning | None = None,
-              uncond: Conditioning | None = None, guidance_scale=None) -> torch.Tensor:
+              uncond: Conditioning | None = None, guidance_scale=None, eps_from_x0: bool = False) -> torch.Tensor:
     """One deterministic DDIM step of ``denoiser`` from ``t`` to ``t_next`` (per sample, ``[B]`` or scalars):
     ``a_{t_next} x0 + s_{t_next} eps``, with x0 clipped as the schedule's samplers clip it; where ``t_next < 0``
     (past the last step) the step returns x0 itself, as the samplers' last step does.
@@ -73,11 +73,17 @@ def ddim_step(denoiser: Denoiser, x_t: torch.Tensor, t, t_next, cond: Conditioni
         x_t: the samples at ``t``.
         t, t_next: integer timesteps, ``t_next < t``.
         cond, uncond, guidance_scale: conditioning and classifier-free guidance (a number or one per sample).
+        eps_from_x0: take eps as implied by the clipped x0, ``(x_t - a_t x0) / s_t`` (diffusers'
+            ``use_clipped_model_output=True``), instead of the network's own (the samplers' default). Equal
+            without clipping.
     """
     pred = denoiser(x_t, t, cond, uncond, guidance_scale)
     x0 = pred.x0_clipped
+    eps = pred.eps
+    if eps_from_x0 and denoiser.schedule.clip_sample_range is not None:
+        eps = denoiser.schedule.to_x0_eps(x0, x_t, t, "sample")[1]
     t_next = torch.as_tensor(t_next, device=x_t.device).expand(len(x_t))
-    moved = denoiser.schedule.add_noise(x0, pred.eps, t_next.clamp_min(0))
+    moved = denoiser.schedule.add_noise(x0, eps, t_next.clamp_min(0))
     return torch.where((t_next < 0).reshape(-1, *[1] * (x_t.ndim - 1)), x0, moved)
 
 

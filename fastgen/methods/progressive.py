@@ -64,6 +64,9 @@ class ProgressiveOptions(GuidanceRangeOptions):
                                     "to student.num_steps (64 -> 32 -> ... -> 1)")
     prediction_type: str = option("v_prediction", "the student's output: 'v_prediction' or 'sample' (x0); not "
                                                   "'epsilon', which cannot take a step to t = 0")
+    first_round_weight: float = option(1.0, "train.steps is split over the rounds in proportion to their weights: "
+                                            "this one for the first round when it converts the teacher (guidance, "
+                                            "parameterisation), 1 for every halving round")
 
     def validate(self) -> None:
         super().validate()
@@ -74,6 +77,8 @@ class ProgressiveOptions(GuidanceRangeOptions):
                              "(x_t - s_t eps) / a_t is ill-conditioned there); use 'v_prediction' or 'sample'.")
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, not {self.prediction_type!r}.")
+        if not (math.isfinite(self.first_round_weight) and self.first_round_weight > 0):
+            raise ValueError(f"first_round_weight must be > 0, got {self.first_round_weight}.")
 
 
 @register
@@ -162,12 +167,20 @@ class ProgressiveDistillation(DistillationMethod):
 
     # --- rounds ---------------------------------------------------------------------------------
     def rounds(self, total_steps: int) -> list[int]:
-        """Equal rounds (the last takes the remainder): one per halving, plus the first round of guided PD."""
+        """One round per halving, after the converting first round (guided PD, or another parameterisation),
+        splitting ``train.steps`` by the rounds' weights (the last round takes the remainder)."""
         r = len(self.round_steps)
         if total_steps < r:
             raise ValueError(f"train.steps = {total_steps} is fewer than progressive's {r} rounds "
                              f"({' -> '.join(map(str, self.round_steps))} steps).")
-        return [total_steps // r] * (r - 1) + [total_steps - (total_steps // r) * (r - 1)]
+        weights = [1.0] * r
+        if self.teacher_substeps[0] == 1:
+            weights[0] = self.options.first_round_weight
+        steps = [max(1, int(total_steps * w / sum(weights))) for w in weights[:-1]]
+        if sum(steps) >= total_steps:
+            raise ValueError(f"train.steps = {total_steps} leaves no steps for progressive's last round (weights "
+                             f"{weights}).")
+        return steps + [total_steps - sum(steps)]
 
     def begin_round(self, index: int) -> None:
         """The student of the round that ended becomes the frozen teacher of round ``index``."""
@@ -186,10 +199,13 @@ class ProgressiveDistillation(DistillationMethod):
     # --- the loss -------------------------------------------------------------------------------
     def teacher_step(self, x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, batch: Batch, w) -> torch.Tensor:
         """One DDIM step of the round's teacher: round 0 the teacher (CFG ``w`` when guided), later the previous
-        round's student (its guidance embedding fed ``w``)."""
+        round's student (its guidance embedding fed ``w``). A clipping teacher steps with the eps of its clipped x0
+        (as Salimans & Ho's implementation): with its own eps, ``x~``'s denominator ``a_t'' - (s_t''/s_t) a_t``
+        (~1e-3 near t = T) would multiply the clipped part of x0 a thousandfold."""
         if int(self.round) == 0:
-            return ddim_step(self.teacher, x, t, t_next, batch.real_cond, batch.uncond, w)
-        return ddim_step(self.round_teacher, x, t, t_next, self.guidance.student_cond(batch.real_cond, w))
+            return ddim_step(self.teacher, x, t, t_next, batch.real_cond, batch.uncond, w, eps_from_x0=True)
+        return ddim_step(self.round_teacher, x, t, t_next, self.guidance.student_cond(batch.real_cond, w),
+                         eps_from_x0=True)
 
     def target(self, x_t: torch.Tensor, t: torch.Tensor, batch: Batch, w) -> torch.Tensor:
         """``x~``: the x0 with which one DDIM step from ``x_t`` lands where the teacher's steps land (Salimans & Ho,
