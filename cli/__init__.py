@@ -1,8 +1,12 @@
 """The ``fastgen`` command: a thin dispatcher into fastgen.train, fastgen.eval and fastgen.pipelines.
 
 The top layer of the package: the only place that composes training and evaluation (``fastgen demo``,
-evaluation during training). Every subcommand parses its options here and calls one function
-elsewhere; ``fastgen CMD --help`` describes every option.
+evaluation during training; the Python API in :mod:`.api`). Every subcommand parses its options here and calls
+one function elsewhere; ``fastgen CMD --help`` describes every option.
+
+One vocabulary across commands: ``--num-inference-steps`` (short ``--steps``) counts sampling steps and only
+them; ``--train-steps`` counts training iterations (``--steps`` on ``demo`` and ``zoo train`` is a deprecated
+spelling of it that warns); every command that samples takes ``--seed``, ``--device`` and ``--prompts``.
 """
 
 from __future__ import annotations
@@ -12,6 +16,30 @@ import sys
 
 ALLOW_PICKLE_HELP = ("also load pickled .bin weight files where a pipeline has no safetensors (pickles can run code "
                      "when loaded: only for folders from a source you trust)")
+DEVICE_HELP = "torch device of the pipelines: cpu, cuda, cuda:1, mps, ... (default: cpu)"
+PROMPTS_HELP = ("text-to-image pipelines: a text file with one prompt per line, cycled (default: the zoo's class "
+                "prompts; prompt accuracy and the per-class FD need them and are left out with others)")
+GUIDANCE_OPTIONS = ("--guidance", "--guidance-scale")
+
+
+class _Deprecated(argparse.Action):
+    """An old spelling of an option: stores into the new option's ``dest`` and warns on stderr (hidden in --help)."""
+
+    def __init__(self, option_strings, dest, new: str, **kwargs):
+        self.new = new
+        super().__init__(option_strings, dest, help=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{parser.prog}: warning: {option_string} is deprecated here; use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def _sampling_options(parser: argparse.ArgumentParser, prompts: bool = True) -> None:
+    """``--seed``, ``--device`` and ``--prompts``: the same three options on every command that samples."""
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    if prompts:
+        parser.add_argument("--prompts", default=None, metavar="FILE", help=PROMPTS_HELP)
 
 
 def _zoo(args) -> int:
@@ -32,7 +60,7 @@ def _zoo(args) -> int:
         from fastgen.train.teachers import train_teacher
 
         out = train_teacher(args.name, out=args.out, replace_installed=args.replace_installed, seed=args.seed,
-                            steps=args.steps, vae_steps=args.vae_steps, batch_size=args.batch_size)
+                            steps=args.train_steps, vae_steps=args.vae_train_steps, batch_size=args.batch_size)
         if not args.no_card:
             from fastgen.train.cards import write_card
 
@@ -42,7 +70,10 @@ def _zoo(args) -> int:
     if args.zoo_cmd == "card":
         from fastgen.train.cards import write_card
 
-        print(f"wrote {write_card(args.name, args.out or zoo.path(args.name))}")
+        folder = zoo.path(args.name) if args.replace_installed else args.out or zoo.USER_DIR / args.name
+        if args.replace_installed and args.out:
+            raise ValueError("Give --out or --replace-installed, not both.")
+        print(f"wrote {write_card(args.name, folder)}")
         return 0
     raise AssertionError(args.zoo_cmd)
 
@@ -50,8 +81,8 @@ def _zoo(args) -> int:
 def _demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(out=args.out, steps=args.steps, num_images=args.num_images, seed=args.seed,
-             guidance_scale=args.guidance, overrides=args.set)
+    run_demo(out=args.out, train_steps=args.train_steps, num_images=args.num_images, seed=args.seed,
+             guidance_scale=args.guidance, overrides=args.set, device=args.device, prompts=args.prompts)
     return 0
 
 
@@ -67,12 +98,12 @@ def _ints(text: str | None, option: str) -> list[int] | None:
 def _eval(args) -> int:
     from fastgen.eval.evaluate import DEFAULT_METRICS, evaluate, metrics_markdown
 
-    result = evaluate(args.target, steps=args.steps, timesteps=_ints(args.timesteps, "--timesteps"),
+    result = evaluate(args.target, steps=args.num_inference_steps, timesteps=_ints(args.timesteps, "--timesteps"),
                       guidance=args.guidance,
                       num_images=args.num_images, metrics=args.metrics or DEFAULT_METRICS, out=args.out,
                       solver=args.solver, batch_size=args.batch_size, seed=args.seed, fid_reference=args.fid_reference,
                       clip_model=args.clip_model, clip_pretrained=args.clip_pretrained, device=args.device,
-                      allow_pickle=args.allow_pickle)
+                      allow_pickle=args.allow_pickle, prompts=args.prompts)
     print(metrics_markdown(result))
     if args.out:
         print(f"wrote {args.out}/metrics.json, metrics.md and samples.png")
@@ -84,7 +115,8 @@ def _bench(args) -> int:
 
     result = bench(args.teacher, students=args.students, solvers=args.solvers.split(","),
                    nfes=_ints(args.nfes, "--nfes"), num_images=args.num_images, guidance=args.guidance, out=args.out,
-                   seed=args.seed, batch_size=args.batch_size, allow_pickle=args.allow_pickle)
+                   seed=args.seed, batch_size=args.batch_size, allow_pickle=args.allow_pickle, device=args.device,
+                   prompts=args.prompts)
     print(bench_markdown(result))
     print(f"wrote {args.out}/bench.md, bench.json and bench.png")
     return 0
@@ -104,8 +136,17 @@ def _train(args) -> int:
     from fastgen.eval.evaluate import training_evaluator
     from fastgen.train.runner import run_training
 
-    run_training(args.recipe, overrides=args.set, teacher=args.teacher, out=args.out, resume=args.resume,
-                 evaluate_folder=training_evaluator, allow_pickle=args.allow_pickle)
+    shortcuts = [f"{key}={value}" for key, value in (("train.steps", args.train_steps), ("seed", args.seed),
+                                                      ("data.prompts", args.prompts)) if value is not None]
+    run_training(args.recipe, overrides=[*args.set, *shortcuts], teacher=args.teacher, out=args.out,
+                 resume=args.resume, evaluate_folder=training_evaluator, allow_pickle=args.allow_pickle)
+    return 0
+
+
+def _export(args) -> int:
+    from fastgen.train.runner import export_checkpoint
+
+    export_checkpoint(args.run, out=args.out, teacher=args.teacher, allow_pickle=args.allow_pickle)
     return 0
 
 
@@ -131,9 +172,12 @@ def _classifier(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fastgen import __version__
+
     parser = argparse.ArgumentParser(prog="fastgen", description=(
         "Diffusion step-distillation on diffusers: train 1-4 step students, export them as plain "
         "diffusers pipelines, and measure them."))
+    parser.add_argument("--version", action="version", version=f"fastgen {__version__}")
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="Distill fmnist-ldm into a 1-step DMD2 student and compare it with the teacher.",
@@ -142,15 +186,16 @@ def build_parser() -> argparse.ArgumentParser:
                                       "teacher (50 steps), teacher (1 step) and student (1 step), print the table and "
                                       "write it with a comparison grid to --out. A killed demo resumes.")
     demo.add_argument("--out", default="fastgen-demo", help="output folder (default: fastgen-demo)")
-    demo.add_argument("--steps", type=int, default=2500,
+    demo.add_argument("--train-steps", type=int, default=2500,
                       help="DMD2 training steps (default: 2500, about 9 minutes on 2 CPU cores)")
+    demo.add_argument("--steps", dest="train_steps", type=int, action=_Deprecated, new="--train-steps")
     demo.add_argument("--num-images", type=int, default=1000, help="images per evaluated sampler (default: 1000)")
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="override a key of the dmd2_fmnist_1step recipe (see `fastgen train --help`), repeatable")
-    demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    demo.add_argument("--guidance", type=float, default=None,
+    demo.add_argument(*GUIDANCE_OPTIONS, dest="guidance", type=float, default=None,
                       help="the teacher's guidance scale in its evaluation rows (default: its recommended one); "
                            "training uses the recipe's (--set dmd2.guidance_scale=W)")
+    _sampling_options(demo)
     demo.set_defaults(func=_demo)
 
     ev = sub.add_parser("eval", help="Generate with a pipeline and score it (FD, KID, per-class FD, pixel FD, "
@@ -159,9 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
                                     "its own __call__, score them, and write metrics.json, metrics.md and a sample "
                                     "grid. Exported fastgen students are called as their metadata says.")
     ev.add_argument("target", help="zoo teacher name, pipeline folder (e.g. an exported student) or hub id")
-    ev.add_argument("--steps", type=int, default=None, help="number of inference steps (default: a student's own)")
+    ev.add_argument("--num-inference-steps", "--steps", dest="num_inference_steps", type=int, default=None,
+                    help="number of inference (sampling) steps (default: a student's own)")
     ev.add_argument("--timesteps", default=None, help="explicit comma-separated timesteps, e.g. 999,499")
-    ev.add_argument("--guidance", type=float, default=None,
+    ev.add_argument(*GUIDANCE_OPTIONS, dest="guidance", type=float, default=None,
                     help="classifier-free guidance scale (default: the student's, or the teacher's recommended)")
     ev.add_argument("--solver", default=None, choices=["ddim", "dpm++2m", "unipc", "euler"],
                     help="replace the pipeline's scheduler by this training-free solver")
@@ -172,12 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "docs/evaluation.md)")
     ev.add_argument("--out", default=None, help="output folder for metrics.json, metrics.md, samples.png")
     ev.add_argument("--batch-size", type=int, default=100, help="images per pipeline call (default: 100)")
-    ev.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    _sampling_options(ev)
     ev.add_argument("--fid-reference", default=None,
-                    help="for fid: an image folder, a clean-fid dataset name, or a .npz statistics file")
+                    help="for fid: a folder of real images, a .npz of their clean-fid statistics "
+                         "(fastgen.eval.metrics.clean_fid_stats), or a clean-fid dataset as NAME:RES[:SPLIT], e.g. "
+                         "cifar10:32:train (its statistics file must be in clean-fid's stats folder: not downloaded)")
     ev.add_argument("--clip-model", default="ViT-B-32", help="open_clip model for clip (default: ViT-B-32)")
     ev.add_argument("--clip-pretrained", default="openai", help="open_clip pretrained tag (default: openai)")
-    ev.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     ev.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
     ev.set_defaults(func=_eval)
 
@@ -188,12 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("teacher", help="zoo teacher name (the domain metrics need a zoo teacher)")
     be.add_argument("--students", nargs="*", default=[], help="exported student folders to add")
     be.add_argument("--solvers", default="ddim,dpm++2m,unipc,euler", help="comma-separated solvers (default: all four)")
-    be.add_argument("--nfes", default="1,2,4,8,16,50", help="comma-separated step counts (default: 1,2,4,8,16,50)")
+    be.add_argument("--nfes", default="1,2,4,8,16,50",
+                    help="comma-separated inference step counts of the teacher's solvers (default: 1,2,4,8,16,50)")
     be.add_argument("--num-images", type=int, default=1000, help="images per row (default: 1000)")
-    be.add_argument("--guidance", type=float, default=None, help="teacher guidance (default: the recommended one)")
+    be.add_argument(*GUIDANCE_OPTIONS, dest="guidance", type=float, default=None,
+                    help="teacher guidance (default: the recommended one)")
     be.add_argument("--out", default="bench", help="output folder (default: bench)")
-    be.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     be.add_argument("--batch-size", type=int, default=200, help="images per pipeline call (default: 200)")
+    _sampling_options(be)
     be.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
     be.set_defaults(func=_bench)
 
@@ -216,25 +265,46 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Train a student as a recipe says (train/recipes/*.toml, or a TOML file), with "
                                     "checkpoints, EMA, progress bar and trackers through accelerate, then export it "
                                     "to OUT/student as a plain diffusers pipeline. Multi-GPU: `accelerate launch "
-                                    "-m fastgen.cli train RECIPE ...`.")
-    tr.add_argument("recipe", help="recipe name (e.g. dmd2_fmnist_1step), a TOML file, or a run's recipe.json")
+                                    "-m fastgen.cli train RECIPE ...` (device and mixed precision: accelerate's "
+                                    "config, unless the recipe sets train.mixed_precision).")
+    tr.add_argument("recipe", help="recipe name (e.g. dmd2_fmnist_1step), a TOML file, or a run's recipe.json "
+                                   "(its run folder is then the default --out)")
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a recipe key, e.g. --set train.steps=2000 --set optim.generator.lr=1e-4 (repeatable)")
+    tr.add_argument("--train-steps", type=int, default=None, help="training iterations (same as --set train.steps=N)")
+    tr.add_argument("--seed", type=int, default=None, help="random seed (same as --set seed=N)")
+    tr.add_argument("--prompts", default=None, metavar="FILE",
+                    help="training prompts, one per line, or 'zoo' (same as --set data.prompts=FILE)")
     tr.add_argument("--teacher", default=None, help="teacher: zoo name, diffusers pipeline folder or hub id")
-    tr.add_argument("--out", default=None, help="run folder (default: runs/RECIPE)")
-    tr.add_argument("--resume", action="store_true",
-                    help="continue from the latest checkpoint in OUT/checkpoints (the run's recipe and teacher; "
-                         "train.steps and the checkpoint/log/eval settings may change); a complete run is exported "
-                         "again")
+    tr.add_argument("--out", default=None, help="run folder (default: the recipe's out, else runs/RECIPE)")
+    tr.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                    help="continue the run in OUT from its latest checkpoint, or from CHECKPOINT (a folder "
+                         "OUT/checkpoints/checkpoint-N; no later one may exist; its run is the default --out). The "
+                         "run's recipe and teacher; train.steps and the checkpoint/log/eval settings may change "
+                         "(recorded in OUT/resumes.jsonl). A complete run is exported again")
     tr.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
     tr.set_defaults(func=_train)
 
+    ex = sub.add_parser("export", help="Export the student of a training run or checkpoint (no training).",
+                        description="Export the student of a `fastgen train` run folder (its latest checkpoint) or of "
+                                    "one of its checkpoint folders as a plain diffusers pipeline, exactly as training "
+                                    "exports it at its end (EMA weights, LoRA fused), without training.")
+    ex.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="a run folder, or RUN/checkpoints/checkpoint-N")
+    ex.add_argument("--out", default=None, help="output folder (default: RUN/student-step-N)")
+    ex.add_argument("--teacher", default=None,
+                    help="the run's teacher, when it is no longer where RUN/recipe.json says (its weights are "
+                         "checked against RUN/teacher.json)")
+    ex.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
+    ex.set_defaults(func=_export)
+
     cl = sub.add_parser("classifier", help="Train a zoo domain classifier (for FD, KID and prompt accuracy).",
                         description="Train the digits or fmnist domain classifier from a fixed seed and write its "
-                                    "weights, reference feature statistics and README to --out (or, with "
-                                    "--replace-installed, to the installed fastgen/zoo/classifiers/NAME folder).")
+                                    "weights, reference feature statistics and README to --out (default "
+                                    "./zoo/classifiers/NAME; with --replace-installed, the installed "
+                                    "fastgen/zoo/classifiers/NAME folder).")
     cl.add_argument("name", choices=["digits", "fmnist"], help="which classifier")
-    cl.add_argument("--out", default=None, help="output folder (required unless --replace-installed)")
+    cl.add_argument("--out", default=None, help="output folder (default: ./zoo/classifiers/NAME, never the installed "
+                                                "package)")
     cl.add_argument("--replace-installed", action="store_true",
                     help="write into the installed fastgen/zoo/classifiers/NAME folder, replacing the shipped "
                          "classifier")
@@ -251,20 +321,25 @@ def build_parser() -> argparse.ArgumentParser:
     zpath.add_argument("name", help="teacher name (see `fastgen zoo list`)")
     ztrain = zsub.add_parser("train", help="retrain a teacher from its fixed seed",
                              description="Retrain a teacher from its fixed seed (reproduces the shipped weights) "
-                                         "and write its model card and grids.")
+                                         "and write it with its model card and grids to --out (default ./zoo/NAME; "
+                                         "the installed teacher only with --replace-installed).")
     ztrain.add_argument("name", help="teacher name (see `fastgen zoo list`)")
-    ztrain.add_argument("--out", default=None, help="output folder (required unless --replace-installed)")
+    ztrain.add_argument("--out", default=None, help="output folder (default: ./zoo/NAME, never the installed package)")
     ztrain.add_argument("--replace-installed", action="store_true",
                         help="write into the installed zoo folder, replacing the shipped teacher")
     ztrain.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
-    ztrain.add_argument("--steps", type=int, default=None, help="denoiser training steps (default: per teacher)")
-    ztrain.add_argument("--vae-steps", type=int, default=None, help="VAE training steps, fmnist-ldm only")
+    ztrain.add_argument("--train-steps", type=int, default=None, help="denoiser training steps (default: per teacher)")
+    ztrain.add_argument("--steps", dest="train_steps", type=int, action=_Deprecated, new="--train-steps")
+    ztrain.add_argument("--vae-train-steps", type=int, default=None, help="VAE training steps, fmnist-ldm only")
+    ztrain.add_argument("--vae-steps", dest="vae_train_steps", type=int, action=_Deprecated, new="--vae-train-steps")
     ztrain.add_argument("--batch-size", type=int, default=None, help="batch size (default: 64)")
     ztrain.add_argument("--no-card", action="store_true", help="skip writing the model card and grids")
     zcard = zsub.add_parser("card", help="(re)write a teacher's model card and grids",
                             description="Write README.md and the sample grids of a trained teacher.")
     zcard.add_argument("name", help="teacher name (see `fastgen zoo list`)")
-    zcard.add_argument("--out", default=None, help="teacher folder (default: the installed zoo folder)")
+    zcard.add_argument("--out", default=None, help="teacher folder (default: ./zoo/NAME, where `zoo train` writes)")
+    zcard.add_argument("--replace-installed", action="store_true",
+                       help="write the installed teacher's card and grids instead")
     zoo_p.set_defaults(func=_zoo)
     return parser
 

@@ -17,6 +17,7 @@ import torch
 
 from fastgen import zoo
 from fastgen.pipelines.folders import check_output_dir
+from fastgen.pipelines.prompts import load_prompts
 
 from .evaluate import DEFAULT_METRICS, check_counts, fmt, real_floor, run_one, student_call
 from .generate import SOLVERS, check_generation, load_pipeline, solver_scheduler, zoo_name_of
@@ -26,7 +27,7 @@ NFES = (1, 2, 4, 8, 16, 50)
 
 def bench(teacher: str, students: list[str] = (), solvers=tuple(SOLVERS), nfes=NFES, num_images: int = 1000,
           guidance: float | None = None, out: str | Path = "bench", seed: int = 0, batch_size: int = 200,
-          progress: bool = True, allow_pickle: bool = False) -> dict:
+          progress: bool = True, allow_pickle: bool = False, device: str = "cpu", prompts=None) -> dict:
     """Run the frontier and write its table and plot.
 
     Args:
@@ -37,12 +38,15 @@ def bench(teacher: str, students: list[str] = (), solvers=tuple(SOLVERS), nfes=N
         num_images: images per row (the same prompts and seed for every row).
         guidance: the teacher's guidance scale (default: the zoo's recommended one).
         allow_pickle: let the pipelines load pickled (``.bin``) weights where they have no safetensors.
+        device: torch device of the pipelines (``"cpu"``, ``"cuda"``, ...).
+        prompts: ``None`` or ``"zoo"`` (the zoo's class prompts), a text file or a list (text-to-image teachers;
+            the class metrics are then left out).
 
     Bad input is a one-line error raised before the first image is generated.
     """
     from tqdm.auto import tqdm
 
-    from fastgen.pipelines.export import read_metadata
+    from fastgen.pipelines.export import pipeline_metadata, read_metadata
 
     # every check before the first image: solvers, step counts, the call, the output folder, the students
     solvers, nfes = list(solvers), list(nfes)
@@ -55,15 +59,19 @@ def bench(teacher: str, students: list[str] = (), solvers=tuple(SOLVERS), nfes=N
     metrics = list(DEFAULT_METRICS)  # fd_class and acc are skipped for unconditional teachers
     check_counts(metrics, num_images, None)
     check_generation(num_images, None, None, guidance, batch_size)
+    prompt_list = None if prompts is None or prompts == "zoo" else load_prompts(prompts)
     out = check_output_dir(out)
     for folder in students:
         if not read_metadata(folder):
             raise ValueError(f"--students {folder} has no fastgen metadata: is it an exported student?")
-    pipe = load_pipeline(teacher, allow_pickle=allow_pickle)
+    pipe = load_pipeline(teacher, device if device != "cpu" else None, allow_pickle=allow_pickle)
     zoo_name = zoo_name_of(pipe, teacher)
     if zoo_name is None:
         raise ValueError("fastgen bench scores with the zoo's domain classifiers; pass a zoo teacher.")
-    labels = torch.arange(num_images) % len(zoo.prompts()) if hasattr(pipe, "encode_prompt") else None
+    text = hasattr(pipe, "encode_prompt")
+    if prompt_list is not None and not text:
+        raise ValueError(f"--prompts: {type(pipe).__name__} is unconditional; it takes no prompts.")
+    labels = torch.arange(num_images) % len(zoo.prompts()) if text and prompt_list is None else None
     check_counts(metrics, num_images, len(zoo.prompts()) if labels is not None else None)
     guidance = guidance if guidance is not None else zoo.RECOMMENDED_GUIDANCE.get(zoo_name)
     base_config = dict(pipe.scheduler.config)
@@ -72,15 +80,15 @@ def bench(teacher: str, students: list[str] = (), solvers=tuple(SOLVERS), nfes=N
     for solver, nfe in tqdm(jobs, desc=f"bench {teacher}", disable=not progress):
         pipe.scheduler = solver_scheduler(solver, base_config)
         row, _ = run_one(pipe, zoo_name, metrics, num_images, steps=nfe, guidance=guidance, seed=seed,
-                         batch_size=batch_size, progress=False)
+                         batch_size=batch_size, device=device, progress=False, prompts=prompt_list)
         rows.append({"sampler": solver, "kind": "teacher", "guidance": guidance, **row})
     for folder in students:
-        student = load_pipeline(folder, allow_pickle=allow_pickle)
+        student = load_pipeline(folder, device if device != "cpu" else None, allow_pickle=allow_pickle)
         call = student_call(student)
         row, _ = run_one(student, zoo_name, metrics, num_images, steps=call.get("steps"),
                          timesteps=call.get("timesteps"), guidance=call.get("guidance"), seed=seed,
-                         batch_size=batch_size, progress=False)
-        meta = dict(student.scheduler.config)["fastgen"]
+                         batch_size=batch_size, device=device, progress=False, prompts=prompt_list)
+        meta = pipeline_metadata(student)
         rows.append({"sampler": f"{meta['method']} student ({Path(folder).name})", "kind": "student",
                      "guidance": call.get("guidance"), **row})
     baseline = next((r["s_per_image"] for r in rows if r["sampler"] == "ddim" and r["nfe"] == 50), None)

@@ -43,7 +43,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fastgen.pipelines.folders import installed_output, keep_other_files, writing_folder
-from fastgen.zoo import ZOO_DIR
+from fastgen.zoo import USER_DIR, ZOO_DIR
 
 CLASSIFIER_DIR = ZOO_DIR / "classifiers"
 NAMES = ("digits", "fmnist")
@@ -516,8 +516,9 @@ def train_classifier(name: str, out_dir: str | Path | None = None, seed: int = 0
 
     Args:
         name: ``"digits"`` or ``"fmnist"`` (or a zoo teacher name).
-        out_dir: output folder; default the installed ``fastgen/zoo/classifiers/<name>/``, which once it holds
-            weights is replaced only with ``replace_installed``. Written under a temporary name, then renamed.
+        out_dir: output folder (default ``./zoo/classifiers/<name>``); the installed
+            ``fastgen/zoo/classifiers/<name>/`` only with ``replace_installed``. Written under a temporary name,
+            then renamed.
         seed: seed of initialisation, shuffling and augmentation.
         epochs: passes over the train split (default: ``DEFAULTS[name]``).
         progress: show a tqdm progress bar.
@@ -529,8 +530,7 @@ def train_classifier(name: str, out_dir: str | Path | None = None, seed: int = 0
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise ValueError(f"--epochs must be >= 1, got {epochs!r}.")
         train = TrainConfig(**{**asdict(train), "epochs": epochs})
-    final = installed_output(out_dir, classifier_dir(name), replace_installed, f"classifier {name!r}",
-                             marker="model.safetensors")
+    final = installed_output(out_dir, classifier_dir(name), replace_installed, USER_DIR / "classifiers" / name)
     with writing_folder(final, marker="model.safetensors", what="Classifier folder") as folder:
         _train_into(folder, name, arch, train, seed, epochs, progress, machine)
         keep_other_files(final, folder)
@@ -655,8 +655,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastgen.eval.classifiers",
                                      description="Train a zoo domain classifier (weights, reference stats, README).")
     parser.add_argument("name", choices=NAMES, help="which classifier to train")
-    parser.add_argument("--out", default=None, help="output folder (required unless --replace-installed, or with "
-                                                    "--reference-only: default the installed one)")
+    parser.add_argument("--out", default=None, help="output folder (default: ./zoo/classifiers/NAME; with "
+                                                    "--reference-only: the installed one)")
     parser.add_argument("--replace-installed", action="store_true",
                         help="train into the installed fastgen/zoo/classifiers/NAME, replacing the shipped classifier")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")

@@ -31,6 +31,7 @@ import torch
 from fastgen import zoo
 from fastgen.pipelines.folders import check_output_dir
 from fastgen.pipelines.images import save_grid
+from fastgen.pipelines.prompts import load_prompts
 from fastgen.schedule import check_timesteps
 
 from .generate import (SOLVERS, Generated, check_generation, generate, load_pipeline, solver_scheduler,
@@ -162,7 +163,7 @@ def score(gen: Generated, zoo_name: str | None, metrics: list[str], fid_referenc
           clip_model: str = "ViT-B-32", clip_pretrained: str | None = "openai", clip=None) -> dict:
     """The requested metrics of generated images with the domain metrics' floors (speed is added by the caller).
     ``clip``: an already loaded ``(model, preprocess, tokenizer)`` (:func:`~.metrics.load_clip`)."""
-    from .metrics import clean_fid, clip_score
+    from .metrics import clean_fid, clip_score, parse_fid_reference
 
     result: dict = {}
     check_domain(metrics, zoo_name)
@@ -173,7 +174,8 @@ def score(gen: Generated, zoo_name: str | None, metrics: list[str], fid_referenc
         result.update({f"{key}_floor": value for key, value in floor.items()
                        if key in result and not key.startswith("n_") and key != "fd_by_class"})
     if "fid" in metrics:
-        result["fid"] = clean_fid(gen.images, fid_reference)
+        reference, dataset_res, dataset_split = parse_fid_reference(fid_reference)
+        result["fid"] = clean_fid(gen.images, reference, dataset_res, dataset_split)
     if "clip" in metrics:
         if gen.prompts is None:
             raise ValueError("--metrics clip needs a text-to-image pipeline.")
@@ -184,21 +186,25 @@ def score(gen: Generated, zoo_name: str | None, metrics: list[str], fid_referenc
 
 
 def run_one(pipe, zoo_name, metrics, num_images, steps=None, timesteps=None, guidance=None, seed=0,
-            batch_size=100, device="cpu", progress=True, **score_kwargs) -> tuple[dict, Generated]:
-    """Generate (timed, peak memory) and score one configuration."""
+            batch_size=100, device="cpu", progress=True, prompts=None, **score_kwargs) -> tuple[dict, Generated]:
+    """Generate (timed, peak memory) and score one configuration (``prompts``: ``None`` for the zoo's class
+    prompts, whose labels the class metrics need)."""
     with PeakMemory(device) as mem:
-        gen = generate(pipe, num_images, steps, timesteps, guidance, batch_size=batch_size, seed=seed,
-                       progress=progress)
+        gen = generate(pipe, num_images, steps, timesteps, guidance, prompts=prompts, batch_size=batch_size,
+                       seed=seed, progress=progress)
     row = score(gen, zoo_name, metrics, **score_kwargs)
-    if "speed" in metrics:
-        row.update(speed_row(num_images, gen.seconds, gen.nfe, mem.peak_mb))
+    if "speed" in metrics:  # without the first (warm-up) pipeline call when there are several
+        timed_images, timed_seconds = gen.timed()
+        row.update(speed_row(timed_images, timed_seconds, gen.nfe, mem.peak_mb), speed_images=timed_images)
     row["nfe"] = gen.nfe
     return row, gen
 
 
 def student_call(pipe) -> dict:
     """``{"steps"|"timesteps", "guidance"}`` from an exported student's fastgen metadata ({} for others)."""
-    meta = dict(pipe.scheduler.config).get("fastgen") or {}
+    from fastgen.pipelines.export import pipeline_metadata
+
+    meta = pipeline_metadata(pipe)
     if not meta:
         return {}
     call = {"guidance": meta.get("guidance_scale")}
@@ -221,7 +227,8 @@ def evaluate(target: str, steps: int | None = None, timesteps: list[int] | None 
              guidance: float | None = None, num_images: int = 1000, metrics=DEFAULT_METRICS,
              out: str | Path | None = None, solver: str | None = None, batch_size: int = 100, seed: int = 0,
              fid_reference=None, clip_model: str = "ViT-B-32", clip_pretrained: str | None = "openai",
-             device: str = "cpu", progress: bool = True, allow_pickle: bool = False) -> dict:
+             device: str = "cpu", progress: bool = True, allow_pickle: bool = False, prompts=None,
+             grid: str | Path | None = None) -> dict:
     """Evaluate one pipeline (zoo name, folder or hub id) and write ``metrics.json``, ``metrics.md``, ``samples.png``.
 
     Args:
@@ -237,11 +244,15 @@ def evaluate(target: str, steps: int | None = None, timesteps: list[int] | None 
             With ``timesteps``, a scheduler that takes them (:func:`~.generate.timesteps_scheduler`: DDIM runs
             as first-order DPM-Solver++).
         allow_pickle: let the pipeline load pickled (``.bin``) weights where it has no safetensors.
+        prompts: what text-to-image pipelines are prompted with, cycled: ``None`` or ``"zoo"`` (the zoo's class
+            prompts), a text file with one prompt per line, or a list. With other prompts than the zoo's the
+            class metrics (``fd_class``, ``acc``) are left out.
+        grid: also (or, without ``out``, only) write the sample grid (up to 100 images) to this PNG file.
 
     Bad input (including missing FID / CLIP weights and an unwritable ``out``) is a one-line error raised
     before the first image is generated.
     """
-    from .metrics import check_fid, load_clip
+    from .metrics import check_fid, load_clip, parse_fid_reference
 
     # every check that needs no pipeline first, then those that need it: all before the first image
     metrics = parse_metrics(metrics)
@@ -249,18 +260,21 @@ def evaluate(target: str, steps: int | None = None, timesteps: list[int] | None 
     check_generation(num_images, steps, timesteps, guidance, batch_size)
     if solver is not None and solver not in SOLVERS:
         raise ValueError(f"Unknown solver {solver!r}; available: {', '.join(SOLVERS)}.")
+    prompt_list = None if prompts is None or prompts == "zoo" else load_prompts(prompts)
     if out is not None:
         out = check_output_dir(out)
     if "fid" in metrics:
         if fid_reference is None:
-            raise ValueError("--metrics fid needs --fid-reference (an image folder, a clean-fid dataset name or a "
-                             ".npz statistics file).")
-        check_fid(fid_reference)
+            raise ValueError("--metrics fid needs --fid-reference (an image folder, a .npz statistics file or a "
+                             "clean-fid dataset as NAME:RES[:SPLIT]).")
+        check_fid(*parse_fid_reference(fid_reference))
     pipe = load_pipeline(target, device if device != "cpu" else None, allow_pickle=allow_pickle)
     zoo_name = zoo_name_of(pipe, target)
     check_domain(metrics, zoo_name)
     text = hasattr(pipe, "encode_prompt")
-    check_counts(metrics, num_images, len(zoo.prompts()) if text else None)
+    if prompt_list is not None and not text:
+        raise ValueError(f"--prompts: {type(pipe).__name__} is unconditional; it takes no prompts.")
+    check_counts(metrics, num_images, len(zoo.prompts()) if text and prompt_list is None else None)
     if "clip" in metrics and not text:
         raise ValueError("--metrics clip needs a text-to-image pipeline.")
     clip = load_clip(clip_model, clip_pretrained, device) if "clip" in metrics else None
@@ -282,7 +296,7 @@ def evaluate(target: str, steps: int | None = None, timesteps: list[int] | None 
     if guidance is None:
         guidance = call.get("guidance", zoo.RECOMMENDED_GUIDANCE.get(zoo_name) if zoo_name else None)
     row, gen = run_one(pipe, zoo_name, metrics, num_images, steps, timesteps, guidance, seed, batch_size, device,
-                       progress, fid_reference=fid_reference, clip=clip)
+                       progress, prompts=prompt_list, fid_reference=fid_reference, clip=clip)
     result = {"target": target, "zoo": zoo_name, "solver": solver, "scheduler": type(pipe.scheduler).__name__,
               "call": {k: v for k, v in gen.call.items()}, "guidance": guidance, "num_images": num_images,
               "seed": seed, "threads": torch.get_num_threads(), "metrics": row}
@@ -290,7 +304,8 @@ def evaluate(target: str, steps: int | None = None, timesteps: list[int] | None 
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(result, indent=1))
         (out / "metrics.md").write_text(metrics_markdown(result))
-        save_grid(gen.images[:100], out / "samples.png", nrow=10, scale=4 if gen.images.shape[-1] <= 32 else 1)
+    for path in ([out / "samples.png"] if out is not None else []) + ([Path(grid)] if grid is not None else []):
+        save_grid(gen.images[:100], path, nrow=10, scale=4 if gen.images.shape[-1] <= 32 else 1)
     return result
 
 
@@ -314,8 +329,9 @@ def metrics_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def training_evaluator(folder: str, num_images: int, device: str = "cpu") -> dict:
-    """:data:`TRAINING_METRICS` of an exported student folder (``train.eval_every``); the class metrics are
-    left out for unconditional pipelines."""
-    result = evaluate(folder, num_images=num_images, metrics=TRAINING_METRICS, progress=False, device=device)
+def training_evaluator(folder: str, num_images: int, device: str = "cpu", grid: str | Path | None = None) -> dict:
+    """:data:`TRAINING_METRICS` of an exported student folder (``train.eval_every``), and its sample grid written
+    to ``grid``; the class metrics are left out for unconditional pipelines."""
+    result = evaluate(folder, num_images=num_images, metrics=TRAINING_METRICS, progress=False, device=device,
+                      grid=grid)
     return {k: v for k, v in result["metrics"].items() if k in TRAINING_METRICS}

@@ -83,25 +83,32 @@ def zoo_name_of(pipe, name_or_path: str) -> str | None:
     found = zoo.name_of(name_or_path)
     if found:
         return found
-    teacher = str(dict(pipe.scheduler.config).get("fastgen", {}).get("teacher", ""))
+    from fastgen.pipelines.export import pipeline_metadata
+
+    teacher = str(pipeline_metadata(pipe).get("teacher", ""))
     # a student exported elsewhere records the teacher's folder on that machine: match its last part too
     return zoo.name_of(teacher) or next((n for n in zoo.names() if teacher.rstrip("/").endswith(n)), None)
 
 
-def unconditional_call(pipe, batch_size: int, num_inference_steps: int, generator: torch.Generator) -> torch.Tensor:
+def unconditional_call(pipe, batch_size: int, num_inference_steps: int | None, generator: torch.Generator,
+                       timesteps: list[int] | None = None) -> torch.Tensor:
     """``DDPMPipeline.__call__`` for any scheduler; images ``[B, C, H, W]`` in [0, 1].
 
     ``DDPMPipeline`` passes ``generator`` to every ``scheduler.step`` (UniPC's does not accept it) and
     never calls ``scale_model_input`` (Euler needs it), so it runs only DDPM-like schedulers. This is
     its loop with the two checks diffusers' other pipelines make; for DDPM, DDIM and LCM schedulers it
-    gives exactly the pipeline's images (tested).
+    gives exactly the pipeline's images (tested), and with ``timesteps`` (a scheduler that takes them) those
+    of ``ConsistencyModelPipeline``, the class of exported unconditional students.
     """
     from diffusers.utils.torch_utils import randn_tensor
 
     unet, scheduler = pipe.unet, pipe.scheduler
     shape = (batch_size, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     image = randn_tensor(shape, generator=generator, device=pipe.device, dtype=unet.dtype) * scheduler.init_noise_sigma
-    scheduler.set_timesteps(num_inference_steps)
+    if timesteps is not None:
+        scheduler.set_timesteps(timesteps=list(timesteps))
+    else:
+        scheduler.set_timesteps(num_inference_steps)
     step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     for t in scheduler.timesteps:
         model_output = unet(scheduler.scale_model_input(image, t), t).sample
@@ -111,7 +118,7 @@ def unconditional_call(pipe, batch_size: int, num_inference_steps: int, generato
 
 @dataclass
 class Generated:
-    """Images in [0, 1] with what made them and how long it took."""
+    """Images in [0, 1] with what made them and how long it took (``batch_seconds``: each pipeline call)."""
 
     images: torch.Tensor
     labels: torch.Tensor | None
@@ -119,6 +126,15 @@ class Generated:
     seconds: float
     nfe: int
     call: dict = field(default_factory=dict)
+    batch_seconds: list[float] = field(default_factory=list)
+    batch_sizes: list[int] = field(default_factory=list)
+
+    def timed(self) -> tuple[int, float]:
+        """``(images, seconds)`` for speed figures: every call but the first (the warm-up: lazy initialisation,
+        allocator and kernel caches), or the one call there is."""
+        if len(self.batch_seconds) < 2:
+            return len(self.images), self.seconds
+        return sum(self.batch_sizes[1:]), sum(self.batch_seconds[1:])
 
 
 def generate(pipe, num_images: int, num_inference_steps: int | None = None, timesteps: list[int] | None = None,
@@ -161,15 +177,20 @@ def generate(pipe, num_images: int, num_inference_steps: int | None = None, time
         if guidance_scale is not None:
             kwargs["guidance_scale"] = guidance_scale
     generator = torch.Generator().manual_seed(seed)
-    chunks = []
+    chunks, batch_seconds, batch_sizes = [], [], []
     start = time.perf_counter()
     for lo in tqdm(range(0, num_images, batch_size), desc="generating", disable=not progress, leave=False):
         n = min(batch_size, num_images - lo)
+        tick = time.perf_counter()
         with torch.no_grad():
             if text:
                 out = pipe(prompt=all_prompts[lo:lo + n], generator=generator, output_type="np", **kwargs).images
                 chunks.append(torch.from_numpy(out).permute(0, 3, 1, 2).float())
             else:
-                chunks.append(unconditional_call(pipe, n, kwargs["num_inference_steps"], generator).float().cpu())
+                chunks.append(unconditional_call(pipe, n, kwargs.get("num_inference_steps"), generator,
+                                                 kwargs.get("timesteps")).float().cpu())
+        batch_seconds.append(time.perf_counter() - tick)
+        batch_sizes.append(n)
     seconds = time.perf_counter() - start
-    return Generated(torch.cat(chunks), labels, all_prompts if text else None, seconds, nfe, kwargs)
+    return Generated(torch.cat(chunks), labels, all_prompts if text else None, seconds, nfe, kwargs, batch_seconds,
+                     batch_sizes)

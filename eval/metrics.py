@@ -407,14 +407,28 @@ def _check_reference(reference, dataset_res, dataset_split, mode, custom: bool):
         raise ValueError("A clean-fid dataset name holds Inception statistics; with a custom feature extractor "
                          "pass a reference image folder or .npz of that extractor's features instead.")
     if dataset_res is None:
-        raise ValueError(f"Reference {reference!r} is taken as a clean-fid dataset name; give its dataset_res "
-                         "(e.g. 32 for cifar10) and dataset_split.")
+        raise ValueError(f"Reference {reference!r} is taken as a clean-fid dataset name, which needs its resolution "
+                         f"(and split): --fid-reference {reference}:RES[:SPLIT], e.g. cifar10:32:train (Python: "
+                         "dataset_res=, dataset_split=); or give a folder of real images or a .npz statistics file.")
     stats_file = _cleanfid_stats_file(str(reference), dataset_res, dataset_split, mode)
     if not stats_file.is_file():
         raise FileNotFoundError(
             f"clean-fid statistics {stats_file.name} for dataset {reference!r} are missing: put the file in "
             f"{stats_file.parent}/ (download it from {CLEANFID_STATS_URL}{stats_file.name}); fastgen does not download.")
     return "dataset", str(reference)
+
+
+def parse_fid_reference(text: str) -> tuple[str, int | None, str]:
+    """``--fid-reference`` as ``(reference, dataset_res, dataset_split)``: a folder or ``.npz`` file as it is, a
+    clean-fid dataset name as ``NAME:RES[:SPLIT]`` (``cifar10:32`` -> ``("cifar10", 32, "train")``)."""
+    name, _, rest = str(text).partition(":")
+    if not rest or Path(text).exists() or os.sep in name:
+        return str(text), None, "train"
+    res, _, split = rest.partition(":")
+    if not res.isdigit() or split not in ("", "train", "test", "custom"):
+        raise ValueError(f"--fid-reference {text!r}: a clean-fid dataset is NAME:RES[:SPLIT] with a whole-number "
+                         "resolution and a split train, test or custom (e.g. cifar10:32:train).")
+    return name, int(res), split or "train"
 
 
 def check_fid(reference, dataset_res: int | None = None, dataset_split: str = "train", mode: str = "clean") -> None:

@@ -3,6 +3,8 @@
 On CUDA the peak is ``torch.cuda.max_memory_allocated`` over the run; on the CPU it is the
 process's peak resident set size (RSS) sampled every 5 ms during the run by a background thread
 (``ru_maxrss`` cannot be reset between runs, so it cannot separate teacher from student).
+
+Times exclude the first pipeline call of a run (its warm-up): :meth:`fastgen.eval.generate.Generated.timed`.
 """
 
 from __future__ import annotations

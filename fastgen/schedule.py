@@ -17,6 +17,7 @@ and ``"flow"`` (``noise - x0``). All conversions are linear in the output for a 
 
 from __future__ import annotations
 
+import inspect
 from typing import Sequence
 
 import torch
@@ -136,7 +137,9 @@ class VPSchedule(NoiseSchedule):
         config = {k: v for k, v in dict(config).items() if not k.startswith("_")}
         if "shift" in config and "beta_schedule" not in config:
             raise ValueError("This is a flow-matching scheduler config; use FlowSchedule.from_scheduler_config.")
-        ddpm = DDPMScheduler.from_config(config)
+        # only DDPMScheduler's own keys: others (an LCM config's original_inference_steps) would be warned about
+        accepted = inspect.signature(DDPMScheduler.__init__).parameters
+        ddpm = DDPMScheduler.from_config({k: v for k, v in config.items() if k in accepted})
         clip = config.get("clip_sample_range", 1.0) if config.get("clip_sample", False) else None
         final = 1.0 if config.get("set_alpha_to_one", True) else float(ddpm.alphas_cumprod[0])
         return cls(ddpm.alphas_cumprod, ddpm.config.prediction_type, final, clip)

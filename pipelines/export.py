@@ -1,82 +1,198 @@
-"""Export a student as a plain diffusers folder: the teacher's built-in pipeline class with a
-built-in scheduler that reproduces fastgen's sampler.
+"""Export a student as a plain diffusers folder: a built-in pipeline class with a built-in scheduler that
+reproduces fastgen's sampler.
 
-``DiffusionPipeline.from_pretrained(folder)`` loads the result with no extra arguments and
-without fastgen installed:
+``DiffusionPipeline.from_pretrained(folder)`` loads the result with no extra arguments, without fastgen
+installed and without a warning, and its default call (``pipe(prompt)``, ``pipe()``) returns an image:
 
-* multistep students (DMD2, LCM, SiD) -> ``LCMScheduler`` whose ``set_timesteps(N)`` gives the
-  trained timesteps (``original_inference_steps=N``); flow teachers ->
-  ``FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)``.
+* multistep students (DMD2, LCM, SiD) -> ``LCMScheduler`` whose ``set_timesteps(N)`` gives the trained
+  timesteps for the trained N, and whose ``original_inference_steps`` (the grid the N steps are taken from)
+  is as fine as that allows, so that the pipeline's default N (50) and any N up to the grid's size run too;
+  flow teachers -> ``FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)``.
+  A method that trains on a grid of its own (CD, LCM: ``t = j k - 1``) names it in its
+  ``ExportSpec.scheduler_config`` as ``original_inference_steps``; that grid is used when it gives the trained
+  timesteps.
 * DDIM students (progressive distillation) -> ``DDIMScheduler(timestep_spacing="trailing",
-  set_alpha_to_one=True)``; flow teachers -> ``FlowMatchEulerDiscreteScheduler``.
+  set_alpha_to_one=True)``, on the teacher's betas cut at ``N d`` for a trailing grid ``(N - i) d - 1`` with
+  ``N d < T``; flow teachers -> ``FlowMatchEulerDiscreteScheduler``.
+* The pipeline class is the teacher's, except ``DDPMPipeline``: its call has no ``timesteps`` argument and
+  defaults to 1000 steps, which no built-in scheduler can map onto a student that starts below ``T - 1``
+  (``set_timesteps(1000)`` starts at ``T - 1`` or raises). Its students are written as
+  ``ConsistencyModelPipeline`` (same ``unet`` and ``scheduler`` components, a ``timesteps`` argument, default
+  ``num_inference_steps=1``).
 
-fastgen's metadata (method, trained timesteps, recommended guidance) is kept as extra keys of
-``scheduler/scheduler_config.json``, which diffusers preserves. Pipeline call defaults cannot be
-set by config, so the folder's README.md states the exact call.
+fastgen's metadata (method, trained timesteps, recommended guidance, the exact call) is written to
+``fastgen.json`` beside ``model_index.json`` (:data:`METADATA_FILE`); :func:`read_metadata` also reads folders
+written before, which kept it under a ``"fastgen"`` key of ``scheduler/scheduler_config.json``.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
-import math
+import re
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from fastgen import zoo
 from fastgen.denoiser import check_guidance_scale
 from fastgen.schedule import check_timesteps
 
 from .folders import writing_folder
+from .portable import make_portable
 
-METADATA_KEY = "fastgen"
+METADATA_FILE = "fastgen.json"
+LEGACY_METADATA_KEY = "fastgen"  # where folders written before fastgen.json kept the metadata (scheduler config)
+DISTRIBUTION = "fastgen-diffusion"  # the package index name of fastgen ("fastgen" there is another project)
+PROJECT_URL = f"https://pypi.org/project/{DISTRIBUTION}/"  # the project's README, as the package index shows it
 # The config keys through which a pipeline talks to its denoising network: a student must agree with the
 # teacher's network on each (the layers inside may differ), or the exported folder cannot run.
 INTERFACE_KEYS = ("in_channels", "out_channels", "sample_size", "cross_attention_dim", "addition_embed_type",
                   "projection_class_embeddings_input_dim", "encoder_hid_dim", "patch_size",
                   "joint_attention_dim", "pooled_projection_dim", "guidance_embeds")
+# Teacher pipelines whose call cannot run a few-step student, and the built-in pipeline their students become.
+STUDENT_PIPELINE = {"DDPMPipeline": "ConsistencyModelPipeline"}
 
 
-def _set_timesteps(scheduler, n: int) -> list[int]:
+def student_pipeline_class(pipe) -> type:
+    """The built-in pipeline class a student of ``pipe`` is written as (see :data:`STUDENT_PIPELINE`)."""
+    import diffusers
+
+    name = type(pipe).__name__
+    return getattr(diffusers, STUDENT_PIPELINE[name]) if name in STUDENT_PIPELINE else type(pipe)
+
+
+def default_steps(pipeline_class) -> int:
+    """The ``num_inference_steps`` a pipeline class runs when the caller gives none (50 for Stable Diffusion)."""
+    param = inspect.signature(pipeline_class.__call__).parameters.get("num_inference_steps")
+    default = None if param is None else param.default
+    return default if isinstance(default, int) else 1
+
+
+def _schedule_argument(scheduler) -> str:
+    """The call argument that gives a student's own schedule: ``sigmas`` for flow schedulers (given ``timesteps``,
+    they derive shifted sigmas that disagree with them), ``timesteps`` otherwise."""
+    return "sigmas" if type(scheduler).__name__.startswith("FlowMatch") else "timesteps"
+
+
+def _accepts_timesteps(pipeline_class, scheduler) -> bool:
+    argument = _schedule_argument(scheduler)
+    return (argument in inspect.signature(pipeline_class.__call__).parameters
+            and argument in inspect.signature(scheduler.set_timesteps).parameters)
+
+
+def call_arguments(pipeline_class, scheduler, timesteps: list[int], custom: bool, guidance_scale: float | None) -> str:
+    """The exact call arguments of a student, as the model card and ``fastgen.json`` write them."""
+    if not custom:
+        call = f"num_inference_steps={len(timesteps)}"
+    elif _schedule_argument(scheduler) == "sigmas":
+        T = scheduler.config.num_train_timesteps
+        call = f"sigmas={[t / T for t in timesteps]}"
+    else:  # ConsistencyModelPipeline warns when timesteps come with its default num_inference_steps=1
+        none = "num_inference_steps=None, " if pipeline_class.__name__ == "ConsistencyModelPipeline" else ""
+        call = f"{none}timesteps={timesteps}"
+    return call if guidance_scale is None else call + f", guidance_scale={guidance_scale}"
+
+
+def _config_for(cls, config: dict) -> dict:
+    """The entries of a scheduler config that ``cls`` takes: others would be written into its config file and
+    warned about at every load ("config attributes ... are not expected")."""
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    return {k: v for k, v in config.items() if k in accepted}
+
+
+def _set_timesteps(scheduler, n: int, **kwargs) -> list[int]:
     """The timesteps ``scheduler.set_timesteps(n)`` gives: what a pipeline called with N steps runs."""
-    scheduler.set_timesteps(n)
+    scheduler.set_timesteps(n, **kwargs)
     return [int(round(float(t))) for t in scheduler.timesteps]
 
 
-def _lcm_grids(timesteps: list[int]) -> list[int]:
-    """Candidate ``original_inference_steps`` of an LCMScheduler for these timesteps: ``N`` itself, then the grids
-    of every skipping step ``k`` that all ``t + 1`` share (LCM's training grid is ``t = j k - 1``), coarsest first."""
-    g = math.gcd(*(t + 1 for t in timesteps))
-    return [len(timesteps)] + [(timesteps[0] + 1) // k for k in range(g, 0, -1) if g % k == 0]
+def _cut_schedule(config: dict, num_train_timesteps: int) -> dict:
+    """Scheduler config entries for the teacher's betas cut at ``num_train_timesteps`` (empty when that is its T).
+
+    Pipelines without a ``timesteps`` argument only call ``set_timesteps(N)``, which always starts at ``T - 1``.
+    Cutting the teacher's betas at ``t0 + 1`` keeps ``alphas_cumprod`` for every ``t <= t0`` unchanged, so
+    ``set_timesteps(N)`` of the cut schedule starts at ``t0`` instead (and DDIM's step ``T // N`` becomes
+    ``(t0 + 1) // N``)."""
+    from diffusers import DDPMScheduler
+
+    if num_train_timesteps == config.get("num_train_timesteps", 1000):
+        return {}
+    betas = DDPMScheduler.from_config(config).betas[:num_train_timesteps]
+    return {"num_train_timesteps": num_train_timesteps, "trained_betas": betas.tolist()}
 
 
-def _built_in_scheduler(teacher_config: dict, timesteps: list[int], sampler: str, overrides: dict | None = None):
+def _lcm_grid(config: dict, timesteps: list[int], min_steps: int, preferred: int | None = None):
+    """An ``LCMScheduler`` whose ``set_timesteps(len(timesteps))`` gives ``timesteps``, or ``None``.
+
+    ``LCMScheduler.set_timesteps(N)`` takes N evenly spaced points (by index) of a grid of
+    ``original_inference_steps`` = O timesteps ``k - 1, 2k - 1, ..., O k - 1`` with ``k = T // O``, and refuses
+    N > O. The method's own grid ``preferred`` (CD/LCM: ``T // skip``, the grid it trained on) is tried first.
+    Otherwise the largest O whose N points are the trained timesteps is chosen, so that calls with more steps than
+    trained (the pipeline's default 50 included) run too, on the finest grid below the trained first timestep;
+    O below ``min_steps`` (the pipeline's default N) is not accepted. The teacher's schedule is tried first, then
+    the schedule cut at ``t0 + 1`` (:func:`_cut_schedule`), whose grid can start at ``t0`` where the full one
+    cannot (``t0 < T / 2``).
+    """
+    from diffusers import LCMScheduler
+
+    n, t0 = len(timesteps), timesteps[0]
+    T = config.get("num_train_timesteps", 1000)
+    schedules = [{}] if t0 == T - 1 else [{}, _cut_schedule(config, t0 + 1)]
+    candidates = []  # (schedule, its O in order): the method's grid on each schedule first, then the largest O
+    if preferred is not None:
+        candidates += [(schedule, [preferred]) for schedule in schedules
+                       if n <= preferred <= schedule.get("num_train_timesteps", T)]
+    for schedule in schedules:
+        size = schedule.get("num_train_timesteps", T)
+        # the grid's first point O * (size // O) - 1 must be t0: only such O are asked
+        candidates.append((schedule, [o for o in range(size, max(n, min_steps) - 1, -1) if o * (size // o) == t0 + 1]))
+    for schedule, grids in candidates:
+        if not grids:
+            continue
+        scheduler = LCMScheduler.from_config(_config_for(LCMScheduler, config), **schedule,
+                                             original_inference_steps=grids[0], set_alpha_to_one=True)
+        for o in grids:
+            if _set_timesteps(scheduler, n, original_inference_steps=o) == timesteps:
+                scheduler.register_to_config(original_inference_steps=o)
+                return scheduler
+    return None
+
+
+def _custom_lcm(config: dict, timesteps: list[int]):
+    """The ``LCMScheduler`` for timesteps that need ``timesteps=`` in the call: the schedule cut at ``t0 + 1``
+    with a grid of every timestep, so LCM's own checks accept them (first timestep = its T - 1, all on its grid)
+    and the default call runs the finest schedule below ``t0``."""
+    from diffusers import LCMScheduler
+
+    t0, T = timesteps[0], config.get("num_train_timesteps", 1000)
+    cut = _cut_schedule(config, t0 + 1)
+    return LCMScheduler.from_config(_config_for(LCMScheduler, config), **cut,
+                                    original_inference_steps=cut.get("num_train_timesteps", T), set_alpha_to_one=True)
+
+
+def _built_in_scheduler(teacher_config: dict, timesteps: list[int], sampler: str, min_steps: int,
+                        overrides: dict | None = None):
     """The diffusers scheduler that reproduces fastgen's sampler, and the timesteps its ``set_timesteps(N)`` gives.
 
-    ``overrides``: config keys of the student's own (``prediction_type``, ``timestep_scaling``, ...)."""
-    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, LCMScheduler
+    ``overrides``: config keys of the student's own (``prediction_type``, ``timestep_scaling``,
+    ``original_inference_steps``, ...)."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
-    config = {k: v for k, v in teacher_config.items() if not k.startswith("_") and k != METADATA_KEY}
+    config = {k: v for k, v in teacher_config.items() if not k.startswith("_") and k != LEGACY_METADATA_KEY}
+    config.pop("original_inference_steps", None)  # a teacher's own LCM grid says nothing about the student's
     config.update(overrides or {})
+    preferred = config.pop("original_inference_steps", None)  # the method's grid (ExportSpec.scheduler_config)
     n = len(timesteps)
     T = config.get("num_train_timesteps", 1000)
     if teacher_config.get("_class_name", "").startswith("FlowMatch"):
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(config, stochastic_sampling=(sampler == "multistep"))
+        # shift 1: the call's sigmas= are then the trained t / T as given (the scheduler shifts sigmas it is passed)
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(_config_for(FlowMatchEulerDiscreteScheduler, config),
+                                                                shift=1.0, use_dynamic_shifting=False,
+                                                                stochastic_sampling=(sampler == "multistep"))
     elif sampler == "multistep":
-        scheduler = None
-        preferred = [config.pop("original_inference_steps")] if "original_inference_steps" in config else []
-        for original_steps in preferred + _lcm_grids(timesteps):  # the first schedule whose set_timesteps(N) gives them
-            if not 0 < original_steps <= T:
-                continue
-            if timesteps[0] == T - 1:
-                candidate = LCMScheduler.from_config(config, original_inference_steps=original_steps,
-                                                     set_alpha_to_one=True)
-            else:  # the cut schedule, where it reproduces them
-                candidate = _truncated(LCMScheduler, config, timesteps[0] + 1, original_inference_steps=original_steps)
-            if _set_timesteps(candidate, n) == timesteps:
-                scheduler = candidate
-                break
-        scheduler = scheduler or LCMScheduler.from_config(config, original_inference_steps=n, set_alpha_to_one=True)
+        scheduler = _lcm_grid(config, timesteps, min_steps, preferred) or _custom_lcm(config, timesteps)
     elif sampler == "ddim":
         # DDIMScheduler steps from t to t - T'//N, so it reproduces the trailing grid t_i = (N - i) d - 1 of
         # T' = N d (its own for d = T // N when N divides T; with the betas cut at T' < T otherwise)
@@ -85,47 +201,31 @@ def _built_in_scheduler(teacher_config: dict, timesteps: list[int], sampler: str
             raise ValueError(
                 f"DDIMScheduler steps from t to t - T//N, so it reproduces only evenly spaced trailing timesteps "
                 f"t_i = (N - i) d - 1 with N d <= T = {T} (the betas are cut at N d < T); got {timesteps}.")
-        scheduler = (DDIMScheduler.from_config(config, timestep_spacing="trailing", set_alpha_to_one=True) if n * d == T
-                     else _truncated(DDIMScheduler, config, n * d, timestep_spacing="trailing"))
+        scheduler = DDIMScheduler.from_config(_config_for(DDIMScheduler, config), **_cut_schedule(config, n * d),
+                                              timestep_spacing="trailing", set_alpha_to_one=True)
     else:
         raise ValueError(f"Unknown sampler {sampler!r}; expected 'multistep' or 'ddim'.")
     return scheduler, _set_timesteps(scheduler, n)
 
 
-def _truncated(scheduler_class, config: dict, num_train_timesteps: int, **options):
-    """A scheduler on the teacher's betas cut at ``num_train_timesteps`` < T.
-
-    Pipelines without a ``timesteps`` argument (``DDPMPipeline``) only call ``set_timesteps(N)``, which
-    always starts at ``T - 1``. Cutting the teacher's betas at ``t0 + 1`` keeps ``alphas_cumprod`` for
-    every ``t <= t0`` unchanged, so ``set_timesteps(N)`` of the cut schedule starts at ``t0`` instead
-    (and DDIM's step ``T // N`` becomes ``(t0 + 1) // N``).
-    """
-    from diffusers import DDPMScheduler
-
-    betas = DDPMScheduler.from_config(config).betas[:num_train_timesteps]
-    return scheduler_class.from_config(config, num_train_timesteps=num_train_timesteps, trained_betas=betas.tolist(),
-                                       set_alpha_to_one=True, **options)
-
-
 def exported_scheduler(pipe, timesteps: Sequence[int], sampler: str = "multistep", overrides: dict | None = None):
     """``(scheduler, custom)``: the built-in scheduler the export writes for these trained timesteps, and
     whether the pipeline must be called with ``timesteps=`` (``set_timesteps(N)`` gives others).
+    ``overrides``: the student's own scheduler settings (``ExportSpec.scheduler_config``).
 
-    Raises ``ValueError`` when that is needed but ``type(pipe).__call__`` has no ``timesteps`` argument
-    (``DDPMPipeline``): such a student could not be reproduced from its folder.
+    Raises ``ValueError`` when that is needed but the student's pipeline or scheduler takes no ``timesteps``:
+    such a student could not be reproduced from its folder.
     """
-    import inspect
-
-    config = dict(pipe.scheduler.config)
+    config = {"_class_name": type(pipe.scheduler).__name__, **dict(pipe.scheduler.config)}
     ts = check_timesteps(timesteps, config.get("num_train_timesteps", 1000))
-    scheduler, default = _built_in_scheduler(config, ts, sampler, overrides)
+    pipeline_class = student_pipeline_class(pipe)
+    scheduler, default = _built_in_scheduler(config, ts, sampler, default_steps(pipeline_class), overrides)
     custom = default != ts
-    if custom and "timesteps" not in inspect.signature(type(pipe).__call__).parameters:
+    if custom and not _accepts_timesteps(pipeline_class, scheduler):
         raise ValueError(
-            f"{type(pipe).__name__} cannot be called with custom timesteps, and {type(scheduler).__name__}'s "
+            f"{pipeline_class.__name__} with {type(scheduler).__name__} cannot be called with custom timesteps, and "
             f"set_timesteps({len(ts)}) gives {default}, not {ts}. Train with student.num_steps "
-            f"(fastgen.pipelines.sampler.student_timesteps), or with timesteps evenly spaced below t0 where "
-            f"t0 + 1 is divisible by their number (the export then cuts the schedule at t0 + 1).")
+            f"(fastgen.pipelines.sampler.student_timesteps) or timesteps that set_timesteps(N) gives.")
     return scheduler, custom
 
 
@@ -144,21 +244,63 @@ def check_student_network(pipe, network_name: str, model: torch.nn.Module) -> No
                          f"{', '.join(differ)}; it comes from another teacher.")
 
 
-def _model_card(pipe_class: str, scheduler_class: str, meta: dict, call: str, is_text: bool) -> str:
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def teacher_reference(pipe) -> tuple[str, str | None]:
+    """``(name, hub_id)`` of a teacher pipeline for the metadata and model card, with no local path in them: the
+    zoo name (``fmnist-ldm``), the hub id it was loaded from, directly or as a folder of the hub cache (also
+    returned as ``hub_id``), or the last part of a local folder's path; ``"teacher"`` for a pipeline built in
+    memory."""
+    source = str(getattr(pipe, "name_or_path", None) or "")
+    if not source:
+        return "teacher", None
+    if Path(source).exists():
+        cached = [p.name[len("models--"):] for p in Path(source).resolve().parents if p.name.startswith("models--")]
+        if cached:  # a snapshot folder of the hub cache: .../models--owner--name/snapshots/<revision>
+            hub_id = cached[0].replace("--", "/", 1)
+            return hub_id, hub_id
+        return zoo.name_of(source) or Path(source).resolve().name, None
+    if HUB_ID.match(source):
+        return source, source
+    return Path(source).name or "teacher", None
+
+
+def teacher_license(pipe, hub_id: str | None) -> str | None:
+    """The ``license`` of the teacher's model card (its folder's README.md, or the hub's), ``None`` if unknown."""
+    from huggingface_hub import ModelCard
+
+    source = str(getattr(pipe, "name_or_path", None) or "")
+    card_file = Path(source) / "README.md"
+    try:
+        if source and card_file.is_file():
+            return ModelCard.load(card_file).data.license
+        if hub_id is not None:
+            return ModelCard.load(hub_id).data.license
+    except Exception:  # noqa: BLE001 -- offline, no card, a card without YAML: the license is unknown, not an error
+        return None
+    return None
+
+
+def _model_card(pipe_class: str, scheduler_class: str, meta: dict, call: str, is_text: bool, hub_id: str | None,
+                license_id: str | None) -> str:
+    """The student's README.md: Hugging Face model-card YAML, the exact call, what other step counts do."""
     example = 'pipe("a photo of a sneaker", ' if is_text else "pipe("
-    return f"""---
-library_name: diffusers
-tags:
-- fastgen
-- distillation
-- {meta['method']}
----
+    tag = "text-to-image" if is_text else "unconditional-image-generation"
+    lines = ["---", "library_name: diffusers", f"pipeline_tag: {tag}"]
+    if hub_id is not None:
+        lines.append(f"base_model: {hub_id}")
+    lines.append(f"license: {license_id or 'other'}")
+    lines += ["tags:", "- fastgen", "- distillation", f"- {meta['method']}", f"- {meta['num_steps']}-step", "---"]
+    licence_note = "" if license_id else (f"\nLicense: the weights derive from the teacher `{meta['teacher']}`, whose "
+                                          "license applies (its model card states none that fastgen could read).\n")
+    return "\n".join(lines) + f"""
 
 # {meta['num_steps']}-step {meta['method']} student of `{meta['teacher']}`
 
-Distilled with [fastgen](https://pypi.org/project/fastgen/) (method: `{meta['method']}`). This is a plain
+Distilled with [fastgen]({PROJECT_URL}) (`pip install {DISTRIBUTION}`; method: `{meta['method']}`). This is a plain
 `{pipe_class}` with a `{scheduler_class}`; fastgen is not needed to run it.
-
+{licence_note}
 ```python
 import torch
 from diffusers import DiffusionPipeline
@@ -167,16 +309,33 @@ pipe = DiffusionPipeline.from_pretrained("path/to/this/folder")
 image = {example}{call}, generator=torch.Generator().manual_seed(0)).images[0]
 ```
 
-Pass these arguments exactly: pipeline call defaults cannot be changed by a config file, and the
-student was trained for these timesteps ({meta['timesteps']}) and guidance scale
-({meta['guidance_scale']}; guidance at or below 1 disables classifier-free guidance).
+The student was trained for these timesteps ({meta['timesteps']}) and guidance scale ({meta['guidance_scale']};
+guidance at or below 1 disables classifier-free guidance). Pipeline call defaults cannot be changed by a config
+file, so pass these arguments; other step counts run too (the scheduler spreads N steps below the first trained
+timestep), but only the trained call is what the student learned. With fastgen installed,
+`fastgen.pipelines.FewStepPipeline.from_pretrained(folder)(prompt)` uses these defaults by itself.
 
-fastgen metadata (also in `scheduler/scheduler_config.json` under `"{METADATA_KEY}"`):
+fastgen metadata (`{METADATA_FILE}`):
 
 ```json
 {json.dumps(meta, indent=2)}
 ```
 """
+
+
+def pipeline_kwargs(pipeline_class, components: dict, config: dict) -> dict:
+    """The arguments that build ``pipeline_class`` from ``components`` and a pipeline ``config``
+    (``requires_safety_checker``, ...): those it takes; a component it requires that is missing is ``None``."""
+    params = inspect.signature(pipeline_class.__init__).parameters
+    kwargs = {name: components.get(name) for name in params if name != "self" and
+              params[name].kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD) and
+              (name in components or params[name].default is inspect.Parameter.empty)}
+    for name in params:
+        if name not in kwargs and name in config and not name.startswith("_"):
+            kwargs[name] = config[name]
+    if "requires_safety_checker" in params and kwargs.get("safety_checker") is None:
+        kwargs["requires_safety_checker"] = False  # no checker: nothing to require (and no warning at every load)
+    return kwargs
 
 
 def export_student(teacher, out_dir: str | Path, *, model: torch.nn.Module | None = None,
@@ -196,6 +355,7 @@ def export_student(teacher, out_dir: str | Path, *, model: torch.nn.Module | Non
         method: name recorded in the metadata and model card.
         guidance_scale: the guidance to call the student with (0 for guidance-distilled students; for students
             with a guidance embedding, the ``W`` the pipeline embeds).
+        extra_metadata: more entries for ``fastgen.json`` (recipe, training steps, ...).
         scheduler_config: the student's own scheduler settings, e.g. ``{"prediction_type": "v_prediction"}``
             (default: the teacher's).
     Returns:
@@ -214,14 +374,12 @@ def export_student(teacher, out_dir: str | Path, *, model: torch.nn.Module | Non
     teacher_config = dict(pipe.scheduler.config)
     timesteps = check_timesteps(timesteps, teacher_config.get("num_train_timesteps", 1000))
     scheduler, custom = exported_scheduler(pipe, timesteps, sampler, scheduler_config)
+    pipeline_class = student_pipeline_class(pipe)
     is_text = hasattr(pipe, "encode_prompt")
-    call = f"timesteps={timesteps}" if custom else f"num_inference_steps={len(timesteps)}"
-    if is_text:
-        call += f", guidance_scale={guidance_scale}"
+    call = call_arguments(pipeline_class, scheduler, timesteps, custom, guidance_scale if is_text else None)
+    name, hub_id = teacher_reference(pipe)
     meta = {"method": method, "sampler": sampler, "num_steps": len(timesteps), "timesteps": timesteps,
-            "guidance_scale": guidance_scale, "teacher": str(getattr(pipe, "name_or_path", "") or teacher_config.get(
-                "_name_or_path", "teacher")), "call": call, **(extra_metadata or {})}
-    scheduler.register_to_config(**{METADATA_KEY: meta})
+            "guidance_scale": guidance_scale, "teacher": name, "call": call, **(extra_metadata or {})}
 
     components = dict(pipe.components)
     if model is not None:
@@ -231,16 +389,55 @@ def export_student(teacher, out_dir: str | Path, *, model: torch.nn.Module | Non
         check_student_network(pipe, network_name, model)
         components[network_name] = model
     components["scheduler"] = scheduler
-    student = type(pipe)(**components)
+    student = pipeline_class(**pipeline_kwargs(pipeline_class, components, dict(pipe.config)))
+    card = _model_card(pipeline_class.__name__, type(scheduler).__name__, meta, call, is_text, hub_id,
+                       teacher_license(pipe, hub_id))
     with writing_folder(out_dir, marker="model_index.json", what="Student folder") as tmp:
         student.save_pretrained(tmp)
-        (tmp / "README.md").write_text(_model_card(type(pipe).__name__, type(scheduler).__name__, meta, call, is_text))
+        make_portable(student, tmp)
+        (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        (tmp / "README.md").write_text(card)
     return Path(out_dir)
 
 
 def read_metadata(folder: str | Path) -> dict:
-    """The fastgen metadata of an exported folder ({} for a folder fastgen did not write)."""
-    path = Path(folder) / "scheduler" / "scheduler_config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{folder} has no scheduler/scheduler_config.json; is it a diffusers pipeline folder?")
-    return json.loads(path.read_text()).get(METADATA_KEY, {})
+    """The fastgen metadata of an exported folder ({} for a pipeline folder fastgen did not write).
+
+    Reads ``fastgen.json``, or the ``"fastgen"`` key of ``scheduler/scheduler_config.json`` in folders written
+    before it existed. Raises ``FileNotFoundError`` for a path that is not a diffusers pipeline folder.
+    """
+    folder = Path(folder)
+    if not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(f"{folder} has no model_index.json; is it a diffusers pipeline folder?")
+    if (folder / METADATA_FILE).is_file():
+        return json.loads((folder / METADATA_FILE).read_text())
+    legacy = folder / "scheduler" / "scheduler_config.json"
+    return json.loads(legacy.read_text()).get(LEGACY_METADATA_KEY, {}) if legacy.is_file() else {}
+
+
+def source_metadata(source: str | Path, **hub_kwargs) -> dict:
+    """The fastgen metadata of a pipeline folder or hub id (``fastgen.json`` through the hub cache, with
+    ``hub_kwargs`` such as ``revision``); {} where there is none or the hub cannot be reached."""
+    if (Path(source) / "model_index.json").is_file():
+        return read_metadata(source)
+    if HUB_ID.match(str(source)):
+        try:
+            from huggingface_hub import hf_hub_download
+
+            return json.loads(Path(hf_hub_download(str(source), METADATA_FILE, **hub_kwargs)).read_text())
+        except Exception:  # noqa: BLE001 -- offline or no such file: not a fastgen student as far as we can tell
+            return {}
+    return {}
+
+
+def pipeline_metadata(pipe) -> dict:
+    """The fastgen metadata of a loaded pipeline: its folder's or hub repo's (:func:`source_metadata`), else the
+    legacy scheduler-config key; {} for other pipelines."""
+    source = str(getattr(pipe, "name_or_path", None) or "")
+    meta = source_metadata(source) if source else {}
+    return meta or dict(dict(pipe.scheduler.config).get(LEGACY_METADATA_KEY) or {})
+
+
+__all__ = ["export_student", "exported_scheduler", "read_metadata", "source_metadata", "pipeline_metadata",
+           "pipeline_kwargs", "student_pipeline_class",
+           "teacher_reference", "check_student_network", "call_arguments", "METADATA_FILE"]

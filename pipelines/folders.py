@@ -2,6 +2,7 @@
 
 * :func:`check_output_dir` -- a one-line ``ValueError`` when a path cannot become a writable folder (an
   existing file, a path under a file, a read-only or virtual file system); creates nothing.
+* :func:`check_replaceable` -- whether :func:`writing_folder` may write (or replace) a folder, checked early.
 * :func:`writing_folder` -- write a folder into a hidden temporary sibling and rename it into place when
   the block succeeds, as checkpoints are written. A kill before the rename leaves the previous folder
   as it was (the temporary one is removed by the next write); an existing folder is replaced only if it
@@ -73,6 +74,19 @@ def _replace(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def check_replaceable(final: str | Path, marker: str | None = None, what: str = "Output folder") -> Path:
+    """``final`` as a Path if :func:`writing_folder` may write it: absent, empty, or holding ``marker``; else a
+    one-line ``ValueError`` (callers check this before any long work)."""
+    final = Path(final)
+    if final.exists():
+        if not final.is_dir():
+            raise ValueError(f"{what} {final} is an existing file, not a folder.")
+        if marker is not None and any(final.iterdir()) and not (final / marker).exists():
+            raise ValueError(f"{what} {final} already exists and holds no {marker}: it is not a folder fastgen "
+                             "wrote, so it is left alone; choose another path.")
+    return final
+
+
 @contextlib.contextmanager
 def writing_folder(final: str | Path, marker: str | None = None, what: str = "Output folder"):
     """Yield a temporary folder to write ``final``'s contents into; it becomes ``final`` when the block ends.
@@ -85,13 +99,7 @@ def writing_folder(final: str | Path, marker: str | None = None, what: str = "Ou
     Raises:
         ValueError: ``final`` is a file, or a non-empty folder without ``marker``.
     """
-    final = Path(final)
-    if final.exists():
-        if not final.is_dir():
-            raise ValueError(f"{what} {final} is an existing file, not a folder.")
-        if marker is not None and any(final.iterdir()) and not (final / marker).exists():
-            raise ValueError(f"{what} {final} already exists and holds no {marker}: it is not a folder fastgen "
-                             "wrote, so it is left alone; choose another path.")
+    final = check_replaceable(final, marker, what)
     final.parent.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(final)
     tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
@@ -106,15 +114,12 @@ def writing_folder(final: str | Path, marker: str | None = None, what: str = "Ou
     _replace(tmp, final)
 
 
-def installed_output(out: str | Path | None, installed: Path, replace_installed: bool, what: str, marker: str) -> Path:
-    """The folder a ``zoo train`` / ``classifier`` command writes: ``out``, else the installed folder -- which,
-    once it holds weights (``marker``), is replaced only with ``replace_installed`` (never by default)."""
+def installed_output(out: str | Path | None, installed: Path, replace_installed: bool, default: Path) -> Path:
+    """The folder a ``zoo train`` / ``classifier`` command writes: ``out``, else ``default`` (a folder of the
+    user's, e.g. ``./zoo/NAME``); the installed folder only with ``replace_installed`` (never by default)."""
     if out is not None and replace_installed:
         raise ValueError("Give --out or --replace-installed, not both.")
-    if out is None and (installed / marker).exists() and not replace_installed:
-        raise ValueError(f"--out is required: the installed {what} at {installed} would be replaced (pass "
-                         "--replace-installed to do that on purpose).")
-    return check_output_dir(out if out is not None else installed)
+    return check_output_dir(installed if replace_installed else out if out is not None else default)
 
 
 def keep_other_files(old: Path, new: Path) -> None:
@@ -127,4 +132,4 @@ def keep_other_files(old: Path, new: Path) -> None:
             (shutil.copytree if item.is_dir() else shutil.copy2)(item, new / item.name)
 
 
-__all__ = ["check_output_dir", "writing_folder", "installed_output", "keep_other_files"]
+__all__ = ["check_output_dir", "check_replaceable", "writing_folder", "installed_output", "keep_other_files"]

@@ -28,18 +28,28 @@ def denoiser_from_pipeline(pipe, model: torch.nn.Module | None = None) -> Denois
     return Denoiser(network, schedule_from_scheduler_config(pipe.scheduler.config))
 
 
-def encode_prompts(pipe, prompts: Sequence[str], negative_prompt: str = "") -> tuple[Conditioning, Conditioning]:
-    """Conditioning of ``prompts`` and of the negative prompt, with the pipeline's own ``encode_prompt``."""
+def placement(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    """``(device, dtype)`` of a network's first parameter. diffusers' ``model.device`` / ``pipe.device`` walk every
+    submodule looking for offloading hooks, milliseconds per call of Python for a small network's call."""
+    parameter = next(module.parameters())
+    return parameter.device, parameter.dtype
+
+
+def encode_prompts(pipe, prompts: Sequence[str], negative_prompt: str = "", guidance: bool = True,
+                   device: torch.device | None = None) -> tuple[Conditioning, Conditioning | None]:
+    """Conditioning of ``prompts`` and of the negative prompt, with the pipeline's own ``encode_prompt``
+    (without ``guidance`` the negative prompt is not encoded and ``None`` is returned for it), on ``device``
+    (default: the pipeline's)."""
     if not hasattr(pipe, "encode_prompt"):
         raise TypeError(f"{type(pipe).__name__} is not text-conditional; pass batch_size instead of prompts.")
-    device = pipe.device
+    device = device if device is not None else pipe.device
     if "text_encoder_3" in getattr(pipe, "components", {}):  # SD3: (embeds, neg, pooled, neg_pooled)
         embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
             prompt=list(prompts), prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=1,
-            do_classifier_free_guidance=True, negative_prompt=[negative_prompt] * len(prompts))
-        return Conditioning(embeds, pooled), Conditioning(neg, neg_pooled)
-    embeds, neg = pipe.encode_prompt(list(prompts), device, 1, True, [negative_prompt] * len(prompts))
-    return Conditioning(embeds), Conditioning(neg)
+            do_classifier_free_guidance=guidance, negative_prompt=[negative_prompt] * len(prompts))
+        return Conditioning(embeds, pooled), Conditioning(neg, neg_pooled) if guidance else None
+    embeds, neg = pipe.encode_prompt(list(prompts), device, 1, guidance, [negative_prompt] * len(prompts))
+    return Conditioning(embeds), Conditioning(neg) if guidance else None
 
 
 class PipelineSampler:
@@ -60,18 +70,23 @@ class PipelineSampler:
         size = cfg.sample_size
         return (cfg.in_channels, size, size)
 
-    def conditioning(self, prompts: Sequence[str] | None, guidance_scale: float | None):
-        """``(cond, uncond, w)`` with diffusers' convention: guidance only when ``w > 1``."""
+    def conditioning(self, prompts: Sequence[str] | None, guidance_scale: float | None, negative_prompt: str = "",
+                     need_uncond: bool = False, device: torch.device | None = None):
+        """``(cond, uncond, w)`` with diffusers' convention: guidance only when ``w > 1``. The negative prompt is
+        encoded only when guidance (or ``need_uncond``) needs it; ``uncond`` is ``None`` otherwise. ``device``:
+        where the embeddings go (default: the pipeline's)."""
         if prompts is None:
             if self.denoiser.is_conditional:
                 raise ValueError("This pipeline is text-conditional: pass prompts.")
             return None, None, None
-        cond, uncond = encode_prompts(self.pipe, prompts)
         w = guidance_scale if guidance_scale is not None and guidance_scale > 1 else None
         dim = embedding_dim(self.denoiser.model)
         if dim is not None:  # guidance distilled into a w-embedding: the pipeline embeds W - 1 and runs no CFG
-            cond = with_guidance(cond, 1.0 if guidance_scale is None else guidance_scale, dim)
             w = None
+        cond, uncond = encode_prompts(self.pipe, prompts, negative_prompt, guidance=w is not None or need_uncond,
+                                      device=device)
+        if dim is not None:
+            cond = with_guidance(cond, 1.0 if guidance_scale is None else guidance_scale, dim)
         return cond, uncond, w
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -81,7 +96,7 @@ class PipelineSampler:
             latents = latents / vae.config.scaling_factor
             if getattr(vae.config, "shift_factor", None):
                 latents = latents + vae.config.shift_factor
-            latents = vae.decode(latents.to(vae.dtype)).sample
+            latents = vae.decode(latents.to(placement(vae)[1])).sample
         return (latents / 2 + 0.5).clamp(0, 1)
 
     @torch.no_grad()
@@ -111,6 +126,7 @@ class PipelineSampler:
         cond, uncond, w = self.conditioning(prompts, guidance_scale)
         n = len(prompts) if prompts is not None else batch_size
         model = self.denoiser.model
-        noise = randn_tensor((n, *self.latent_shape), generator=generator, device=model.device, dtype=model.dtype)
+        device, dtype = placement(model)
+        noise = randn_tensor((n, *self.latent_shape), generator=generator, device=device, dtype=dtype)
         latents = SAMPLERS[sampler](self.denoiser, noise, timesteps, cond, uncond, w, generator, progress)
         return latents if output == "latents" else self.decode(latents)

@@ -31,23 +31,37 @@ def _x0(denoiser: Denoiser, x: torch.Tensor, t: int, cond, uncond, guidance_scal
     return pred.x0_clipped, pred.eps
 
 
+# ``refine(i, t, x_t, x0) -> x0``: a correction of the x0 predicted at step i (teacher guidance at inference).
+Refine = Callable[[int, int, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 def _sample(denoiser: Denoiser, noise: torch.Tensor, timesteps: Sequence[int], cond, uncond, guidance_scale,
-            progress: bool, renoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """The loop both samplers share: predict (x0, eps) at t_i, move to t_{i+1} with ``renoise(x0, eps)``."""
+            progress: bool, renoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+            refine: Refine | None = None, stop_at: int | None = None) -> torch.Tensor:
+    """The loop both samplers share: predict (x0, eps) at t_i, move to t_{i+1} with ``renoise(x0, eps)``.
+
+    ``refine`` replaces the x0 of a step (its eps then follows from ``x_t``); with ``stop_at`` the last step moves
+    to that timestep too and ``x_{stop_at}`` is returned instead of the last x0 (a part of a longer run).
+    """
     x = noise
     steps = list(timesteps)
     for i, t in enumerate(tqdm(steps, desc="sampling", disable=not progress)):
         x0, eps = _x0(denoiser, x, t, cond, uncond, guidance_scale)
-        if i == len(steps) - 1:
+        if refine is not None:
+            x0 = refine(i, t, x, x0)
+            alpha, sigma = denoiser.schedule.alpha_sigma(t)
+            eps = (x - alpha.to(x) * x0) / sigma.to(x)
+        following = steps[i + 1] if i + 1 < len(steps) else stop_at
+        if following is None:
             return x0
-        x = denoiser.schedule.add_noise(x0, renoise(x0, eps), steps[i + 1])
+        x = denoiser.schedule.add_noise(x0, renoise(x0, eps), following)
     return x
 
 
 def sample_multistep(denoiser: Denoiser, noise: torch.Tensor, timesteps: Sequence[int],
                      cond: Conditioning | None = None, uncond: Conditioning | None = None,
                      guidance_scale: float | None = None, generator: torch.Generator | None = None,
-                     progress: bool = False) -> torch.Tensor:
+                     progress: bool = False, refine: Refine | None = None) -> torch.Tensor:
     """x0-then-renoise sampling: ``x_{t_{i+1}} = alpha_{t_{i+1}} x0(x_{t_i}) + sigma_{t_{i+1}} z``, fresh ``z``.
 
     Args:
@@ -56,24 +70,27 @@ def sample_multistep(denoiser: Denoiser, noise: torch.Tensor, timesteps: Sequenc
         timesteps: descending network timesteps, e.g. ``[999, 749, 499, 249]``.
         cond, uncond, guidance_scale: conditioning and classifier-free guidance (see Denoiser).
         generator: source of the fresh noise drawn at each re-noising.
+        refine: optional correction of each step's x0 before it is re-noised (see ``Refine``).
     Returns:
         The final x0 prediction.
     """
     def fresh_noise(x0, _eps):
         return randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
 
-    return _sample(denoiser, noise, timesteps, cond, uncond, guidance_scale, progress, fresh_noise)
+    return _sample(denoiser, noise, timesteps, cond, uncond, guidance_scale, progress, fresh_noise, refine)
 
 
 def sample_ddim(denoiser: Denoiser, noise: torch.Tensor, timesteps: Sequence[int],
                 cond: Conditioning | None = None, uncond: Conditioning | None = None,
                 guidance_scale: float | None = None, generator: torch.Generator | None = None,
-                progress: bool = False) -> torch.Tensor:
+                progress: bool = False, refine: Refine | None = None, stop_at: int | None = None) -> torch.Tensor:
     """Deterministic DDIM (eta = 0): ``x_{t'} = alpha_{t'} x0 + sigma_{t'} eps``; the last step returns x0.
 
-    Arguments as :func:`sample_multistep` (``generator`` is unused: DDIM draws no noise).
+    Arguments as :func:`sample_multistep` (``generator`` is unused: DDIM draws no noise); with ``stop_at`` the
+    last step moves on to that timestep and returns ``x_{stop_at}`` (the teacher's part of a hybrid run).
     """
-    return _sample(denoiser, noise, timesteps, cond, uncond, guidance_scale, progress, lambda _x0, eps: eps)
+    return _sample(denoiser, noise, timesteps, cond, uncond, guidance_scale, progress, lambda _x0, eps: eps, refine,
+                   stop_at)
 
 
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"multistep": sample_multistep, "ddim": sample_ddim}

@@ -136,3 +136,44 @@ def fixed_batch_losses(method, text_pipe=None, lr: float = 2e-4, steps: int = 25
         opt.step()
         method.end_step(step)
     return before, fixed_loss()
+
+
+def save_tiny_ddpm(folder, seed: int = 0):
+    """Write a tiny ``DDPMPipeline`` teacher (safetensors) to ``folder`` and return the folder."""
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    torch.manual_seed(seed)
+    DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(folder)
+    return folder
+
+
+def tiny_sd3_pipeline(folder):
+    """A tiny StableDiffusion3Pipeline built from diffusers' and transformers' classes: the conftest transformer,
+    two CLIP text encoders with projections (8 + 8 = its pooled and joint widths), a T5 encoder, the zoo's
+    byte-level tokenizer (written to ``folder``) for all three, and a VAE with a shift factor (16x16 images)."""
+    from pathlib import Path
+
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from fastgen.train.teachers import build_byte_tokenizer
+
+    tok = build_byte_tokenizer(Path(folder) / "tokenizer")
+
+    def clip():
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(tok), hidden_size=8, intermediate_size=16, projection_dim=8, num_hidden_layers=1,
+            num_attention_heads=2, max_position_embeddings=tok.model_max_length, bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tok), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, sample_size=16, layers_per_block=1,
+                        block_out_channels=(8, 8), norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, shift_factor=0.1, scaling_factor=1.5)
+    pipe = StableDiffusion3Pipeline(transformer=tiny_sd3_transformer(), vae=vae, text_encoder=clip(), tokenizer=tok,
+                                    text_encoder_2=clip(), tokenizer_2=tok, text_encoder_3=t5, tokenizer_3=tok,
+                                    scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    for module in pipe.components.values():  # eval mode, as from_pretrained loads them (T5's dropout is 0.1)
+        if isinstance(module, torch.nn.Module):
+            module.eval()
+    return pipe

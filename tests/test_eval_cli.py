@@ -74,6 +74,28 @@ def test_unconditional_loop_equals_ddpm_pipeline_call(tmp_path):
         torch.testing.assert_close(ours, torch.from_numpy(theirs).permute(0, 3, 1, 2), atol=1e-5, rtol=0)
 
 
+def test_unconditional_loop_equals_exported_students_call(tmp_path):
+    """An exported digits student is a ConsistencyModelPipeline: the evaluation loop gives its images, with
+    step counts and with custom timesteps (the call fastgen eval makes from its fastgen.json)."""
+    from diffusers import DiffusionPipeline
+
+    from fastgen import zoo
+    from fastgen.eval.evaluate import student_call
+    from fastgen.eval.generate import unconditional_call
+    from fastgen.pipelines.export import export_student
+
+    teacher = DiffusionPipeline.from_pretrained(zoo.path("digits-ddpm"))
+    for timesteps in ([749], [625, 300]):
+        pipe = DiffusionPipeline.from_pretrained(export_student(teacher, tmp_path / str(len(timesteps)),
+                                                                timesteps=timesteps))
+        call = student_call(pipe)
+        ours = unconditional_call(pipe, 4, call.get("steps"), torch.Generator().manual_seed(0), call.get("timesteps"))
+        kwargs = {"timesteps": timesteps, "num_inference_steps": None} if "timesteps" in call else \
+            {"num_inference_steps": call["steps"]}
+        theirs = pipe(batch_size=4, generator=torch.Generator().manual_seed(0), output_type="pt", **kwargs).images
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
 def test_bench_writes_table_and_plot(tmp_path):
     out = tmp_path / "bench"
     assert main(["bench", "digits-ddpm", "--solvers", "ddim,unipc,euler", "--nfes", "1,2", "--num-images", "20",

@@ -20,17 +20,23 @@ from fastgen.pipelines.sampler import student_timesteps
 PROMPTS = ["a photo of a sneaker", "a photo of a ankle boot", "a photo of a bag"]
 STEPS = (1, 2, 4)
 
-# Runs in a fresh interpreter that imports diffusers only; fastgen must not be importable-by-accident.
+# Runs in a fresh interpreter that imports diffusers only; fastgen must not be importable-by-accident. Progress
+# bars are switched off (a user's choice), so that anything else on stdout / stderr is a warning of the load or call.
 DIFFUSERS_ONLY = textwrap.dedent("""
     import json, sys
     import numpy as np, torch
     from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     jobs = json.load(open(sys.argv[1]))
     out = {}
     for i, job in enumerate(jobs):
         pipe = DiffusionPipeline.from_pretrained(job["folder"])
         if job.get("lora"):
             pipe.load_lora_weights(job["lora"])
+        pipe.set_progress_bar_config(disable=True)
         kwargs = dict(job["kwargs"], generator=torch.Generator().manual_seed(job["seed"]), output_type="np")
         out[str(i)] = pipe(**kwargs).images
     assert "fastgen" not in sys.modules, "the exported pipeline imported fastgen"
@@ -38,7 +44,9 @@ DIFFUSERS_ONLY = textwrap.dedent("""
 """)
 
 
-def run_diffusers_only(tmp_path, jobs):
+def run_diffusers_only(tmp_path, jobs, quiet=True):
+    """Images of each job, made in a fresh interpreter that imports diffusers only; with ``quiet``, it must print
+    nothing (``load_lora_weights`` of a UNet-only LoRA file logs that the text encoder has no LoRA keys)."""
     spec = tmp_path / "jobs.json"
     spec.write_text(json.dumps(jobs))
     script = tmp_path / "load.py"
@@ -47,6 +55,8 @@ def run_diffusers_only(tmp_path, jobs):
     proc = subprocess.run([sys.executable, str(script), str(spec), str(result)], capture_output=True, text=True,
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = proc.stderr + proc.stdout
+    assert not quiet or printed == "", f"loading or calling an exported folder printed:\n{printed}"
     data = np.load(result)
     return [torch.from_numpy(data[str(i)]).permute(0, 3, 1, 2) for i in range(len(jobs))]
 
@@ -126,7 +136,7 @@ def test_lora_student_round_trip(teachers, tmp_path):
     kwargs = {"prompt": PROMPTS, "num_inference_steps": 4, "guidance_scale": 0.0}
     got_fused, got_lora = run_diffusers_only(tmp_path, [
         {"folder": str(fused_dir), "kwargs": kwargs, "seed": 7},
-        {"folder": str(teacher_dir), "lora": str(lora_dir), "kwargs": kwargs, "seed": 7}])
+        {"folder": str(teacher_dir), "lora": str(lora_dir), "kwargs": kwargs, "seed": 7}], quiet=False)
     torch.testing.assert_close(got_fused, expected.float(), atol=1e-4, rtol=0)
     torch.testing.assert_close(got_lora, expected.float(), atol=1e-4, rtol=0)
 
@@ -146,27 +156,124 @@ def test_export_rejects_bad_input(teachers, tmp_path):
 
 
 def test_custom_timesteps_are_written_into_the_call(teachers, tmp_path):
-    with pytest.raises(ValueError, match="custom timesteps"):  # DDPMPipeline.__call__ has no `timesteps`
-        export_student(teachers["digits-ddpm"], tmp_path / "x", timesteps=[625, 300])
-    pipe = teachers["fmnist-ldm"]
-    folder = export_student(pipe, tmp_path / "sid", timesteps=[625, 300], method="sid")
-    meta = read_metadata(folder)
-    assert meta["call"] == "timesteps=[625, 300], guidance_scale=0.0" and meta["method"] == "sid"
-    assert json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["num_train_timesteps"] == 1000
-    reloaded = DiffusionPipeline.from_pretrained(folder)
-    assert reloaded.scheduler.config["fastgen"]["timesteps"] == [625, 300]  # extra keys survive loading
-
-
-def test_ddpm_pipeline_student_starting_below_T(teachers, tmp_path):
-    """DDPMPipeline has no `timesteps` argument: a student trained at [749] or [749, 374] is exported with the
-    teacher's betas cut at 750, whose set_timesteps(N) starts there; plain diffusers reproduces fastgen."""
-    pipe = teachers["digits-ddpm"]
+    """Timesteps no set_timesteps(N) gives are passed as timesteps=, for text and unconditional students alike."""
     jobs, expected = [], []
-    for timesteps in ([749], [749, 374]):
-        folder = export_student(pipe, tmp_path / f"cut{len(timesteps)}", timesteps=timesteps, method="test")
-        config = DiffusionPipeline.from_pretrained(folder).scheduler.config
-        assert config["num_train_timesteps"] == 750 and read_metadata(folder)["call"] == f"num_inference_steps={len(timesteps)}"
-        jobs.append({"folder": str(folder), "kwargs": {"batch_size": 3, "num_inference_steps": len(timesteps)}, "seed": 3})
-        expected.append(fastgen_images(pipe, None, timesteps, "multistep", None, 3, False))
+    for name, pipe in teachers.items():
+        text = name == "fmnist-ldm"
+        folder = export_student(pipe, tmp_path / name, timesteps=[625, 300], method="sid")
+        meta = read_metadata(folder)
+        assert meta["method"] == "sid" and meta["timesteps"] == [625, 300]
+        # the schedule is cut at 626 with a grid of every timestep: LCM's own checks accept the call unwarned
+        assert json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["num_train_timesteps"] == 626
+        if text:
+            assert meta["call"] == "timesteps=[625, 300], guidance_scale=0.0"
+            kwargs = {"prompt": PROMPTS, "timesteps": [625, 300], "guidance_scale": 0.0}
+        else:  # ConsistencyModelPipeline: num_inference_steps=None, or it warns that both were given
+            assert meta["call"] == "num_inference_steps=None, timesteps=[625, 300]"
+            kwargs = {"batch_size": 3, "num_inference_steps": None, "timesteps": [625, 300]}
+        jobs.append({"folder": str(folder), "kwargs": kwargs, "seed": 4})
+        expected.append(fastgen_images(pipe, None, [625, 300], "multistep", None, 4, text))
     for got, want in zip(run_diffusers_only(tmp_path, jobs), expected):
         torch.testing.assert_close(got, want.float(), atol=1e-4, rtol=0)
+
+
+def lcm_steps(t0: int, n: int) -> list[int]:
+    """What docs/export.md says N steps run on a student whose first trained timestep is t0 (grid k = 1)."""
+    return [t0 - (i * (t0 + 1)) // n for i in range(n)]
+
+
+def test_every_step_count_runs_and_is_fastgen_sampler(teachers, tmp_path):
+    """The default call (50 steps for Stable Diffusion, 1 for the unconditional ConsistencyModelPipeline) and any
+    N up to t0 + 1 (tested to 50) run on 1- and 4-step students, as fastgen's multistep sampler on the timesteps
+    docs/export.md gives; the trained N gives the trained timesteps."""
+    jobs, expected = [], []
+    sd, digits = teachers["fmnist-ldm"], teachers["digits-ddpm"]
+    for trained in ([749], [999, 749, 499, 249]):
+        folder = export_student(sd, tmp_path / f"sd{len(trained)}", timesteps=trained, method="dmd2")
+        for n in sorted({len(trained), 1, 2, 4, 50}):
+            assert len(trained) != n or lcm_steps(trained[0], n) == trained
+            kwargs = {"prompt": PROMPTS, "guidance_scale": 0.0}
+            if n != 50:  # 50 is StableDiffusionPipeline's default: the plain pipe(prompt) call
+                kwargs["num_inference_steps"] = n
+            jobs.append({"folder": str(folder), "kwargs": kwargs, "seed": n})
+            expected.append(fastgen_images(sd, None, lcm_steps(trained[0], n), "multistep", None, n, True))
+    folder = export_student(digits, tmp_path / "digits", timesteps=[749], method="dmd2")
+    for n in (1, 4, 50):
+        kwargs = {"batch_size": 3} if n == 1 else {"batch_size": 3, "num_inference_steps": n}  # 1: the default
+        jobs.append({"folder": str(folder), "kwargs": kwargs, "seed": n})
+        expected.append(fastgen_images(digits, None, lcm_steps(749, n), "multistep", None, n, False))
+    for job, got, want in zip(jobs, run_diffusers_only(tmp_path, jobs), expected):
+        # LCM's boundary scaling c_skip = 0.25 / (0.25 + (10 t)^2) weighs x_t into the last x0 (1.3e-5 at t = 14,
+        # the last of 50 steps from 749), where fastgen takes x0 itself: within the tolerance up to t >= 1
+        torch.testing.assert_close(got, want.float(), atol=1e-4, rtol=0, msg=lambda m: f"{job}: {m}")
+
+
+def test_default_call_returns_an_image_for_every_kind_of_student(teachers, tmp_path):
+    """`pipe(prompt)` / `pipe()` with no other argument, in a fresh diffusers-only process that prints nothing:
+    LCM (1 and 4 steps, cut schedule, custom timesteps), DDIM and LoRA-fused students of both zoo teachers."""
+    sd, digits = teachers["fmnist-ldm"], teachers["digits-ddpm"]
+    lora = type(sd.unet).from_config(sd.unet.config)
+    lora.load_state_dict(sd.unet.state_dict())
+    add_lora(lora, "student", rank=2, init_lora_weights=False)
+    kinds = [(sd, [749], "multistep", None), (sd, [999, 749, 499, 249], "multistep", None),
+             (sd, [249], "multistep", None), (sd, [625, 300], "multistep", None),
+             (sd, [999, 749, 499, 249], "ddim", None), (sd, [749], "multistep", fuse_student(lora, "student")),
+             (digits, [749], "multistep", None), (digits, [249], "multistep", None),
+             (digits, [999, 749, 499, 249], "ddim", None)]
+    jobs = []
+    for i, (pipe, timesteps, sampler, model) in enumerate(kinds):
+        folder = export_student(pipe, tmp_path / str(i), model=model, timesteps=timesteps, sampler=sampler)
+        jobs.append({"folder": str(folder), "kwargs": {"prompt": PROMPTS[0]} if pipe is sd else {}, "seed": i})
+    for (pipe, *_), images in zip(kinds, run_diffusers_only(tmp_path, jobs)):
+        assert images.shape == ((1, 1, 32, 32) if pipe is sd else (1, 1, 8, 8)) and torch.isfinite(images).all()
+
+
+def test_model_card_and_metadata(teachers, tmp_path):
+    """Card YAML: base_model only for a hub teacher, the teacher's license, pipeline_tag; no local path anywhere."""
+    from huggingface_hub import ModelCard
+
+    sd, digits = teachers["fmnist-ldm"], teachers["digits-ddpm"]
+    zoo_student = export_student(sd, tmp_path / "zoo", timesteps=[749], method="dmd2", guidance_scale=0.0)
+    data = ModelCard.load(zoo_student / "README.md").data
+    assert (data.library_name, data.pipeline_tag, data.license) == ("diffusers", "text-to-image", "apache-2.0")
+    assert data.base_model is None and {"fastgen", "distillation", "dmd2"} <= set(data.tags)
+    text = (zoo_student / "README.md").read_text() + (zoo_student / "fastgen.json").read_text()
+    assert str(zoo.path("fmnist-ldm").parent) not in text and str(tmp_path) not in text
+    assert "pypi.org/project/fastgen/" not in text and "fastgen-diffusion" in text
+    assert read_metadata(zoo_student)["teacher"] == "fmnist-ldm"
+    # a teacher loaded from the hub: its id is the base model; its license is unknown offline
+    hub = StableDiffusionPipeline(**sd.components)
+    hub.register_to_config(_name_or_path="some-org/tiny-sd")
+    hub_student = export_student(hub, tmp_path / "hub", timesteps=[749], method="dmd2")
+    data = ModelCard.load(hub_student / "README.md").data
+    assert data.base_model == "some-org/tiny-sd" and data.license == "other"
+    assert read_metadata(hub_student)["teacher"] == "some-org/tiny-sd"
+    data = ModelCard.load(export_student(digits, tmp_path / "digits", timesteps=[749]) / "README.md").data
+    assert data.pipeline_tag == "unconditional-image-generation"
+    snapshot = tmp_path / "hub" / "models--some-org--tiny-ddpm" / "snapshots" / "0123abc"  # a hub cache folder
+    digits.save_pretrained(snapshot)
+    cached = DiffusionPipeline.from_pretrained(snapshot)
+    data = ModelCard.load(export_student(cached, tmp_path / "cached", timesteps=[749]) / "README.md").data
+    assert data.base_model == "some-org/tiny-ddpm" and read_metadata(tmp_path / "cached")["teacher"] == data.base_model
+
+
+def test_folder_loads_with_transformers_4_files(teachers, tmp_path):
+    """transformers 5 saves CLIPTokenizer as tokenizer.json only and a config-built CLIPTextModel without the
+    `text_model.` key prefix; transformers 4.x needs vocab.json / merges.txt and the prefix (docs/export.md)."""
+    import shutil
+
+    from safetensors import safe_open
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    folder = export_student(teachers["fmnist-ldm"], tmp_path / "s", timesteps=[749])
+    slow_files = tmp_path / "tokenizer-files"
+    slow_files.mkdir()
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        shutil.copy(folder / "tokenizer" / name, slow_files / name)
+    ours, theirs = CLIPTokenizer.from_pretrained(slow_files), CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    assert ours(PROMPTS).input_ids == theirs(PROMPTS).input_ids  # the files hold the whole vocabulary
+    with safe_open(str(folder / "text_encoder" / "model.safetensors"), "pt") as f:
+        assert all(key.startswith("text_model.") for key in f.keys())
+    reloaded = CLIPTextModel.from_pretrained(folder / "text_encoder")
+    for key, value in teachers["fmnist-ldm"].text_encoder.state_dict().items():
+        torch.testing.assert_close(reloaded.state_dict()[key], value, rtol=0, atol=0)

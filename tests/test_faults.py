@@ -33,6 +33,12 @@ from fastgen.train.runner import run_training
 from fastgen.train.trainer import NonFiniteLossError, latest_checkpoint
 
 ZOO = Path(fastgen.zoo.__file__).parent
+
+
+def clean_fid_stats_dir() -> Path:
+    import cleanfid
+
+    return Path(cleanfid.__file__).parent / "stats"
 STEPS = 6  # the tiny runs: 6 steps, a checkpoint every 2
 
 
@@ -85,6 +91,11 @@ def files(root, teacher):
     (f / "unrelated").mkdir()
     (f / "unrelated" / "notes.md").write_text("someone's notes\n")
     (f / "empty_dir").mkdir()
+    (f / "prompts.txt").write_text("a photo of a bag\n")
+    (f / "broken_images").mkdir()
+    (f / "broken_images" / "bad.png").write_bytes(b"not a png")
+    (f / "no_checkpoint" / "checkpoints").mkdir(parents=True)
+    (f / "no_checkpoint" / "recipe.json").write_text("{}")
     np.savez(f / "stats.npz", mu=np.zeros(4), sigma=np.eye(4))
     torch.manual_seed(1)  # another teacher: same architecture, other weights
     DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(f / "other")
@@ -126,7 +137,7 @@ CASES = [
     (TRAIN + ["--set", "train.keep_checkpoints=0"], "keep_checkpoints must be >= 1"),
     (TRAIN + ["--set", "train.log_every=-5"], "log_every must be >= 0"),
     (TRAIN + ["--set", "train.eval_images=0"], "eval_images must be >= 1"),
-    (TRAIN + ["--set", "train.mixed_precision=fp8"], "mixed_precision must be 'no', 'bf16' or 'fp16', not 'fp8'"),
+    (TRAIN + ["--set", "train.mixed_precision=fp8"], "mixed_precision must be '' (accelerate's config), 'no', 'bf16' or 'fp16', not 'fp8'"),
     (TRAIN + ["--set", "train.max_grad_norm=nan"], "max_grad_norm must be >= 0"),
     (TRAIN + ["--set", "train.stpes=3"], "unknown recipe key 'train.stpes'"),
     (TRAIN + ["--set", "colour=3"], "unknown recipe key 'colour'"),
@@ -163,12 +174,19 @@ CASES = [
      "/proc/fastgen-run cannot be written"),
     (["train", "{recipe}", "--teacher", "{teacher}", "--out", "{f}/file.txt/run"], "file.txt is a file"),
     (TRAIN + ["--set", "student.timesteps=[1000]"], "Timesteps [1000] are out of range [0, 999]"),
-    (TRAIN + ["--set", "student.timesteps=[749, 300]"], "DDPMPipeline cannot be called with custom timesteps"),
+    (TRAIN + ["--set", "student.timesteps=[300, 749]"], "Timesteps must be strictly descending, got [300, 749]"),
     (TRAIN + ["--set", "dmd2.gan_generator_weight=0.1"], "gan_critic_weight need the critic's GAN head"),
     (TRAIN + ["--set", "critic.gan_head=true"], "critic.gan_head = true trains a GAN head only with"),
     (TRAIN + ["--set", "critic.gan_head=true", "--set", "dmd2.gan_critic_weight=0.1"],
      "needs real images: set data.real"),
     (TRAIN + ["--set", "method=dmd", "--set", "critic.gan_head=true"], "dmd has no GAN term"),
+    (TRAIN + ["--set", "critic.gan_head=true", "--set", "dmd2.gan_critic_weight=0.1", "--set",
+              "data.real=/no/such/images"], "Image folder /no/such/images does not exist"),
+    (TRAIN + ["--set", "critic.gan_head=true", "--set", "dmd2.gan_critic_weight=0.1", "--set",
+              "data.real={f}/empty_dir"], "empty_dir has no images"),
+    (TRAIN + ["--set", "critic.gan_head=true", "--set", "dmd2.gan_critic_weight=0.1", "--set",
+              "data.real={f}/broken_images"], "bad.png cannot be read"),
+    (TRAIN + ["--set", "data.num_workers=-1"], "num_workers must be >= 0"),
     (TRAIN + ["--set", "dmd2.guidance_scale=2"], "dmd2.guidance_scale = 2.0, but the teacher is unconditional"),
     (TRAIN + ["--set", "method=sid", "--set", "sid.guidance=lsg"], "sid.guidance = 'lsg' needs a text-conditional"),
     (PD + ["--set", "student.num_steps=5", "--set", "progressive.teacher_steps=48"],
@@ -203,7 +221,7 @@ CASES = [
     (RESUME + ["--set", "train.batch_size=2"], "train.batch_size: 4 in the run, 2 now"),
     (["train", "{recipe}", "--teacher", "{teacher}", "--out", "{run}", "--resume", "--set", "method=sid"],
      "this recipe differs from the run's ({run}/recipe.json): method: 'dmd2' in the run, 'sid' now; "),
-    (RESUME + ["--set", "train.steps=3"], "checkpoint (checkpoint-0000006) is at step 6, beyond train.steps = 3"),
+    (RESUME + ["--set", "train.steps=3"], "the checkpoint checkpoint-0000006 is at step 6, beyond train.steps = 3"),
     (["train", "{recipe}", "--teacher", "{f}/other", "--out", "{run}", "--resume", "--set", "dmd2.ratio=2"],
      "is not the run's (", ),
     # eval: every check before the first image
@@ -243,7 +261,7 @@ CASES = [
     (BENCH + ["--solvers", "ddim,bogus"], "--solvers: unknown solver(s) 'bogus'"),
     (BENCH + ["--nfes", "0"], "--nfes must be positive step counts, got [0]"),
     (BENCH + ["--nfes", "one"], "--nfes expects comma-separated whole numbers, got 'one'"),
-    (BENCH + ["--students", "/no/such/student"], "/no/such/student has no scheduler/scheduler_config.json"),
+    (BENCH + ["--students", "/no/such/student"], "/no/such/student has no model_index.json"),
     (BENCH + ["--students", "{teacher}"], "has no fastgen metadata"),
     (BENCH + ["--guidance", "-1"], "--guidance must be a finite number >= 0"),
     (BENCH + ["--batch-size", "0"], "--batch-size must be a positive integer, got 0"),
@@ -251,22 +269,51 @@ CASES = [
     (["bench", "digits-ddpm", "--num-images", "10", "--out", "{f}/file.txt"], "file.txt is an existing file"),
     (["bench", "{teacher}", "--num-images", "10", "--out", "{new}"], "pass a zoo teacher"),
     # the zoo: never the shipped weights by default, settings checked first
-    (["zoo", "train", "digits-ddpm", "--steps", "0", "--out", "{new}"], "--steps must be >= 1, got 0"),
+    (["zoo", "train", "digits-ddpm", "--train-steps", "0", "--out", "{new}"], "--train-steps must be >= 1, got 0"),
     (["zoo", "train", "digits-ddpm", "--batch-size", "0", "--out", "{new}"], "--batch-size must be >= 1, got 0"),
-    (["zoo", "train", "fmnist-ldm", "--vae-steps", "0", "--out", "{new}"], "--vae-steps must be >= 1, got 0"),
-    (["zoo", "train", "digits-ddpm", "--vae-steps", "5", "--out", "{new}"], "--vae-steps applies to fmnist-ldm only"),
+    (["zoo", "train", "fmnist-ldm", "--vae-train-steps", "0", "--out", "{new}"], "--vae-train-steps must be >= 1, got 0"),
+    (["zoo", "train", "digits-ddpm", "--vae-train-steps", "5", "--out", "{new}"],
+     "--vae-train-steps applies to fmnist-ldm only"),
     (["zoo", "train", "digits-ddpm", "--seed", "-1", "--out", "{new}"], "--seed must be >= 0"),
-    (["zoo", "train", "digits-ddpm"], "--out is required: the installed zoo teacher 'digits-ddpm'"),
+    (["zoo", "train", "digits-ddpm", "--train-steps", "0"], "--train-steps must be >= 1, got 0"),
     (["zoo", "train", "digits-ddpm", "--out", "{new}", "--replace-installed"], "Give --out or --replace-installed"),
     (["zoo", "train", "nope", "--out", "{new}"], "Unknown zoo teacher 'nope'"),
     (["zoo", "train", "digits-ddpm", "--out", "{f}/file.txt"], "file.txt is an existing file"),
     (["zoo", "train", "digits-ddpm", "--out", "{f}/unrelated"], "unrelated already exists and holds no model_index"),
     (["zoo", "card", "digits-ddpm", "--out", "{f}/empty_dir"], "empty_dir has no training_log.json"),
     (["zoo", "card", "nope", "--out", "{f}/empty_dir"], "Unknown zoo teacher 'nope'"),
+    (["zoo", "card", "digits-ddpm", "--out", "{f}/empty_dir", "--replace-installed"], "Give --out or --replace-installed"),
     (["zoo", "path", "nope"], "Unknown zoo teacher 'nope'"),
-    (["classifier", "digits"], "--out is required: the installed classifier 'digits'"),
+    (["classifier", "digits", "--out", "{new}", "--replace-installed"], "Give --out or --replace-installed, not both"),
     (["classifier", "digits", "--epochs", "0", "--out", "{new}"], "--epochs must be >= 1, got 0"),
-    (["demo", "--steps", "0", "--out", "{new}"], "--steps must be >= 1"),
+    (["demo", "--train-steps", "0", "--out", "{new}"], "--train-steps must be >= 1"),
+    (["demo", "--train-steps", "2", "--out", "{new}", "--prompts", "/no/prompts.txt"],
+     "Prompt file '/no/prompts.txt' not found"),
+    # export: a run's student without training
+    (["export", "/no/such/run"], "/no/such/run is neither a run folder"),
+    (["export", "{f}/empty_dir"], "empty_dir is neither a run folder"),
+    (["export", "{f}/no_checkpoint"], "no_checkpoint holds no complete checkpoint"),
+    (["export", "{run}", "--out", "{f}/file.txt"], "file.txt is an existing file"),
+    (["export", "{run}", "--out", "{f}/unrelated"], "unrelated already exists and holds no model_index.json"),
+    (["export", "{run}", "--teacher", "{f}/other", "--out", "{new}"], "export: the teacher"),
+    (["export", "{run}", "--teacher", "/no/such/teacher", "--out", "{new}"], "'/no/such/teacher' is neither a zoo"),
+    # --resume CHECKPOINT
+    (RESUME + ["--resume", "{f}/empty_dir"], "empty_dir: not a complete checkpoint"),
+    (RESUME + ["--resume", "{run}/checkpoints/checkpoint-0000004"],
+     "--resume checkpoint-0000004: the run holds later checkpoints (checkpoint-0000006)"),
+    (["train", "{recipe}", "--teacher", "{teacher}", "--out", "{new}", "--resume",
+      "{run}/checkpoints/checkpoint-0000006"], "is not a checkpoint of the run in {new}"),
+    (TRAIN + ["--train-steps", "0"], "steps must be >= 1"),
+    # --prompts and --fid-reference of the commands that sample
+    (EVAL + ["--prompts", "/no/prompts.txt"], "Prompt file '/no/prompts.txt' not found"),
+    (EVAL + ["--prompts", "{f}/binary.txt"], "binary.txt' is not UTF-8 text"),
+    (EVAL + ["--prompts", "{f}/prompts.txt", "--metrics", "speed"], "--prompts: DDPMPipeline is unconditional"),
+    (BENCH + ["--prompts", "{f}/empty.txt"], "No prompts in"),
+    (EVAL + ["--metrics", "fid", "--fid-reference", "cifar10"], "needs its resolution (and split)"),
+    (EVAL + ["--metrics", "fid", "--fid-reference", "cifar10:32px"], "a clean-fid dataset is NAME:RES[:SPLIT]"),
+    pytest.param(EVAL + ["--metrics", "fid", "--fid-reference", "cifar10:32"],
+                 "clean-fid statistics cifar10_clean_train_32.npz for dataset 'cifar10' are missing", marks=[
+        pytest.mark.skipif(Path(clean_fid_stats_dir(), "cifar10_clean_train_32.npz").exists(), reason="it is there")]),
 ]
 
 

@@ -105,7 +105,8 @@ def test_loss_on_a_fixed_batch_decreases(pipes, name):
 @pytest.mark.parametrize("name", ["digits-ddpm", "fmnist-ldm"])
 def test_every_rounds_export_is_the_methods_own_sampler(pipes, tmp_path, name):
     """Each round's N-step student (N = 6 and 3: neither divides T = 1000) exported as a plain DDIMScheduler folder;
-    the plain call (DDPMPipeline / StableDiffusionPipeline at guidance W) gives the method's own DDIM samples."""
+    the plain call (ConsistencyModelPipeline / StableDiffusionPipeline at guidance W) gives the method's own DDIM
+    samples."""
     guided = name == "fmnist-ldm"
     pipe = pipes[name]
     method = method_on(pipe, steps=3, teacher_steps=6, **({"guidance_min": 1.0, "guidance_max": 5.0} if guided else {}))

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ from fastgen.pipelines.export import read_metadata
 from fastgen.pipelines.generate import PipelineSampler
 from fastgen.train import recipes
 from fastgen.train.data import BatchStream, PromptBank
-from fastgen.train.runner import run_training
+from fastgen.train.runner import export_checkpoint, run_training
 from fastgen.train.trainer import NonFiniteLossError, latest_checkpoint
 
 PROMPTS = ["a photo of a bag", "a photo of a coat"]
@@ -142,8 +143,6 @@ def test_recipe_errors(ddpm_teacher, recipe, tmp_path):
         run_training(recipe, ["student.timesteps=[1000]"], teacher=str(ddpm_teacher), out=str(tmp_path / "x"))
     with pytest.raises(ValueError, match="descending"):
         run_training(recipe, ["student.timesteps=[499, 999]"], teacher=str(ddpm_teacher), out=str(tmp_path / "x"))
-    with pytest.raises(ValueError, match="cannot be called with custom timesteps"):  # DDPMPipeline, uneven steps
-        run_training(recipe, ["student.timesteps=[749, 300]"], teacher=str(ddpm_teacher), out=str(tmp_path / "x"))
 
 
 def test_shipped_recipes_load():
@@ -159,8 +158,12 @@ def test_lora_student_export_round_trip(sd_teacher, recipe, tmp_path):
     """A briefly trained 2-step LoRA student: the fused folder loads with plain diffusers and gives
     fastgen's sampler output; the LoRA file on the teacher gives the same images."""
     folder = run_training(recipe, ["student.num_steps=2", "student.lora_rank=4", "critic.lora_rank=4",
-                                   "train.steps=2", "dmd2.ratio=1", "optim.generator.lr=1e-2", "train.checkpoint_every=0"],
+                                   "train.steps=2", "dmd2.ratio=1", "optim.generator.lr=1e-2", "train.checkpoint_every=2"],
                           teacher=str(sd_teacher), out=str(tmp_path / "lora"))
+    again = export_checkpoint(tmp_path / "lora", out=tmp_path / "again")  # fastgen export: the same two folders
+    a, b = weights(folder), weights(again)
+    assert all(torch.equal(a[k], b[k]) for k in a) and (tmp_path / "again_lora" / "pytorch_lora_weights.safetensors"
+                                                         ).is_file()
     meta = read_metadata(folder)
     assert meta["timesteps"] == [999, 499] and meta["method"] == "dmd2" and meta["guidance_scale"] == 0.0
     pipe = DiffusionPipeline.from_pretrained(folder)
@@ -182,8 +185,8 @@ def test_lora_student_export_round_trip(sd_teacher, recipe, tmp_path):
 def test_periodic_evaluation_does_not_change_training(ddpm_teacher, recipe, tmp_path):
     calls = []
 
-    def evaluate_folder(folder, num_images, device):
-        calls.append(DiffusionPipeline.from_pretrained(folder).scheduler.config["fastgen"]["method"])
+    def evaluate_folder(folder, num_images, device, grid=None):
+        calls.append(read_metadata(folder)["method"])
         torch.randn(100)  # evaluation draws random numbers: training's RNG must not notice
         return {"fd": 1.0 / len(calls)}
 
@@ -246,8 +249,76 @@ def test_two_process_data_parallel_run_resumes_exactly(ddpm_teacher, recipe, tmp
     log = json.loads((tmp_path / "whole" / "train_log.json").read_text())
     assert log["update_counts"] == {"generator": 3, "critic": 6}
     assert log["ddp_find_unused_parameters"]  # the generator rests on critic-only iterations (ratio 2)
-    assert type(DiffusionPipeline.from_pretrained(tmp_path / "whole" / "student")).__name__ == "DDPMPipeline"
+    assert type(DiffusionPipeline.from_pretrained(tmp_path / "whole" / "student")).__name__ == "ConsistencyModelPipeline"
     # ratio 1: every iteration reaches every parameter, so DDP runs without the search (it would fail otherwise)
     launch("every", "--set", "dmd2.ratio=1", "--set", "train.steps=3")
     log = json.loads((tmp_path / "every" / "train_log.json").read_text())
     assert not log["ddp_find_unused_parameters"] and log["update_counts"] == {"generator": 3, "critic": 3}
+
+
+def test_mixed_precision_defaults_to_the_accelerate_config(ddpm_teacher, recipe, tmp_path):
+    """train.mixed_precision unset: accelerate's config decides (`accelerate launch --mixed_precision bf16` sets
+    ACCELERATE_MIXED_PRECISION); bf16 autocast runs on the CPU. A recipe value still wins over the config."""
+    env = {**os.environ, "ACCELERATE_MIXED_PRECISION": "bf16", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+    def train(out, *extra):
+        cmd = [sys.executable, "-m", "fastgen.cli", "train", recipe, "--teacher", str(ddpm_teacher), "--out",
+               str(tmp_path / out), "--set", "train.steps=2", "--set", "train.checkpoint_every=0", *extra]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads((tmp_path / out / "train_log.json").read_text())
+
+    assert recipes.load_recipe(recipe).train.mixed_precision == ""
+    assert train("config")["mixed_precision"] == "bf16"
+    assert train("recipe", "--set", "train.mixed_precision=no")["mixed_precision"] == "no"
+
+
+def test_evaluations_write_sample_grids_and_a_resume_continues_the_tensorboard_run(recipe, tmp_path):
+    """Each evaluation writes samples/step-N.png and logs it with the metrics; a resumed run logs into the same
+    TensorBoard run (logs/fastgen), and what a killed run logged after its checkpoint is purged."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from fastgen.eval.evaluate import training_evaluator
+
+    out = tmp_path / "run"
+    common = ["train.eval_every=2", "train.eval_images=10", "train.trackers=['tensorboard']", "train.log_every=1",
+              "train.checkpoint_every=2"]
+    run_training(recipe, common + ["train.steps=4"], teacher="digits-ddpm", out=str(out),
+                 evaluate_folder=training_evaluator)
+    shutil.rmtree(out / "checkpoints" / "checkpoint-0000004")  # as if killed after logging steps 3 and 4
+    run_training(recipe, common + ["train.steps=6"], teacher="digits-ddpm", out=str(out), resume=True,
+                 evaluate_folder=training_evaluator)
+    grids = ["samples/step-0000002.png", "samples/step-0000004.png", "samples/step-0000006.png"]
+    assert all((out / g).is_file() for g in grids)
+    records = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["samples"]) for r in records] == list(zip([2, 4, 6], grids))  # the killed part's 4: gone
+    assert [p.name for p in (out / "logs").iterdir()] == ["fastgen"]  # one run, continued
+    events = EventAccumulator(str(out / "logs" / "fastgen"), size_guidance={"images": 0, "scalars": 0}).Reload()
+    assert sorted({e.step for e in events.Images("eval/samples")}) == [2, 4, 6]
+    steps = [e.step for e in events.Scalars("train/s_per_step")]
+    assert sorted(steps) == [1, 2, 3, 4, 5, 6]  # steps 3 and 4 of the killed part are purged, then logged again
+
+
+def test_gan_run_on_an_image_folder_streams_it_and_resumes_exactly(sd_teacher, recipe, tmp_path):
+    """data.real = a folder of odd-sized images: DMD2's GAN head trains on it through the streamed, VAE-encoded
+    batches at the teacher's latent shape, and a run stopped and resumed ends as the uninterrupted one."""
+    from test_real_images import odd_folder
+
+    from fastgen.train.real_images import RealImageStream
+
+    folder = odd_folder(tmp_path / "images")
+    pipe = StableDiffusionPipeline.from_pretrained(sd_teacher)
+    assert RealImageStream(pipe, folder, batch_size=4, num_workers=0).next_batch().shape == (4, 4, 8, 8)
+    gan = ["critic.gan_head=true", "dmd2.gan_generator_weight=0.01", "dmd2.gan_critic_weight=0.01",
+           f"data.real={folder}", "data.num_workers=1", "data.prompts=zoo", "train.batch_size=2"]
+    whole = run_training(recipe, gan, teacher=str(sd_teacher), out=str(tmp_path / "whole"))
+    run_training(recipe, gan + ["train.steps=3"], teacher=str(sd_teacher), out=str(tmp_path / "part"))
+    checkpoint = load_file(str(tmp_path / "part" / "checkpoints" / "checkpoint-0000003" / "trainer_state.safetensors"))
+    assert checkpoint["data.real_position"].tolist() == [3]  # the stream's position is checkpointed
+    resumed = run_training(recipe, gan + ["data.num_workers=0"], teacher=str(sd_teacher), out=str(tmp_path / "part"),
+                           resume=True)
+    a, b = weights(whole), weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    final = load_file(str(tmp_path / "whole" / "checkpoints" / "checkpoint-0000006" / "model.safetensors"))
+    assert any("head" in k for k in final)  # the GAN head trained and is checkpointed
+    assert not (tmp_path / "whole" / "cache" / "real.safetensors").exists()  # streamed, not encoded whole

@@ -125,6 +125,7 @@ images = pipe(batch_size=16, num_inference_steps=1000, generator=torch.Generator
     loss = log["unet_loss"]
     return f"""---
 library_name: diffusers
+license: apache-2.0
 tags:
 - fastgen
 - tiny

@@ -4,8 +4,9 @@
   zoo's class prompts (``"zoo"``). They are encoded once by the teacher pipeline's own
   ``encode_prompt``; batches index into that table.
 * Real images (GAN losses): a zoo dataset (``"zoo"``: Fashion-MNIST for fmnist-ldm, 8x8 digits for
-  digits-ddpm, with class prompts as their conditioning) or an image folder (conditioned on the
-  empty prompt). Latent teachers see them through the pipeline's VAE, encoded once and cached.
+  digits-ddpm, with class prompts as their conditioning; encoded once with the pipeline's VAE and cached) or an
+  image folder of any size and resolution, streamed (:mod:`.real_images`: resized and center-cropped by
+  DataLoader workers, VAE-encoded per batch; conditioned on the empty prompt).
 * Teacher ODE pairs (DMD's regression loss): noise and the teacher's deterministic DDIM sample from
   it, generated once with fastgen's DDIM sampler and cached to a file.
 
@@ -28,8 +29,10 @@ from fastgen import zoo
 from fastgen.denoiser import Conditioning
 from fastgen.methods.base import Batch
 from fastgen.pipelines.generate import encode_prompts
-from fastgen.pipelines.images import load_image_folder
+from fastgen.pipelines.prompts import load_prompts
 from fastgen.pipelines.sampler import sample_ddim, student_timesteps
+
+from .real_images import RealImageStream, vae_encode
 
 
 def read_cache(path: Path | None, key: dict) -> tuple[dict, dict] | None:
@@ -63,30 +66,6 @@ def write_cache(path: Path | None, key: dict, tensors: dict, extra: dict | None 
     os.replace(tmp, path)
 
 
-def load_prompts(source: str | Sequence[str]) -> list[str]:
-    """Prompts from ``"zoo"`` (the zoo's class prompts), a text file (one per line), or a list."""
-    if not isinstance(source, str):
-        prompts = [str(p) for p in source]
-    elif source == "zoo":
-        prompts = zoo.prompts()
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"Prompt file {source!r} not found (give a text file with one prompt per line, "
-                                    "or \"zoo\" for the zoo's class prompts).")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise ValueError(f"Prompt file {source!r} is not UTF-8 text (give a text file with one prompt per "
-                             "line).") from None
-        if "\x00" in text:
-            raise ValueError(f"Prompt file {source!r} is binary, not text (give a text file with one prompt per line).")
-        prompts = [line.strip() for line in text.splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"No prompts in {source!r}.")
-    return prompts
-
-
 class PromptBank:
     """The conditioning of a prompt list, encoded once (in chunks) with the pipeline's text encoder.
 
@@ -114,25 +93,6 @@ class PromptBank:
         return self.cond.index(idx.to(self.cond.encoder_hidden_states.device)), self.uncond.repeat(len(idx))
 
 
-def _vae_encode(pipe, images: torch.Tensor, seed: int, chunk: int = 500) -> torch.Tensor:
-    """Images in [-1, 1] -> scaled latents (one posterior sample each, from a fixed seed)."""
-    vae = getattr(pipe, "vae", None)
-    if vae is None:
-        return images
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    with torch.no_grad():
-        for lo in tqdm(range(0, len(images), chunk), desc="encoding real images", leave=False):
-            dist = vae.encode(images[lo:lo + chunk].to(vae.device, vae.dtype)).latent_dist
-            z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen).to(dist.mean)
-            if getattr(vae.config, "shift_factor", None):
-                z = z - vae.config.shift_factor
-            out.append((z * vae.config.scaling_factor).cpu())
-    # contiguous like the cached copy a resume reads: the VAE's latents come out channels-last, and a network run on
-    # another memory layout sums in another order, so a resumed run would drift from the uninterrupted one
-    return torch.cat(out).contiguous()
-
-
 @dataclass
 class RealData:
     """Real samples in the network's space and the prompt index of each (``None``: the empty prompt)."""
@@ -144,35 +104,34 @@ class RealData:
 
 def load_real(pipe, source: str, zoo_name: str | None, max_images: int = 10000, cache: Path | None = None,
               seed: int = 0) -> RealData:
-    """Real data for GAN losses: ``"zoo"`` (the teacher's zoo dataset) or an image folder.
+    """The zoo teacher's dataset (``data.real = "zoo"``) as real samples for GAN losses, encoded once and cached.
+    (Image folders are streamed instead: :class:`~.real_images.RealImageStream`.)
 
     Args:
         pipe: the teacher pipeline (its VAE encodes images of latent teachers).
-        source: ``"zoo"`` or a folder of images (resized to the teacher's resolution is *not* done:
-            they must already have it).
-        zoo_name: the zoo teacher the pipeline is, for ``"zoo"``.
+        source: ``"zoo"``.
+        zoo_name: the zoo teacher the pipeline is.
         max_images: use at most this many images (a fixed random subset).
         cache: file to cache the encoded samples in (reused when its source matches).
     """
+    if source != "zoo":
+        raise ValueError(f"load_real reads the zoo's datasets; stream the image folder {source!r} with RealImageStream.")
     key = {"source": str(source), "zoo": zoo_name, "max_images": max_images, "seed": seed}
     cached = read_cache(cache, key)
     if cached is not None:
         tensors, extra = cached
         return RealData(tensors["samples"], tensors.get("labels"), extra["prompts"])
-    if source == "zoo":
-        if zoo_name is None:
-            raise ValueError('data.real = "zoo" needs a zoo teacher; give an image folder for other teachers.')
-        from fastgen.zoo.data import load_digits, load_fashion_mnist
+    if zoo_name is None:
+        raise ValueError('data.real = "zoo" needs a zoo teacher; give an image folder for other teachers.')
+    from fastgen.zoo.data import load_digits, load_fashion_mnist
 
-        images, labels = load_fashion_mnist("train") if zoo_name == "fmnist-ldm" else load_digits("train")
-        prompts = zoo.prompts() if zoo_name == "fmnist-ldm" else None
-        labels = labels if prompts is not None else None
-    else:
-        images, labels, prompts = load_image_folder(source) * 2 - 1, None, None
+    images, labels = load_fashion_mnist("train") if zoo_name == "fmnist-ldm" else load_digits("train")
+    prompts = zoo.prompts() if zoo_name == "fmnist-ldm" else None
+    labels = labels if prompts is not None else None
     pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:max_images]
     images = images[pick]
     labels = labels[pick] if labels is not None else None
-    samples = _vae_encode(pipe, images, seed)
+    samples = vae_encode(pipe, images, torch.Generator().manual_seed(seed), progress=True)
     write_cache(cache, key, {"samples": samples, "labels": labels}, {"prompts": prompts})
     return RealData(samples, labels, prompts)
 
@@ -234,7 +193,7 @@ class BatchStream:
     Args:
         batch_size: student samples per batch.
         prompts: the prompt table (text-conditional teachers) or ``None``.
-        real: real samples for GAN losses, or ``None``.
+        real: real samples for GAN losses (in memory, or streamed from an image folder), or ``None``.
         real_bank: the conditioning of ``real``'s labels (its class prompts), or ``None`` (empty prompt).
         pairs: teacher ODE pairs (DMD), or ``None``.
         pair_batch_size: pairs per batch.
@@ -246,7 +205,7 @@ class BatchStream:
             data while their generators stay equal (accelerate checkpoints the main process's state).
     """
 
-    def __init__(self, batch_size: int, prompts: PromptBank | None = None, real: RealData | None = None,
+    def __init__(self, batch_size: int, prompts: PromptBank | None = None, real: RealData | RealImageStream | None = None,
                  real_bank: PromptBank | None = None, pairs: OdePairs | None = None, pair_batch_size: int = 0,
                  seed: int = 0, device="cpu", num_shards: int = 1, shard: int = 0):
         if not 0 <= shard < num_shards:
@@ -274,7 +233,10 @@ class BatchStream:
         batch = Batch(self.batch_size)
         if self.prompts is not None:
             batch.cond, batch.uncond = self.prompts(self._draw(self.batch_size, len(self.prompts)))
-        if self.real is not None:
+        if isinstance(self.real, RealImageStream):  # an image folder: its own checkpointed stream, the empty prompt
+            batch.real = self.real.next_batch()
+            batch.real_cond = self._cond(None, None, self.batch_size)
+        elif self.real is not None:
             idx = self._draw(self.batch_size, len(self.real.samples))
             batch.real = self.real.samples[idx]
             labels = self.real.labels[idx] if self.real.labels is not None else None
@@ -287,10 +249,21 @@ class BatchStream:
         return batch.to(self.device)
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
+        state = {"generator": self.generator.get_state()}
+        if isinstance(self.real, RealImageStream):
+            state.update(self.real.state_dict())
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
+        if isinstance(self.real, RealImageStream):
+            self.real.load_state_dict(state)
+
+    def close(self) -> None:
+        """Stop the image folder stream's reader processes, if any."""
+        if isinstance(self.real, RealImageStream):
+            self.real.close()
 
 
-__all__ = ["load_prompts", "PromptBank", "RealData", "load_real", "OdePairs", "teacher_ode_pairs", "BatchStream"]
+__all__ = ["load_prompts", "PromptBank", "RealData", "load_real", "RealImageStream", "OdePairs", "teacher_ode_pairs",
+           "BatchStream"]

@@ -49,12 +49,16 @@ class DataOptions:
 
     prompts: str = option("zoo", "prompt list: a text file with one prompt per line, or 'zoo' (the zoo's class prompts)")
     real: str = option("", "real images for methods that need them (GAN losses): '' (none, data-free), 'zoo' (the zoo "
-                           "teacher's dataset) or an image folder at the teacher's resolution")
+                           "teacher's dataset) or an image folder (any sizes: streamed, resized and center-cropped to "
+                           "the teacher's resolution)")
     max_real_images: int = option(10000, "use at most this many real images")
+    num_workers: int = option(2, "DataLoader processes that read and resize an image folder (0: the training process)")
 
     def validate(self) -> None:
         if self.max_real_images < 1:
             raise ValueError(f"max_real_images must be >= 1, got {self.max_real_images}.")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}.")
 
 
 @dataclass
@@ -64,7 +68,9 @@ class TrainOptions:
     steps: int = option(1000, "training iterations")
     batch_size: int = option(64, "student samples per iteration (per process)")
     grad_accum: int = option(1, "gradient accumulation micro-batches per iteration")
-    mixed_precision: str = option("no", "'no', 'bf16' or 'fp16'")
+    mixed_precision: str = option("", "'' (accelerate's config: `accelerate config`, `accelerate launch "
+                                      "--mixed_precision`, ACCELERATE_MIXED_PRECISION; else 'no'), 'no', 'bf16' or "
+                                      "'fp16'")
     max_grad_norm: float = option(10.0, "gradient clipping per optimizer group (0: none)")
     checkpoint_every: int = option(500, "checkpoint every N steps (0: never)")
     keep_checkpoints: int = option(2, "checkpoints to keep")
@@ -87,8 +93,9 @@ class TrainOptions:
         bad = {k: v for k, v in never_negative.items() if v < 0}
         if bad:
             raise ValueError(f"{', '.join(bad)} must be >= 0 (0: never), got {', '.join(str(v) for v in bad.values())}.")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', not {self.mixed_precision!r}.")
+        if self.mixed_precision not in ("", "no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision must be '' (accelerate's config), 'no', 'bf16' or 'fp16', not "
+                             f"{self.mixed_precision!r}.")
         if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
             raise ValueError(f"max_grad_norm must be >= 0 (0: no clipping), got {self.max_grad_norm}.")
 
@@ -161,9 +168,12 @@ def _hint_name(hint) -> str:
     return "float" if "float" in str(hint) else str(hint)
 
 
-def _check_type(key: str, value, default, hint: str):
-    """Type check of one value against its field (ints are accepted for floats)."""
+def _check_type(key: str, value, default, hint: str, optional: bool = False):
+    """Type check of one value against its field (ints are accepted for floats). ``None`` (JSON's null: a run's
+    ``recipe.json`` writes unset optional keys so) is accepted for ``optional`` fields only."""
     if value is None:
+        if optional:
+            return None
         raise ValueError(f"Recipe key {key!r} cannot be empty.")
     if isinstance(default, bool) or hint == "bool":
         ok = isinstance(value, bool)
@@ -195,7 +205,9 @@ def _fill(obj, values: dict, section: str, origin: str):
             hint = f" It moved to [{moved.rsplit('.', 1)[0]}] {moved.rsplit('.', 1)[1]}." if moved else ""
             raise RecipeError(f"{origin}: unknown recipe key '{section}.{key}'.{hint} Valid keys in [{section}]: "
                            f"{', '.join(known) or 'none'}.")
-        setattr(obj, key, _check_type(f"{section}.{key}", value, option_default(known[key]), _hint_name(hints[key])))
+        optional = type(None) in typing.get_args(hints[key])
+        setattr(obj, key, _check_type(f"{section}.{key}", value, option_default(known[key]), _hint_name(hints[key]),
+                                      optional))
     return obj
 
 

@@ -26,12 +26,13 @@ from .recipes import flatten
 LOCK_FILE = ".lock"
 RECIPE_FILE = "recipe.json"
 TEACHER_FILE = "teacher.json"
+RESUMES_FILE = "resumes.jsonl"  # each --resume: when, from which checkpoint, which recipe keys changed
 # What a resumed run may change: its length, how it checkpoints, logs and evaluates, and what it exports.
 # Everything else (method, options, optimizers, data, batch size, seed, student and critic) is the run.
 # The teacher is compared by its weights (teacher.json), not by the name it was given.
 RESUMABLE_KEYS = frozenset({"train.steps", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
                             "train.eval_every", "train.eval_images", "train.trackers", "train.progress",
-                            "train.export_lora", "out", "name", "teacher"})
+                            "train.export_lora", "data.num_workers", "out", "name", "teacher"})
 
 
 def launch_rank() -> int:
@@ -154,4 +155,4 @@ def teacher_differences(saved: dict, now: dict) -> list[str]:
 
 
 __all__ = ["RunFolderLock", "launch_rank", "recipe_differences", "teacher_differences", "read_json", "write_json",
-           "RESUMABLE_KEYS", "LOCK_FILE", "RECIPE_FILE", "TEACHER_FILE"]
+           "RESUMABLE_KEYS", "LOCK_FILE", "RECIPE_FILE", "TEACHER_FILE", "RESUMES_FILE"]

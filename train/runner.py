@@ -9,14 +9,17 @@ through :mod:`fastgen.pipelines`, as a plain diffusers folder (``<out>/student``
 
 Run folder layout: ``recipe.json`` (the resolved recipe; ``fastgen train <out>/recipe.json`` runs it
 again), ``teacher.json`` (the teacher's fingerprint, checked by ``--resume``), ``checkpoints/``, ``logs/``
-(trackers), ``cache/`` (encoded real images, teacher ODE pairs; safetensors), ``eval.jsonl``,
-``train_log.json``, ``student/``; for methods with several rounds also ``rounds/round-<r>/`` (each round's
-student, exported when the round ends); ``.lock`` (held by the running process, see
-:class:`~.runfolder.RunFolderLock`). Folders are written to a temporary name and renamed into place.
+(trackers; ``trackers.json``: the tracker run a resume continues), ``cache/`` (encoded real images, teacher
+ODE pairs; safetensors), ``eval.jsonl``, ``samples/`` (the sample grid of each evaluation),
+``train_log.json``, ``resumes.jsonl`` (each ``--resume`` and the recipe keys it changed), ``student/``; for
+methods with several rounds also ``rounds/round-<r>/`` (each round's student, exported when the round ends);
+``.lock`` (held by the running process, see :class:`~.runfolder.RunFolderLock`). Folders are written to a
+temporary name and renamed into place.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Callable, Sequence
@@ -26,22 +29,25 @@ import torch
 from fastgen import zoo
 from fastgen.lora import AdapterDenoiser
 from fastgen.pipelines.export import export_student, exported_scheduler
-from fastgen.pipelines.folders import check_output_dir, writing_folder
+from fastgen.pipelines.folders import check_output_dir, check_replaceable, writing_folder
 from fastgen.pipelines.loading import load_pipeline, pipeline_fingerprint
 from fastgen.pipelines.lora import fuse_student, save_lora_weights
 from fastgen.pipelines.sampler import student_timesteps
 from fastgen.schedule import check_timesteps, schedule_from_scheduler_config
 
 from .data import BatchStream, PromptBank, load_prompts, load_real, teacher_ode_pairs
-from .recipes import Recipe, build_recipe, describe_options, load_recipe
-from .runfolder import (RECIPE_FILE, TEACHER_FILE, RunFolderLock, launch_rank, read_json, recipe_differences,
-                        teacher_differences, write_json)
+from .real_images import RealImageStream
+from .recipes import Recipe, build_recipe, describe_options, flatten, load_recipe
+from .runfolder import (RECIPE_FILE, RESUMES_FILE, TEACHER_FILE, RunFolderLock, launch_rank, read_json,
+                        recipe_differences, teacher_differences, write_json)
 from .trainer import STATE_FILE, Trainer, TrainerConfig, latest_checkpoint
 
 OPTIONS_HELP = describe_options
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
-# ``evaluate(folder, num_images, device) -> metrics``: scores an exported student folder (fastgen.eval.evaluate).
-FolderEvaluator = Callable[[str, int, str], dict]
+# ``evaluate(folder, num_images, device, grid=PNG) -> metrics``: scores an exported student folder and writes its
+# sample grid to ``grid`` (fastgen.eval.evaluate.training_evaluator).
+FolderEvaluator = Callable[..., dict]
+SAMPLES_DIR = "samples"  # the sample grid of each evaluation during training: samples/step-<N>.png
 
 
 def load_teacher(name_or_path: str, allow_pickle: bool = False):
@@ -91,10 +97,14 @@ def build_data(recipe: Recipe, pipe, method, out_dir: Path, device, num_shards: 
         if not recipe.data.real:
             raise ValueError(f"{needs.why_real or recipe.method} needs real images: set data.real to 'zoo' or an image "
                              "folder.")
-        real = load_real(pipe, recipe.data.real, zoo.name_of(recipe.teacher), recipe.data.max_real_images,
-                         out_dir / "cache" / "real.safetensors", recipe.seed)
-        if text and real.prompts is not None:
-            real_bank = PromptBank(pipe, real.prompts, device)
+        if recipe.data.real == "zoo":
+            real = load_real(pipe, recipe.data.real, zoo.name_of(recipe.teacher), recipe.data.max_real_images,
+                             out_dir / "cache" / "real.safetensors", recipe.seed)
+            if text and real.prompts is not None:
+                real_bank = PromptBank(pipe, real.prompts, device)
+        else:  # an image folder of any size: streamed, never loaded whole
+            real = RealImageStream(pipe, recipe.data.real, recipe.train.batch_size, recipe.seed,
+                                   recipe.data.max_real_images, recipe.data.num_workers, num_shards, shard)
     pairs, spec = None, needs.teacher_pairs
     if spec is not None:
         pairs = teacher_ode_pairs(pipe, method.teacher, bank, spec.count, spec.steps, spec.guidance_scale,
@@ -119,14 +129,17 @@ def export(method, pipe, folder: Path, lora_folder: Path | None = None, extra: d
 
 
 def folder_evaluation(method, pipe, out_dir: Path, evaluate_folder: FolderEvaluator, num_images: int, device):
-    """``fn(step) -> metrics``: export the current student to a scratch folder, score it, remove the folder."""
+    """``fn(step) -> metrics``: export the current student to a scratch folder, score it and write its sample grid
+    to ``out_dir/samples/step-<N>.png`` (the metrics' ``"samples"``, relative to ``out_dir``), remove the folder."""
 
     def evaluate(step: int) -> dict:
         folder = export(method, pipe, out_dir / "eval" / f"step-{step:07d}")
+        grid = Path(SAMPLES_DIR) / f"step-{step:07d}.png"
         try:
-            return evaluate_folder(str(folder), num_images, str(device))
+            metrics = evaluate_folder(str(folder), num_images, str(device), grid=out_dir / grid)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+        return {**metrics, "samples": str(grid)} if (out_dir / grid).is_file() else metrics
 
     return evaluate
 
@@ -148,29 +161,74 @@ def check_resume(out_dir: Path, cfg: Recipe, last: Path) -> None:
         raise ValueError(f"--resume: this recipe differs from the run's ({out_dir / RECIPE_FILE}): "
                          f"{'; '.join(differ[:6])}{more}. Resume with the run's recipe (fastgen train "
                          f"{out_dir / RECIPE_FILE} --out {out_dir} --resume), or start a new run in another --out.")
-    step = int(read_json(last / STATE_FILE)["step"])
+    step = checkpoint_step(last)
     if step > cfg.train.steps:
-        raise ValueError(f"--resume: the latest checkpoint ({last.name}) is at step {step}, beyond train.steps = "
+        raise ValueError(f"--resume: the checkpoint {last.name} is at step {step}, beyond train.steps = "
                          f"{cfg.train.steps}; set train.steps >= {step}.")
 
 
-def check_resumed_teacher(out_dir: Path, cfg: Recipe, fingerprint: dict) -> None:
-    """Refuse a ``--resume`` whose teacher's weights differ from the run's (``teacher.json``)."""
+def checkpoint_step(checkpoint: Path) -> int:
+    """The step a complete checkpoint folder was written at."""
+    return int(read_json(checkpoint / STATE_FILE)["step"])
+
+
+def resume_checkpoint(out_dir: Path, resume: bool | str | Path) -> Path | None:
+    """The checkpoint a run continues from: ``None`` (a new run), the latest in ``out_dir/checkpoints``
+    (``resume=True``) or the given one, which must be a complete checkpoint of that run with no later one."""
+    last = latest_checkpoint(out_dir / "checkpoints")
+    if resume is False or resume is None:
+        if last is not None:
+            raise ValueError(f"{out_dir} already holds checkpoints of a run; pass --resume to continue it, "
+                             "or choose another --out.")
+        return None
+    if resume is True:
+        if last is None:
+            raise FileNotFoundError(f"--resume: no complete checkpoint in {out_dir / 'checkpoints'}.")
+        return last
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint (a folder OUT/checkpoints/checkpoint-N "
+                                f"holding {STATE_FILE}).")
+    if path.resolve().parent != (out_dir / "checkpoints").resolve():
+        raise ValueError(f"--resume {resume} is not a checkpoint of the run in {out_dir} (give one of "
+                         f"{out_dir / 'checkpoints'}, or --out its run folder).")
+    step = checkpoint_step(path)
+    later = sorted(p.name for p in path.parent.iterdir()
+                   if p.name.startswith("checkpoint-") and (p / STATE_FILE).is_file() and checkpoint_step(p) > step)
+    if later:
+        raise ValueError(f"--resume {path.name}: the run holds later checkpoints ({', '.join(later)}); continuing from "
+                         "an earlier one would mix two runs: move them away first, or resume from the latest.")
+    return path
+
+
+def check_resumed_teacher(out_dir: Path, cfg: Recipe, fingerprint: dict, what: str = "--resume") -> None:
+    """Refuse a ``--resume`` (or an export) whose teacher's weights differ from the run's (``teacher.json``)."""
     saved = read_json(out_dir / TEACHER_FILE)
     if saved is None:  # a run folder from before teacher fingerprints: the teacher's name must match
         before = (read_json(out_dir / RECIPE_FILE) or {}).get("teacher")
         if before is not None and before != cfg.teacher:
-            raise ValueError(f"--resume: the run's teacher is {before!r}, this one {cfg.teacher!r}.")
+            raise ValueError(f"{what}: the run's teacher is {before!r}, this one {cfg.teacher!r}.")
         return
     differ = teacher_differences(saved, {"components": fingerprint})
     if differ:
-        raise ValueError(f"--resume: the teacher {cfg.teacher!r} is not the run's ({saved.get('teacher')!r}): "
-                         f"its {', '.join(differ)} differ (weights or config). Resume with the run's teacher, or "
-                         "start a new run in another --out.")
+        raise ValueError(f"{what}: the teacher {cfg.teacher!r} is not the run's ({saved.get('teacher')!r}): "
+                         f"its {', '.join(differ)} differ (weights or config). Use the run's teacher (--teacher), "
+                         "or start a new run in another --out.")
+
+
+def default_out(recipe: str | Path, cfg: Recipe) -> Path:
+    """Where a run goes without ``--out``: the recipe's ``out``; for a run's ``recipe.json``, that run's folder;
+    else ``runs/<recipe name>``."""
+    if cfg.out:
+        return Path(cfg.out)
+    path = Path(recipe)
+    if path.name == RECIPE_FILE and path.is_file():
+        return path.parent
+    return Path("runs") / cfg.name
 
 
 def run_training(recipe: str, overrides: Sequence[str] = (), teacher: str | None = None, out: str | None = None,
-                 resume: bool = False, evaluate_folder: FolderEvaluator | None = None,
+                 resume: bool | str | Path = False, evaluate_folder: FolderEvaluator | None = None,
                  allow_pickle: bool = False) -> Path:
     """Train a student as ``recipe`` says and export it; returns the exported student folder.
 
@@ -183,10 +241,11 @@ def run_training(recipe: str, overrides: Sequence[str] = (), teacher: str | None
             run's ``recipe.json``.
         overrides: ``"section.key=value"`` strings (``--set``), applied after the recipe.
         teacher: replaces the recipe's teacher (zoo name, pipeline folder or hub id).
-        out: run folder (default: the recipe's ``out``, else ``runs/<recipe name>``).
-        resume: continue from the latest checkpoint in ``<out>/checkpoints``. The recipe must be the run's
-            (only :data:`~.runfolder.RESUMABLE_KEYS` may change) and the teacher must have the run's weights.
-            Resuming a complete run exports its student again.
+        out: run folder (default: :func:`default_out`; for a checkpoint given as ``resume``, its run folder).
+        resume: ``True``: continue from the latest checkpoint in ``<out>/checkpoints``; a checkpoint folder:
+            continue from it (no later checkpoint may exist). The recipe must be the run's (only
+            :data:`~.runfolder.RESUMABLE_KEYS` may change; the changes are recorded in ``resumes.jsonl``) and
+            the teacher must have the run's weights. Resuming a complete run exports its student again.
         evaluate_folder: scores an exported student folder, for ``train.eval_every`` (the ``fastgen``
             command passes :func:`fastgen.eval.evaluate.training_evaluator`).
         allow_pickle: let the teacher load pickled (``.bin``) weights where it has no safetensors.
@@ -194,58 +253,82 @@ def run_training(recipe: str, overrides: Sequence[str] = (), teacher: str | None
     cfg = load_recipe(recipe, overrides)
     if teacher is not None:
         cfg.teacher = teacher
-    out_dir = check_output_dir(out or cfg.out or Path("runs") / cfg.name)
-    t = cfg.train
-    if t.eval_every and evaluate_folder is None:
+    if out is None and resume not in (True, False, None) and (Path(resume) / STATE_FILE).is_file():
+        out = str(Path(resume).parent.parent)
+    out_dir = check_output_dir(out or default_out(recipe, cfg))
+    if cfg.train.eval_every and evaluate_folder is None:
         raise ValueError("train.eval_every needs an evaluator (the fastgen command passes one; from Python, pass "
                          "evaluate_folder=fastgen.eval.evaluate.training_evaluator).")
     with RunFolderLock(out_dir, active=launch_rank() == 0):
-        last = latest_checkpoint(out_dir / "checkpoints")
-        if not resume and last is not None:
-            raise ValueError(f"{out_dir} already holds checkpoints of a run; pass --resume to continue it, "
-                             "or choose another --out.")
-        if resume and last is None:
-            raise FileNotFoundError(f"--resume: no complete checkpoint in {out_dir / 'checkpoints'}.")
-        if resume:
-            check_resume(out_dir, cfg, last)
-        return _run(cfg, out_dir, resume, evaluate_folder, allow_pickle,
-                      saved_steps=(read_json(out_dir / RECIPE_FILE) or {}).get("train", {}).get("steps"))
+        checkpoint = resume_checkpoint(out_dir, resume)
+        saved = None
+        if checkpoint is not None:
+            check_resume(out_dir, cfg, checkpoint)
+            saved = read_json(out_dir / RECIPE_FILE)
+        return _run(cfg, out_dir, checkpoint, evaluate_folder, allow_pickle, saved)
 
 
-def _run(cfg: Recipe, out_dir: Path, resume: bool, evaluate_folder, allow_pickle: bool, saved_steps) -> Path:
-    """The body of :func:`run_training`, inside the run folder's lock."""
+def build_run(cfg: Recipe, out_dir: Path, allow_pickle: bool, resumed: bool, trackers: bool = True):
+    """``(pipe, fingerprint, method, trainer)`` of a run of ``cfg`` in ``out_dir``: the teacher (checked against
+    the run's when ``resumed``), the student's timesteps, the method and the :class:`Trainer` (no trackers
+    unless ``trackers``); nothing is written."""
     from accelerate.utils import set_seed
 
     t = cfg.train
     set_seed(cfg.seed)
     pipe = load_teacher(cfg.teacher, allow_pickle)
     fingerprint = pipeline_fingerprint(pipe)
-    if resume:
-        check_resumed_teacher(out_dir, cfg, fingerprint)
+    if resumed:
+        check_resumed_teacher(out_dir, cfg, fingerprint, "--resume" if trackers else "export")
     schedule = schedule_from_scheduler_config(pipe.scheduler.config)
     timesteps = resolve_timesteps(cfg, pipe, schedule)
     method = build_method(cfg, pipe, timesteps)
     if cfg.student.ema_decay and method.ema_group is None:
         raise ValueError(f"student.ema_decay is set, but method {cfg.method!r} keeps no EMA.")
-    if resume and saved_steps != t.steps and len(method.rounds(t.steps)) > 1:
-        raise ValueError(f"--resume: method {cfg.method!r} trains in rounds whose lengths follow train.steps, so it "
-                         f"cannot change on resume (the run's: {saved_steps}, now {t.steps}).")
-    lora_file = bool(cfg.student.lora_rank and t.export_lora)
-    if lora_file and not hasattr(type(pipe), "save_lora_weights"):
-        print(f"note: {type(pipe).__name__} has no LoRA loader, so only the fused student is exported "
-              "(train.export_lora applies to pipelines with one).")
-        lora_file = False
-    trainer_cfg = TrainerConfig(steps=t.steps, grad_accum=t.grad_accum, mixed_precision=t.mixed_precision,
+    trainer_cfg = TrainerConfig(steps=t.steps, grad_accum=t.grad_accum, mixed_precision=t.mixed_precision or None,
                                 max_grad_norm=t.max_grad_norm, ema_decay=cfg.student.ema_decay,
                                 checkpoint_every=t.checkpoint_every, keep_checkpoints=t.keep_checkpoints,
-                                log_every=t.log_every, eval_every=t.eval_every, trackers=list(t.trackers),
-                                progress=t.progress, seed=cfg.seed)
+                                log_every=t.log_every, eval_every=t.eval_every,
+                                trackers=list(t.trackers) if trackers else [], progress=t.progress, seed=cfg.seed)
     trainer = Trainer(method, out_dir, trainer_cfg, cfg.optim, tracker_config=cfg.flat())
-    acc = trainer.accelerator
-    if acc.num_processes > 1:  # same initial weights everywhere (above), different noise per process from here
+    if trainer.accelerator.num_processes > 1:  # same initial weights everywhere (above), different noise per process
         set_seed(cfg.seed, device_specific=True)
-    method = acc.unwrap_model(trainer.model)
+    method = trainer.accelerator.unwrap_model(trainer.model)
     pipe.to(trainer.device)
+    return pipe, fingerprint, method, trainer
+
+
+def lora_output(cfg: Recipe, pipe, folder: Path) -> Path | None:
+    """``folder`` when the run also writes its LoRA file there (``train.export_lora``), else ``None``."""
+    if not (cfg.student.lora_rank and cfg.train.export_lora):
+        return None
+    if not hasattr(type(pipe), "save_lora_weights"):
+        print(f"note: {type(pipe).__name__} has no LoRA loader, so only the fused student is exported "
+              "(train.export_lora applies to pipelines with one).")
+        return None
+    return folder
+
+
+def export_trained(cfg: Recipe, method, pipe, trainer: Trainer, folder: Path, lora_folder: Path | None,
+                   step: int) -> Path:
+    """Export the student as trained (its EMA weights when it keeps one) with the run's metadata."""
+    extra = {"recipe": cfg.name, "train_steps": step, "teacher_guidance": getattr(method, "guidance_scale", None),
+             "lora_rank": cfg.student.lora_rank}
+    with trainer.student_weights():
+        return export(method, pipe, folder, lora_folder, extra)
+
+
+def _run(cfg: Recipe, out_dir: Path, checkpoint: Path | None, evaluate_folder, allow_pickle: bool,
+         saved: dict | None) -> Path:
+    """The body of :func:`run_training`, inside the run folder's lock (``saved``: the run's recipe on resume)."""
+    t = cfg.train
+    pipe, fingerprint, method, trainer = build_run(cfg, out_dir, allow_pickle, resumed=checkpoint is not None)
+    saved_steps = (saved or {}).get("train", {}).get("steps")
+    if checkpoint is not None and saved_steps != t.steps and len(method.rounds(t.steps)) > 1:
+        raise ValueError(f"--resume: method {cfg.method!r} trains in rounds whose lengths follow train.steps, so it "
+                         f"cannot change on resume (the run's: {saved_steps}, now {t.steps}).")
+    lora_folder = lora_output(cfg, pipe, out_dir / "student_lora")
+    acc = trainer.accelerator
     if t.eval_every:
         trainer.evaluate = folder_evaluation(method, pipe, out_dir, evaluate_folder, t.eval_images, trainer.device)
     if len(trainer.round_ends) > 1:  # a method with rounds: each round's student is a folder of its own
@@ -254,20 +337,86 @@ def _run(cfg: Recipe, out_dir: Path, resume: bool, evaluate_folder, allow_pickle
     with acc.main_process_first():  # the main process writes the caches (real latents, ODE pairs), the others read them
         batches = build_data(cfg, pipe, method, out_dir, trainer.device, acc.num_processes, acc.process_index)
     if acc.is_main_process:  # every check has passed: the run's identity, then training
+        if checkpoint is not None:
+            record_resume(out_dir, saved, cfg.to_dict(), checkpoint)
         write_json(out_dir / RECIPE_FILE, cfg.to_dict())
         write_json(out_dir / TEACHER_FILE, {"teacher": cfg.teacher, "components": fingerprint})
-    summary = trainer.train(batches, resume=resume)
+    try:
+        summary = trainer.train(batches, resume=checkpoint is not None, checkpoint=checkpoint)
+    finally:
+        batches.close()
     folder = out_dir / "student"
     if acc.is_main_process:
-        extra = {"recipe": cfg.name, "train_steps": t.steps, "teacher_guidance": getattr(method, "guidance_scale", None),
-                 "lora_rank": cfg.student.lora_rank}
-        with trainer.student_weights():
-            export(method, pipe, folder, out_dir / "student_lora" if lora_file else None, extra)
+        export_trained(cfg, method, pipe, trainer, folder, lora_folder, t.steps)
         speed = f" at {summary['s_per_step']:.3f} s/step" if summary["s_per_step"] is not None else ""
         print(f"trained {summary['steps_run']} steps{speed}; wrote {folder}")
     trainer.end()
     return folder
 
 
-__all__ = ["run_training", "load_teacher", "build_method", "build_data", "export", "resolve_timesteps",
-           "folder_evaluation", "OPTIONS_HELP", "describe_options"]
+def record_resume(out_dir: Path, saved: dict | None, now: dict, checkpoint: Path) -> None:
+    """Append to ``out_dir/resumes.jsonl`` when and from which checkpoint the run was resumed, with every recipe
+    key whose value changed (``recipe.json`` then holds the values in force; the earlier ones stay here)."""
+    import sys
+    import time
+
+    before, after = flatten(saved or {}), flatten(now)
+    changed = {k: [before.get(k), after.get(k)] for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)}
+    record = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "checkpoint": checkpoint.name,
+              "step": checkpoint_step(checkpoint), "changed": changed, "command": " ".join(sys.argv)}
+    with open(out_dir / RESUMES_FILE, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def locate_checkpoint(run_or_checkpoint: str | Path) -> tuple[Path, Path]:
+    """``(run folder, checkpoint)`` of a run folder (its latest complete checkpoint) or of a checkpoint folder."""
+    path = Path(run_or_checkpoint)
+    if (path / STATE_FILE).is_file():
+        run_dir = path.parent.parent
+    elif path.is_dir() and (path / RECIPE_FILE).is_file():
+        run_dir, last = path, latest_checkpoint(path / "checkpoints")
+        if last is None:
+            raise FileNotFoundError(f"{run_or_checkpoint} holds no complete checkpoint (checkpoints/checkpoint-N).")
+        path = last
+    else:
+        raise FileNotFoundError(f"{run_or_checkpoint} is neither a run folder (with {RECIPE_FILE} and checkpoints/) "
+                                f"nor a checkpoint folder (checkpoints/checkpoint-N with {STATE_FILE}).")
+    if not (run_dir / RECIPE_FILE).is_file():
+        raise FileNotFoundError(f"Checkpoint {path} is not inside a run folder: {run_dir} has no {RECIPE_FILE}.")
+    return run_dir, path
+
+
+def export_checkpoint(run_or_checkpoint: str | Path, out: str | Path | None = None, teacher: str | None = None,
+                      allow_pickle: bool = False) -> Path:
+    """Export the student of a run's checkpoint as a plain diffusers folder, without training; returns the folder.
+
+    The same export as at the end of training (:func:`export_trained`: EMA weights, LoRA students fused and, with
+    ``train.export_lora``, also the LoRA file beside it as ``<out>_lora``), from the run's ``recipe.json`` and
+    teacher, which must have the run's weights (``teacher.json``).
+
+    Args:
+        run_or_checkpoint: a run folder (its latest complete checkpoint) or a checkpoint folder of one.
+        out: output folder (default: ``<run>/student-step-<N>``; an existing folder is replaced only if it holds a
+            pipeline).
+        teacher: the teacher, when it is no longer where ``recipe.json`` says (zoo name, folder or hub id).
+        allow_pickle: let the teacher load pickled (``.bin``) weights where it has no safetensors.
+    """
+    run_dir, checkpoint = locate_checkpoint(run_or_checkpoint)
+    cfg = load_recipe(run_dir / RECIPE_FILE)
+    if teacher is not None:
+        cfg.teacher = teacher
+    step = checkpoint_step(checkpoint)
+    folder = check_output_dir(out if out is not None else run_dir / f"student-step-{step:07d}")
+    check_replaceable(folder, "model_index.json", "--out")
+    pipe, _, method, trainer = build_run(cfg, run_dir, allow_pickle, resumed=True, trackers=False)
+    trainer.load_checkpoint(checkpoint)
+    lora_folder = lora_output(cfg, pipe, folder.with_name(folder.name + "_lora"))
+    export_trained(cfg, method, pipe, trainer, folder, lora_folder, step)
+    trainer.end()
+    print(f"exported {checkpoint} (step {step}) to {folder}")
+    return folder
+
+
+__all__ = ["run_training", "export_checkpoint", "load_teacher", "build_method", "build_data", "build_run", "export",
+           "export_trained", "resolve_timesteps", "resume_checkpoint", "locate_checkpoint", "folder_evaluation",
+           "OPTIONS_HELP", "describe_options"]

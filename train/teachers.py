@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from fastgen import zoo
 from fastgen.pipelines.folders import installed_output, keep_other_files, writing_folder
+from fastgen.pipelines.portable import write_legacy_text_encoder
 from fastgen.zoo.data import load_digits, load_fashion_mnist
 
 
@@ -274,6 +275,7 @@ def train_fmnist(out: Path, cfg: TeacherConfig) -> dict:
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    image_encoder=None, requires_safety_checker=False)
     pipe.save_pretrained(out)
+    write_legacy_text_encoder(text_encoder, out / "text_encoder")  # readable by transformers 4.x too
     import shutil
     for f in ("vocab.json", "merges.txt"):  # keep the human-readable byte vocabulary beside tokenizer.json
         shutil.copy(out / "_tokenizer_build" / f, out / "tokenizer" / f)
@@ -291,28 +293,33 @@ def check_teacher_config(name: str, cfg: TeacherConfig, overrides: dict) -> None
                 "vae_steps": cfg.vae_steps if name == "fmnist-ldm" else 1}
     bad = {k: v for k, v in positive.items() if v < 1}
     if bad:
-        raise ValueError(", ".join(f"--{k.replace('_', '-')} must be >= 1, got {v}" for k, v in bad.items()) + ".")
+        raise ValueError(", ".join(f"{_option(k)} must be >= 1, got {v}" for k, v in bad.items()) + ".")
     if name != "fmnist-ldm" and overrides.get("vae_steps") is not None:
-        raise ValueError(f"--vae-steps applies to fmnist-ldm only; {name} has no VAE.")
+        raise ValueError(f"--vae-train-steps applies to fmnist-ldm only; {name} has no VAE.")
     if cfg.seed < 0:
         raise ValueError(f"--seed must be >= 0, got {cfg.seed}.")
 
 
+def _option(key: str) -> str:
+    """The ``fastgen zoo train`` option of a :class:`TeacherConfig` field."""
+    return {"steps": "--train-steps", "vae_steps": "--vae-train-steps"}.get(key, "--" + key.replace("_", "-"))
+
+
 def train_teacher(name: str, out: str | Path | None = None, replace_installed: bool = False, **overrides) -> Path:
-    """Train a zoo teacher from its fixed seed and write it to ``out`` (or, with ``replace_installed``, into the
-    installed zoo). The folder is written under a temporary name and renamed into place when training is done;
-    files of a replaced folder that training does not write (model card, grids, notes) are kept."""
+    """Train a zoo teacher from its fixed seed and write it to ``out`` (default ``./zoo/<name>``; with
+    ``replace_installed``, into the installed zoo). The folder is written under a temporary name and renamed into
+    place when training is done; files of a replaced folder that training does not write (model card, grids,
+    notes) are kept."""
     if name not in zoo.TEACHERS:
         raise KeyError(f"Unknown zoo teacher {name!r}; available: {', '.join(zoo.TEACHERS)}.")
     cfg = TeacherConfig(**{**asdict(DEFAULTS[name]), **{k: v for k, v in overrides.items() if v is not None}})
     check_teacher_config(name, cfg, overrides)
-    out = installed_output(out, zoo.path(name, check=False), replace_installed, f"zoo teacher {name!r}",
-                           marker="model_index.json")
+    out = installed_output(out, zoo.path(name, check=False), replace_installed, zoo.USER_DIR / name)
     with writing_folder(out, marker="model_index.json", what="Teacher folder") as tmp:
         stats = (train_digits if name == "digits-ddpm" else train_fmnist)(tmp, cfg)
         log = {"name": name, "config": asdict(cfg), "machine": _machine(), **stats,
                "command": f"fastgen zoo train {name} --out DIR" + "".join(
-                   f" --{k.replace('_', '-')} {v}" for k, v in overrides.items() if v is not None)}
+                   f" {_option(k)} {v}" for k, v in overrides.items() if v is not None)}
         (tmp / "training_log.json").write_text(json.dumps(log, indent=1))
         keep_other_files(out, tmp)
     return out

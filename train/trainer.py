@@ -41,8 +41,8 @@ import json
 import math
 import os
 import re
-import resource
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -56,6 +56,10 @@ from fastgen.methods.base import DistillationMethod, OptimizerOptions
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
 TRAINER_TENSORS = "trainer_state.safetensors"
+TRACKERS_FILE = "trackers.json"  # the tracker run of a run folder (wandb's run id), continued on resume
+# Trackers that get each evaluation's sample grid, with the keywords of their ``log_images`` for one
+# ``[1, H, W, C]`` uint8 array (accelerate's trackers differ in the layout they expect).
+IMAGE_TRACKERS = {"tensorboard": {"dataformats": "NHWC"}, "wandb": {}}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -69,7 +73,9 @@ class TrainerConfig:
     Args:
         steps: iterations (each runs ``grad_accum`` micro-batches).
         grad_accum: gradient accumulation micro-batches per iteration.
-        mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"`` (accelerate's autocast; fp16 adds a grad scaler).
+        mixed_precision: ``None`` (accelerate's config: ``accelerate launch --mixed_precision`` or the
+            ``ACCELERATE_MIXED_PRECISION`` it sets; else ``"no"``), ``"no"``, ``"bf16"`` or ``"fp16"``
+            (accelerate's autocast; fp16 adds a grad scaler). The precision in force is ``summary()["mixed_precision"]``.
         max_grad_norm: clip each group's gradient norm to this (0: no clipping).
         ema_decay: EMA of the weights of the method's ``ema_group`` (0: none); the EMA weights are
             evaluated and exported.
@@ -84,7 +90,7 @@ class TrainerConfig:
 
     steps: int = 1000
     grad_accum: int = 1
-    mixed_precision: str = "no"
+    mixed_precision: str | None = None
     max_grad_norm: float = 10.0
     ema_decay: float = 0.0
     checkpoint_every: int = 0
@@ -131,8 +137,18 @@ def _lr_factor(options: OptimizerOptions, round_length: Callable[[], int]) -> Ca
     return lambda i: warmup(i) * max(0.0, 1.0 - i / round_length())
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+def _peak_rss_mb() -> float | None:
+    """This process's peak resident memory in MB (``resource`` is Unix-only: on Windows psutil's peak working
+    set; ``None`` where neither tells)."""
+    try:
+        import resource
+    except ImportError:
+        import psutil
+
+        peak = getattr(psutil.Process().memory_info(), "peak_wset", None)
+        return peak / 2**20 if peak is not None else None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux, bytes on macOS
+    return peak / (2**20 if sys.platform == "darwin" else 1024.0)
 
 
 class Trainer:
@@ -394,35 +410,43 @@ class Trainer:
         with open(self.out_dir / "eval.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         self.accelerator.log({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+        if metrics.get("samples"):
+            self._log_grid(self.out_dir / metrics["samples"], step)
         tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                  for k, v in metrics.items()))
 
-    def train(self, batches, resume: bool = False) -> dict:
-        """Run to ``config.steps``; returns a summary (also written to ``out_dir/train_log.json``).
+    def train(self, batches, resume: bool = False, checkpoint: Path | None = None) -> dict:
+        """Run to ``config.steps``; returns a summary (also written to ``out_dir/train_log.json``, whose logged
+        history of the steps before a resume is kept).
 
         Call :meth:`end` when done with the trained method (after exporting it).
 
         Args:
             batches: an iterator of :class:`~fastgen.methods.Batch` with ``state_dict`` /
                 ``load_state_dict`` (e.g. :class:`fastgen.train.data.BatchStream`); it is checkpointed.
-            resume: continue from the latest checkpoint in ``out_dir/checkpoints``.
+            resume: continue from ``checkpoint``, by default the latest in ``out_dir/checkpoints``.
+            checkpoint: the checkpoint folder to resume from.
         """
         acc, cfg = self.accelerator, self.config
         self.batches = batches
         self.out_dir.mkdir(parents=True, exist_ok=True)
         start = 0
         if resume:
-            last = latest_checkpoint(self.checkpoint_dir)
+            last = checkpoint or latest_checkpoint(self.checkpoint_dir)
             if last is None:
                 raise FileNotFoundError(f"--resume: no complete checkpoint in {self.checkpoint_dir}.")
             start = self.load_checkpoint(last)
             tqdm.write(f"resumed from {last} (step {start})")
+            self.history = [r for r in self._logged_history() if r.get("step", 0) <= start]
+            if acc.is_main_process:
+                self._drop_evaluations_after(start)
         if acc.is_main_process and self.checkpoint_dir.is_dir():
             for leftover in self.checkpoint_dir.glob(".tmp-checkpoint-*"):
                 shutil.rmtree(leftover, ignore_errors=True)
         if cfg.trackers:
             acc.init_trackers("fastgen", config={k: v for k, v in self.tracker_config.items()
-                                                 if isinstance(v, (int, float, str, bool))})
+                                                 if isinstance(v, (int, float, str, bool))},
+                              init_kwargs=self._tracker_kwargs(start))
         if start >= cfg.steps:
             tqdm.write(f"the run is complete (step {start} of train.steps = {cfg.steps}): nothing left to train")
         self.model.train()
@@ -457,7 +481,7 @@ class Trainer:
                 if cfg.max_grad_norm > 0:
                     acc.unscale_gradients(self.optimizers[name])
                     norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                    if cfg.mixed_precision != "fp16":  # fp16: the grad scaler skips inf steps itself
+                    if acc.mixed_precision != "fp16":  # fp16: the grad scaler skips inf steps itself
                         self._check_finite({f"{name} gradient norm": float(norm)}, step, "gradient")
                 self.optimizers[name].step()
                 self.schedulers[name].step()
@@ -494,6 +518,56 @@ class Trainer:
             log.write_text(json.dumps(summary, indent=1))
         return summary
 
+    def _tracker_kwargs(self, start: int) -> dict:
+        """accelerate's ``init_kwargs`` that make a resumed run continue its tracker run: TensorBoard writes into
+        the same ``logs/fastgen`` folder and hides what a killed run logged after its checkpoint (``purge_step``:
+        the steps after ``start``); wandb resumes the run id stored in ``trackers.json`` (``resume="allow"``)."""
+        kwargs: dict = {}
+        if "tensorboard" in self.config.trackers and start > 0:
+            kwargs["tensorboard"] = {"purge_step": start + 1}
+        if "wandb" in self.config.trackers:
+            import wandb
+
+            path = self.out_dir / TRACKERS_FILE
+            stored = json.loads(path.read_text()) if path.is_file() else {}
+            if not stored.get("wandb_id"):
+                stored["wandb_id"] = wandb.util.generate_id()
+                if self.accelerator.is_main_process:
+                    path.write_text(json.dumps(stored))
+            kwargs["wandb"] = {"id": stored["wandb_id"], "resume": "allow", "name": self.out_dir.name,
+                               "dir": str(self.out_dir / "logs")}
+        return kwargs
+
+    def _log_grid(self, path: Path, step: int) -> None:
+        """Log an evaluation's sample grid (a PNG) to the trackers that take images."""
+        import numpy as np
+        from PIL import Image
+
+        image = np.asarray(Image.open(path).convert("RGB"))[None]
+        for name, kwargs in IMAGE_TRACKERS.items():
+            if name in self.config.trackers:
+                self.accelerator.get_tracker(name).log_images({"eval/samples": image}, step=step, **kwargs)
+
+    def _drop_evaluations_after(self, step: int) -> None:
+        """Remove from ``eval.jsonl`` the evaluations a killed run made after the checkpoint it resumes from (the
+        resumed run makes them again), as TensorBoard's ``purge_step`` hides its logs."""
+        records = self.out_dir / "eval.jsonl"
+        if not records.is_file():
+            return
+        lines = records.read_text().splitlines()
+        keep = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+        if len(keep) != len(lines):
+            tmp = records.with_name(".tmp-eval.jsonl")
+            tmp.write_text("".join(line + "\n" for line in keep))
+            os.replace(tmp, records)
+
+    def _logged_history(self) -> list[dict]:
+        """The history of ``out_dir/train_log.json`` (empty when there is none or it is unreadable)."""
+        try:
+            return list(json.loads((self.out_dir / "train_log.json").read_text()).get("history", []))
+        except (OSError, ValueError, AttributeError):
+            return []
+
     def _evaluated(self, step: int) -> bool:
         """Whether ``eval.jsonl`` already ends with the evaluation at ``step`` (a resumed, finished run)."""
         records = self.out_dir / "eval.jsonl"
@@ -512,7 +586,8 @@ class Trainer:
         method = self.accelerator.unwrap_model(self.model)
         stored = {p.data_ptr(): p.numel() for p in method.parameters()}
         steady = step_times[min(len(step_times) // 10, 20):] or step_times
-        return {"method": method.name, "config": asdict(self.config), "start_step": start,
+        return {"method": method.name, "config": asdict(self.config),
+                "mixed_precision": self.accelerator.mixed_precision, "start_step": start,
                 "steps_run": len(step_times), "wall_s": wall,
                 "ddp_find_unused_parameters": self.find_unused_parameters,
                 "s_per_step": (sum(steady) / len(steady)) if steady else None,
@@ -529,7 +604,7 @@ def _check_tracker(name: str) -> None:
     if module is None:
         return  # another accelerate tracker: accelerate validates it
     if importlib.util.find_spec(module) is None and not (name == "tensorboard" and importlib.util.find_spec("tensorboardX")):
-        raise ValueError(f"Tracker {name!r} is not installed; `pip install {module}` (or `pip install fastgen[tracking]`), "
+        raise ValueError(f"Tracker {name!r} is not installed; `pip install {module}` (or `pip install fastgen-diffusion[tracking]`), "
                          f"or leave train.trackers empty.")
 
 

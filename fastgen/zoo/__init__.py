@@ -12,6 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 
 ZOO_DIR = Path(__file__).resolve().parent
+# Where `fastgen zoo train`, `zoo card` and `classifier` write by default (relative to the working folder): the
+# user's folder, never the installed package (that takes --replace-installed).
+USER_DIR = Path("zoo")
 
 TEACHERS = {
     "digits-ddpm": "UNet2DModel DDPM on scikit-learn's 8x8 digits (unconditional, 1x8x8 pixels).",

@@ -37,17 +37,26 @@ def _read_idx(path: Path, offset: int) -> np.ndarray:
         return np.frombuffer(f.read(), dtype=np.uint8, offset=offset)
 
 
+def check_fashion_mnist(splits=("train", "test")) -> tuple[Path, Path]:
+    """``(images file, labels file)`` of the last of ``splits``, after checking every split's files exist;
+    ``FileNotFoundError`` saying how to install them otherwise (commands check this before any long work)."""
+    for split in splits:
+        prefix = {"train": "train", "test": "t10k"}.get(split)
+        if prefix is None:
+            raise ValueError(f"split must be 'train' or 'test', not {split!r}.")
+        images_file = FASHION_MNIST_DIR / f"{prefix}-images-idx3-ubyte.gz"
+        labels_file = FASHION_MNIST_DIR / f"{prefix}-labels-idx1-ubyte.gz"
+        if not images_file.is_file() or not labels_file.is_file():
+            raise FileNotFoundError(
+                f"Fashion-MNIST not found at {FASHION_MNIST_DIR} (missing {images_file.name}); install it with "
+                "`apt-get install -y dataset-fashion-mnist` or set FASTGEN_FASHION_MNIST to a folder with the idx "
+                "files.")
+    return images_file, labels_file
+
+
 def load_fashion_mnist(split: str = "train", pad_to: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """Fashion-MNIST as ``([N, 1, pad_to, pad_to] in [-1, 1], [N] labels)``; ``split`` is train/test."""
-    prefix = {"train": "train", "test": "t10k"}.get(split)
-    if prefix is None:
-        raise ValueError(f"split must be 'train' or 'test', not {split!r}.")
-    images_file = FASHION_MNIST_DIR / f"{prefix}-images-idx3-ubyte.gz"
-    labels_file = FASHION_MNIST_DIR / f"{prefix}-labels-idx1-ubyte.gz"
-    if not images_file.is_file() or not labels_file.is_file():
-        raise FileNotFoundError(
-            f"Fashion-MNIST not found at {FASHION_MNIST_DIR} (missing {images_file.name}); install it with "
-            "`apt-get install -y dataset-fashion-mnist` or set FASTGEN_FASHION_MNIST to a folder with the idx files.")
+    images_file, labels_file = check_fashion_mnist((split,))
     images = torch.from_numpy(_read_idx(images_file, 16).reshape(-1, 1, 28, 28).copy()).float() / 255.0 * 2 - 1
     labels = torch.from_numpy(_read_idx(labels_file, 8).astype(np.int64))
     pad = (pad_to - 28) // 2
