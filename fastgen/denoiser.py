@@ -90,6 +90,12 @@ class Prediction:
         return self._pair()[1]
 
     @property
+    def x0_clipped(self) -> torch.Tensor:
+        """x0 clipped to ``[-r, r]`` when the schedule clips (diffusers' ``clip_sample``), as the samplers use it."""
+        clip = self.schedule.clip_sample_range
+        return self.x0 if clip is None else self.x0.clamp(-clip, clip)
+
+    @property
     def v(self) -> torch.Tensor:
         """``alpha eps - sigma x0`` (diffusers' ``v_prediction``)."""
         return self.schedule.from_x0_eps(*self._pair(), self.t, "v_prediction")
@@ -166,19 +172,21 @@ class Denoiser(nn.Module):
             cond: conditioning of the prompts (``None`` for unconditional networks).
             uncond: conditioning of the empty / negative prompt, needed for guidance.
             guidance_scale: classifier-free guidance ``w``: ``uncond + w (cond - uncond)``.
-                ``None`` or 1 means no guidance (one network evaluation).
+                ``None`` or 1 means no guidance (one network evaluation); a ``[B]`` tensor: one ``w`` per sample.
         """
         t = torch.as_tensor(t, device=x_t.device)
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
-        if guidance_scale is None or guidance_scale == 1.0:
+        per_sample = torch.is_tensor(guidance_scale)
+        if guidance_scale is None or (not per_sample and guidance_scale == 1.0):
             raw = self.model_output(x_t, t, cond)
         else:
             if uncond is None:
                 raise ValueError("Classifier-free guidance needs `uncond` (the empty-prompt conditioning).")
             both = self.model_output(torch.cat([x_t, x_t]), torch.cat([t, t]), Conditioning.cat([uncond, cond]))
             raw_uncond, raw_cond = both.chunk(2)
-            raw = raw_uncond + guidance_scale * (raw_cond - raw_uncond)
+            w = guidance_scale.to(raw_cond).reshape(-1, *[1] * (raw_cond.ndim - 1)) if per_sample else guidance_scale
+            raw = raw_uncond + w * (raw_cond - raw_uncond)
         return Prediction(raw, x_t, t, self.schedule)
 
     @contextlib.contextmanager

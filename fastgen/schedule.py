@@ -144,6 +144,10 @@ class VPSchedule(NoiseSchedule):
         final = 1.0 if config.get("set_alpha_to_one", True) else float(ddpm.alphas_cumprod[0])
         return cls(ddpm.alphas_cumprod, ddpm.config.prediction_type, final, clip)
 
+    def with_prediction_type(self, prediction_type: str) -> "VPSchedule":
+        """The same schedule for a network that outputs ``prediction_type`` (e.g. a student reparameterised to v)."""
+        return VPSchedule(self.alphas_cumprod, prediction_type, self.final_alpha_cumprod, self.clip_sample_range)
+
     def alpha_sigma(self, t):
         """``(sqrt(abar_t), sqrt(1 - abar_t))`` for integer timesteps; ``t = -1`` means "after the end"."""
         t = torch.as_tensor(t)

@@ -8,8 +8,12 @@ installed and without a warning, and its default call (``pipe(prompt)``, ``pipe(
   timesteps for the trained N, and whose ``original_inference_steps`` (the grid the N steps are taken from)
   is as fine as that allows, so that the pipeline's default N (50) and any N up to the grid's size run too;
   flow teachers -> ``FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)``.
+  A method that trains on a grid of its own (CD, LCM: ``t = j k - 1``) names it in its
+  ``ExportSpec.scheduler_config`` as ``original_inference_steps``; that grid is used when it gives the trained
+  timesteps.
 * DDIM students (progressive distillation) -> ``DDIMScheduler(timestep_spacing="trailing",
-  set_alpha_to_one=True)``; flow teachers -> ``FlowMatchEulerDiscreteScheduler``.
+  set_alpha_to_one=True)``, on the teacher's betas cut at ``N d`` for a trailing grid ``(N - i) d - 1`` with
+  ``N d < T``; flow teachers -> ``FlowMatchEulerDiscreteScheduler``.
 * The pipeline class is the teacher's, except ``DDPMPipeline``: its call has no ``timesteps`` argument and
   defaults to 1000 steps, which no built-in scheduler can map onto a student that starts below ``T - 1``
   (``set_timesteps(1000)`` starts at ``T - 1`` or raises). Its students are written as
@@ -104,30 +108,47 @@ def _set_timesteps(scheduler, n: int, **kwargs) -> list[int]:
     return [int(round(float(t))) for t in scheduler.timesteps]
 
 
-def _lcm_grid(config: dict, timesteps: list[int], min_steps: int):
+def _cut_schedule(config: dict, num_train_timesteps: int) -> dict:
+    """Scheduler config entries for the teacher's betas cut at ``num_train_timesteps`` (empty when that is its T).
+
+    Pipelines without a ``timesteps`` argument only call ``set_timesteps(N)``, which always starts at ``T - 1``.
+    Cutting the teacher's betas at ``t0 + 1`` keeps ``alphas_cumprod`` for every ``t <= t0`` unchanged, so
+    ``set_timesteps(N)`` of the cut schedule starts at ``t0`` instead (and DDIM's step ``T // N`` becomes
+    ``(t0 + 1) // N``)."""
+    from diffusers import DDPMScheduler
+
+    if num_train_timesteps == config.get("num_train_timesteps", 1000):
+        return {}
+    betas = DDPMScheduler.from_config(config).betas[:num_train_timesteps]
+    return {"num_train_timesteps": num_train_timesteps, "trained_betas": betas.tolist()}
+
+
+def _lcm_grid(config: dict, timesteps: list[int], min_steps: int, preferred: int | None = None):
     """An ``LCMScheduler`` whose ``set_timesteps(len(timesteps))`` gives ``timesteps``, or ``None``.
 
     ``LCMScheduler.set_timesteps(N)`` takes N evenly spaced points (by index) of a grid of
     ``original_inference_steps`` = O timesteps ``k - 1, 2k - 1, ..., O k - 1`` with ``k = T // O``, and refuses
-    N > O. The largest O whose N points are the trained timesteps is chosen, so that calls with more steps than
+    N > O. The method's own grid ``preferred`` (CD/LCM: ``T // skip``, the grid it trained on) is tried first.
+    Otherwise the largest O whose N points are the trained timesteps is chosen, so that calls with more steps than
     trained (the pipeline's default 50 included) run too, on the finest grid below the trained first timestep;
     O below ``min_steps`` (the pipeline's default N) is not accepted. The teacher's schedule is tried first, then
-    the schedule cut at ``t0 + 1`` (the teacher's first ``t0 + 1`` betas as ``trained_betas``:
-    ``alphas_cumprod`` is unchanged for every ``t <= t0``), whose grid can start at ``t0`` where the full one
+    the schedule cut at ``t0 + 1`` (:func:`_cut_schedule`), whose grid can start at ``t0`` where the full one
     cannot (``t0 < T / 2``).
     """
-    from diffusers import DDPMScheduler, LCMScheduler
+    from diffusers import LCMScheduler
 
     n, t0 = len(timesteps), timesteps[0]
     T = config.get("num_train_timesteps", 1000)
-    schedules = [{}]
-    if t0 < T - 1:
-        betas = DDPMScheduler.from_config(config).betas[:t0 + 1]
-        schedules.append({"num_train_timesteps": t0 + 1, "trained_betas": betas.tolist()})
+    schedules = [{}] if t0 == T - 1 else [{}, _cut_schedule(config, t0 + 1)]
+    candidates = []  # (schedule, its O in order): the method's grid on each schedule first, then the largest O
+    if preferred is not None:
+        candidates += [(schedule, [preferred]) for schedule in schedules
+                       if n <= preferred <= schedule.get("num_train_timesteps", T)]
     for schedule in schedules:
         size = schedule.get("num_train_timesteps", T)
         # the grid's first point O * (size // O) - 1 must be t0: only such O are asked
-        grids = [o for o in range(size, max(n, min_steps) - 1, -1) if o * (size // o) == t0 + 1]
+        candidates.append((schedule, [o for o in range(size, max(n, min_steps) - 1, -1) if o * (size // o) == t0 + 1]))
+    for schedule, grids in candidates:
         if not grids:
             continue
         scheduler = LCMScheduler.from_config(_config_for(LCMScheduler, config), **schedule,
@@ -143,46 +164,54 @@ def _custom_lcm(config: dict, timesteps: list[int]):
     """The ``LCMScheduler`` for timesteps that need ``timesteps=`` in the call: the schedule cut at ``t0 + 1``
     with a grid of every timestep, so LCM's own checks accept them (first timestep = its T - 1, all on its grid)
     and the default call runs the finest schedule below ``t0``."""
-    from diffusers import DDPMScheduler, LCMScheduler
+    from diffusers import LCMScheduler
 
     t0, T = timesteps[0], config.get("num_train_timesteps", 1000)
-    cut = {}
-    if t0 < T - 1:
-        betas = DDPMScheduler.from_config(config).betas[:t0 + 1]
-        cut = {"num_train_timesteps": t0 + 1, "trained_betas": betas.tolist()}
+    cut = _cut_schedule(config, t0 + 1)
     return LCMScheduler.from_config(_config_for(LCMScheduler, config), **cut,
                                     original_inference_steps=cut.get("num_train_timesteps", T), set_alpha_to_one=True)
 
 
-def _built_in_scheduler(teacher_config: dict, timesteps: list[int], sampler: str, min_steps: int):
-    """The diffusers scheduler that reproduces fastgen's sampler, and the timesteps its ``set_timesteps(N)`` gives."""
+def _built_in_scheduler(teacher_config: dict, timesteps: list[int], sampler: str, min_steps: int,
+                        overrides: dict | None = None):
+    """The diffusers scheduler that reproduces fastgen's sampler, and the timesteps its ``set_timesteps(N)`` gives.
+
+    ``overrides``: config keys of the student's own (``prediction_type``, ``timestep_scaling``,
+    ``original_inference_steps``, ...)."""
     from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
     config = {k: v for k, v in teacher_config.items() if not k.startswith("_") and k != LEGACY_METADATA_KEY}
+    config.pop("original_inference_steps", None)  # a teacher's own LCM grid says nothing about the student's
+    config.update(overrides or {})
+    preferred = config.pop("original_inference_steps", None)  # the method's grid (ExportSpec.scheduler_config)
     n = len(timesteps)
+    T = config.get("num_train_timesteps", 1000)
     if teacher_config.get("_class_name", "").startswith("FlowMatch"):
         # shift 1: the call's sigmas= are then the trained t / T as given (the scheduler shifts sigmas it is passed)
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(_config_for(FlowMatchEulerDiscreteScheduler, config),
                                                                 shift=1.0, use_dynamic_shifting=False,
                                                                 stochastic_sampling=(sampler == "multistep"))
     elif sampler == "multistep":
-        scheduler = _lcm_grid(config, timesteps, min_steps) or _custom_lcm(config, timesteps)
+        scheduler = _lcm_grid(config, timesteps, min_steps, preferred) or _custom_lcm(config, timesteps)
     elif sampler == "ddim":
-        T = config.get("num_train_timesteps", 1000)
-        if [t - T // n for t in timesteps] != timesteps[1:] + [timesteps[-1] - T // n] or timesteps[-1] - T // n >= 0:
+        # DDIMScheduler steps from t to t - T'//N, so it reproduces the trailing grid t_i = (N - i) d - 1 of
+        # T' = N d (its own for d = T // N when N divides T; with the betas cut at T' < T otherwise)
+        d = timesteps[-1] + 1
+        if timesteps != [(n - i) * d - 1 for i in range(n)] or n * d > T:
             raise ValueError(
                 f"DDIMScheduler steps from t to t - T//N, so it reproduces only evenly spaced trailing timesteps "
-                f"ending at T//N - 1 (N dividing T={T}); got {timesteps}.")
-        scheduler = DDIMScheduler.from_config(_config_for(DDIMScheduler, config), timestep_spacing="trailing",
-                                              set_alpha_to_one=True)
+                f"t_i = (N - i) d - 1 with N d <= T = {T} (the betas are cut at N d < T); got {timesteps}.")
+        scheduler = DDIMScheduler.from_config(_config_for(DDIMScheduler, config), **_cut_schedule(config, n * d),
+                                              timestep_spacing="trailing", set_alpha_to_one=True)
     else:
         raise ValueError(f"Unknown sampler {sampler!r}; expected 'multistep' or 'ddim'.")
     return scheduler, _set_timesteps(scheduler, n)
 
 
-def exported_scheduler(pipe, timesteps: Sequence[int], sampler: str = "multistep"):
+def exported_scheduler(pipe, timesteps: Sequence[int], sampler: str = "multistep", overrides: dict | None = None):
     """``(scheduler, custom)``: the built-in scheduler the export writes for these trained timesteps, and
     whether the pipeline must be called with ``timesteps=`` (``set_timesteps(N)`` gives others).
+    ``overrides``: the student's own scheduler settings (``ExportSpec.scheduler_config``).
 
     Raises ``ValueError`` when that is needed but the student's pipeline or scheduler takes no ``timesteps``:
     such a student could not be reproduced from its folder.
@@ -190,7 +219,7 @@ def exported_scheduler(pipe, timesteps: Sequence[int], sampler: str = "multistep
     config = {"_class_name": type(pipe.scheduler).__name__, **dict(pipe.scheduler.config)}
     ts = check_timesteps(timesteps, config.get("num_train_timesteps", 1000))
     pipeline_class = student_pipeline_class(pipe)
-    scheduler, default = _built_in_scheduler(config, ts, sampler, default_steps(pipeline_class))
+    scheduler, default = _built_in_scheduler(config, ts, sampler, default_steps(pipeline_class), overrides)
     custom = default != ts
     if custom and not _accepts_timesteps(pipeline_class, scheduler):
         raise ValueError(
@@ -311,7 +340,8 @@ def pipeline_kwargs(pipeline_class, components: dict, config: dict) -> dict:
 
 def export_student(teacher, out_dir: str | Path, *, model: torch.nn.Module | None = None,
                    timesteps: Sequence[int], sampler: str = "multistep", method: str = "student",
-                   guidance_scale: float = 0.0, extra_metadata: dict | None = None) -> Path:
+                   guidance_scale: float = 0.0, extra_metadata: dict | None = None,
+                   scheduler_config: dict | None = None) -> Path:
     """Write a student as a plain diffusers folder.
 
     Args:
@@ -323,8 +353,11 @@ def export_student(teacher, out_dir: str | Path, *, model: torch.nn.Module | Non
         timesteps: the trained, descending network timesteps, e.g. ``[999, 749, 499, 249]``.
         sampler: ``"multistep"`` (x0 then re-noise) or ``"ddim"``.
         method: name recorded in the metadata and model card.
-        guidance_scale: the guidance to call the student with (0 for guidance-distilled students).
+        guidance_scale: the guidance to call the student with (0 for guidance-distilled students; for students
+            with a guidance embedding, the ``W`` the pipeline embeds).
         extra_metadata: more entries for ``fastgen.json`` (recipe, training steps, ...).
+        scheduler_config: the student's own scheduler settings, e.g. ``{"prediction_type": "v_prediction"}``
+            (default: the teacher's).
     Returns:
         ``out_dir`` as a Path. It is written into a temporary folder and renamed into place, so a kill
         leaves the previous folder (or none), never a half-written one; an existing folder is replaced
@@ -340,7 +373,7 @@ def export_student(teacher, out_dir: str | Path, *, model: torch.nn.Module | Non
     network_name = "unet" if "unet" in pipe.components else "transformer"
     teacher_config = dict(pipe.scheduler.config)
     timesteps = check_timesteps(timesteps, teacher_config.get("num_train_timesteps", 1000))
-    scheduler, custom = exported_scheduler(pipe, timesteps, sampler)
+    scheduler, custom = exported_scheduler(pipe, timesteps, sampler, scheduler_config)
     pipeline_class = student_pipeline_class(pipe)
     is_text = hasattr(pipe, "encode_prompt")
     call = call_arguments(pipeline_class, scheduler, timesteps, custom, guidance_scale if is_text else None)

@@ -14,6 +14,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from fastgen.denoiser import Conditioning, Denoiser, check_guidance_scale
+from fastgen.guidance_embedding import embedding_dim, with_guidance
 from fastgen.schedule import check_timesteps, schedule_from_scheduler_config
 
 from .sampler import SAMPLERS
@@ -78,17 +79,14 @@ class PipelineSampler:
             if self.denoiser.is_conditional:
                 raise ValueError("This pipeline is text-conditional: pass prompts.")
             return None, None, None
-        unet_cfg = self.denoiser.model.config
         w = guidance_scale if guidance_scale is not None and guidance_scale > 1 else None
-        embedded = getattr(unet_cfg, "time_cond_proj_dim", None) is not None  # guidance distilled into a w-embedding
-        if embedded:
+        dim = embedding_dim(self.denoiser.model)
+        if dim is not None:  # guidance distilled into a w-embedding: the pipeline embeds W - 1 and runs no CFG
             w = None
         cond, uncond = encode_prompts(self.pipe, prompts, negative_prompt, guidance=w is not None or need_uncond,
                                       device=device)
-        if embedded:
-            scale = torch.full((len(prompts),), (guidance_scale or 1.0) - 1.0)
-            cond.timestep_cond = self.pipe.get_guidance_scale_embedding(
-                scale, embedding_dim=unet_cfg.time_cond_proj_dim).to(cond.encoder_hidden_states)
+        if dim is not None:
+            cond = with_guidance(cond, 1.0 if guidance_scale is None else guidance_scale, dim)
         return cond, uncond, w
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -28,11 +28,7 @@ from fastgen.denoiser import Conditioning, Denoiser
 def _x0(denoiser: Denoiser, x: torch.Tensor, t: int, cond, uncond, guidance_scale) -> tuple[torch.Tensor, torch.Tensor]:
     """x0 and eps at ``(x, t)``, with the schedule's ``clip_sample`` applied to x0 (as diffusers does)."""
     pred = denoiser(x, t, cond, uncond, guidance_scale)
-    x0, eps = pred.x0, pred.eps
-    clip = denoiser.schedule.clip_sample_range
-    if clip is not None:
-        x0 = x0.clamp(-clip, clip)
-    return x0, eps
+    return pred.x0_clipped, pred.eps
 
 
 # ``refine(i, t, x_t, x0) -> x0``: a correction of the x0 predicted at step i (teacher guidance at inference).

@@ -64,6 +64,80 @@ progress = false
     return str(path)
 
 
+class Killed(Exception):
+    """Stands in for a kill: raised inside the training loop, after the checkpoint of the step before."""
+
+
+def assert_resumes_exactly(method_class, recipe, teacher, root, stops, overrides=()):
+    """Train ``recipe`` whole, then once per step in ``stops`` killed at that step and resumed through the runner;
+    every resumed run must end with exactly the whole run's state (all checkpointed tensors) and exported weights.
+    Returns the whole run's folder."""
+    import pytest
+    from safetensors.torch import load_file
+
+    from fastgen.train.runner import run_training
+    from fastgen.train.trainer import latest_checkpoint
+
+    whole = run_training(str(recipe), list(overrides), teacher=str(teacher), out=str(root / "whole")).parent
+    step_of = method_class.training_step
+    for stop in stops:
+        folder = root / f"stop{stop}"
+
+        def dies(self, batch, step, stop=stop):
+            if step == stop:
+                raise Killed
+            return step_of(self, batch, step)
+
+        method_class.training_step = dies
+        try:
+            with pytest.raises(Killed):
+                run_training(str(recipe), list(overrides), teacher=str(teacher), out=str(folder))
+        finally:
+            method_class.training_step = step_of
+        run_training(str(recipe), list(overrides), teacher=str(teacher), out=str(folder), resume=True)
+        a = load_file(str(latest_checkpoint(whole / "checkpoints") / "model.safetensors"))
+        b = load_file(str(latest_checkpoint(folder / "checkpoints") / "model.safetensors"))
+        assert a.keys() == b.keys() and not any(k.startswith("teacher.") for k in a)
+        for key in a:
+            assert torch.equal(a[key], b[key]), (stop, key)
+        wa = load_file(str(next((whole / "student" / "unet").glob("*.safetensors"))))
+        wb = load_file(str(next((folder / "student" / "unet").glob("*.safetensors"))))
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    return whole
+
+
+def fixed_batch_losses(method, text_pipe=None, lr: float = 2e-4, steps: int = 25, same_draws: bool = False):
+    """``(before, after)``: ``method``'s loss on one batch of 8 samples (and the zoo's prompts with ``text_pipe``) at
+    fixed draws of t, noise and w, before and after ``steps`` Adam steps on that batch (each with fresh draws, or
+    with those same draws when ``same_draws``); the method's ``end_step`` runs after each."""
+    from fastgen import zoo
+    from fastgen.methods import Batch
+    from fastgen.pipelines.generate import encode_prompts
+
+    torch.manual_seed(1)
+    batch = Batch(8, real=torch.randn(8, *method.latent_shape).clamp(-1, 1))
+    if text_pipe is not None:
+        with torch.no_grad():
+            batch.real_cond, batch.uncond = encode_prompts(text_pipe, zoo.prompts()[:8])
+    opt = torch.optim.Adam(method.parameter_groups()["generator"], lr=lr)
+
+    def fixed_loss():
+        torch.manual_seed(123)
+        with torch.no_grad():
+            return float(method.training_step(batch, 0).losses["generator"])
+
+    before = fixed_loss()
+    for step in range(steps):
+        if same_draws:
+            torch.manual_seed(123)
+        loss = method.training_step(batch, step).losses["generator"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        method.end_step(step)
+    return before, fixed_loss()
+
+
 def save_tiny_ddpm(folder, seed: int = 0):
     """Write a tiny ``DDPMPipeline`` teacher (safetensors) to ``folder`` and return the folder."""
     from diffusers import DDPMPipeline, DDPMScheduler

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_unet
+from conftest import Killed, tiny_unet
 from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline
 from safetensors.torch import load_file
 from torch import nn
@@ -96,10 +96,6 @@ def recipe(tmp_path):
         progress = false
     """))
     return str(path)
-
-
-class Killed(Exception):
-    """Stands in for a kill: raised inside the training loop, after the checkpoint of the step before."""
 
 
 def test_a_method_from_outside_the_package_trains_resumes_and_exports(ddpm_teacher, recipe, tmp_path, monkeypatch):

@@ -124,6 +124,7 @@ def snapshot(*paths) -> dict:
 # DDPM teacher, {run} a finished run of it, {new} a run folder that does not exist, {f} the input files.
 TRAIN = ["train", "{recipe}", "--teacher", "{teacher}", "--out", "{new}"]
 RESUME = ["train", "{recipe}", "--teacher", "{teacher}", "--out", "{run}", "--resume", "--set", "dmd2.ratio=2"]
+PD = ["train", "pd_digits", "--teacher", "{teacher}", "--out", "{new}"]
 EVAL = ["eval", "digits-ddpm", "--steps", "1", "--num-images", "10", "--out", "{new}"]
 BENCH = ["bench", "digits-ddpm", "--num-images", "10", "--nfes", "1", "--out", "{new}"]
 CASES = [
@@ -188,6 +189,22 @@ CASES = [
     (TRAIN + ["--set", "data.num_workers=-1"], "num_workers must be >= 0"),
     (TRAIN + ["--set", "dmd2.guidance_scale=2"], "dmd2.guidance_scale = 2.0, but the teacher is unconditional"),
     (TRAIN + ["--set", "method=sid", "--set", "sid.guidance=lsg"], "sid.guidance = 'lsg' needs a text-conditional"),
+    (PD + ["--set", "student.num_steps=5", "--set", "progressive.teacher_steps=48"],
+     "progressive.teacher_steps = 48 does not halve to student.num_steps = 5 (48 -> 24 -> 12 -> 6)"),
+    (PD + ["--set", "progressive.prediction_type=epsilon"], "an epsilon-output student cannot take a step to t = 0"),
+    (PD + ["--set", "progressive.guidance_min=1.0", "--set", "progressive.guidance_max=3.0"],
+     "progressive.guidance_min/guidance_max (guided PD) needs a teacher network "
+     "that takes diffusers' guidance embedding (time_cond_proj_dim): UNet2DConditionModel; this teacher's network is a "
+     "UNet2DModel"),
+    (["train", "cd_digits", "--teacher", "{teacher}", "--out", "{new}", "--set", "cd.skip=600"],
+     "cd.skip = 600 is larger than the grid allows: T = 1000 teacher timesteps give T // skip = 1 grid points"),
+    (["train", "cd_digits", "--teacher", "{teacher}", "--out", "{new}", "--set", "cd.skip=30"],
+     "cd.skip = 30 must divide the teacher's T = 1000 timesteps"),
+    (["train", "lcm_fmnist", "--teacher", "{teacher}", "--out", "{new}"], "lcm.guidance_embedding needs a teacher "
+     "network that takes diffusers' guidance embedding (time_cond_proj_dim): UNet2DConditionModel; this teacher's "
+     "network is a UNet2DModel"),
+    (["train", "lcm_lora_fmnist", "--out", "{new}", "--set", "lcm.guidance_embedding=true"],
+     "lcm.guidance_embedding = true needs a full-weight student"),
     (TRAIN + ["--set", "train.trackers=['no-such-tracker-fastgen']"], "no-such-tracker-fastgen"),
     (["train", "{recipe}", "--teacher", "fmnist-ldm", "--out", "{new}", "--set", "data.prompts=/no/prompts.txt"],
      "Prompt file '/no/prompts.txt' not found"),

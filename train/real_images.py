@@ -53,7 +53,9 @@ def vae_encode(pipe, images: torch.Tensor, generator: torch.Generator, chunk: in
             if getattr(vae.config, "shift_factor", None):
                 z = z - vae.config.shift_factor
             out.append((z * vae.config.scaling_factor).cpu())
-    return torch.cat(out)
+    # contiguous like the cached copy a resume reads: the VAE's latents come out channels-last, and a network run on
+    # another memory layout sums in another order, so a resumed run would drift from the uninterrupted one
+    return torch.cat(out).contiguous()
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):

@@ -266,6 +266,10 @@ def build_recipe(data: dict, origin: str = "recipe", name: str = "") -> Recipe:
                 _validate(o, f"optim.{group}", origin)
         else:
             _validate(recipe.options if section == cls.name else getattr(recipe, section), section, origin)
+    try:
+        cls.check_recipe(recipe.options, recipe.student)
+    except ValueError as err:
+        raise RecipeError(f"{origin}: {err}") from None
     return recipe
 
 

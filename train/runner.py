@@ -37,7 +37,7 @@ from fastgen.schedule import check_timesteps, schedule_from_scheduler_config
 
 from .data import BatchStream, PromptBank, load_prompts, load_real, teacher_ode_pairs
 from .real_images import RealImageStream
-from .recipes import Recipe, describe_options, flatten, load_recipe
+from .recipes import Recipe, build_recipe, describe_options, flatten, load_recipe
 from .runfolder import (RECIPE_FILE, RESUMES_FILE, TEACHER_FILE, RunFolderLock, launch_rank, read_json,
                         recipe_differences, teacher_differences, write_json)
 from .trainer import STATE_FILE, Trainer, TrainerConfig, latest_checkpoint
@@ -66,7 +66,10 @@ def resolve_timesteps(recipe: Recipe, pipe, schedule) -> list[int]:
     """The student's timesteps (explicit, or the exported scheduler's for ``num_steps``), validated."""
     T = schedule.num_train_timesteps
     sampler = recipe.method_class.sampler
-    if recipe.student.timesteps:
+    own = recipe.method_class.recipe_timesteps(T, recipe.options, recipe.student)
+    if own is not None:
+        timesteps = check_timesteps(own, T)
+    elif recipe.student.timesteps:
         timesteps = check_timesteps(recipe.student.timesteps, T)
     else:
         timesteps = student_timesteps(schedule, recipe.student.num_steps, sampler)
@@ -121,7 +124,8 @@ def export(method, pipe, folder: Path, lora_folder: Path | None = None, extra: d
         model = fuse_student(model, method.student_adapter)
     # written into a temporary folder and renamed into place: a kill leaves the previous folder or none
     return export_student(pipe, folder, model=model, timesteps=spec.timesteps, sampler=spec.sampler,
-                          method=spec.method, guidance_scale=spec.guidance_scale, extra_metadata=extra)
+                          method=spec.method, guidance_scale=spec.guidance_scale, extra_metadata=extra,
+                          scheduler_config=spec.scheduler_config)
 
 
 def folder_evaluation(method, pipe, out_dir: Path, evaluate_folder: FolderEvaluator, num_images: int, device):
@@ -147,6 +151,10 @@ def check_resume(out_dir: Path, cfg: Recipe, last: Path) -> None:
     if saved is None:
         raise FileNotFoundError(f"--resume: {out_dir} has checkpoints but no {RECIPE_FILE}, so it cannot be checked "
                                 "that this recipe continues that run.")
+    try:  # keys added to fastgen after the run began take their defaults, as they did in the run
+        saved = build_recipe(saved, str(out_dir / RECIPE_FILE)).to_dict()
+    except ValueError:
+        pass  # compared as it is: the differences are named below
     differ = recipe_differences(saved, cfg.to_dict())
     if differ:
         more = f" (and {len(differ) - 6} more)" if len(differ) > 6 else ""

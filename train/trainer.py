@@ -8,8 +8,9 @@ and only the main process evaluates and writes files other than accelerate's own
 
 The trainer owns what no method should: one AdamW optimizer per optimizer group the method declares
 (:meth:`~fastgen.methods.DistillationMethod.parameter_groups`, configured by
-:class:`~fastgen.methods.OptimizerOptions`) with a warm-up schedule, the update schedule the method
-asks for (each iteration updates exactly the groups whose losses :meth:`training_step` returned),
+:class:`~fastgen.methods.OptimizerOptions`) with a warm-up schedule (then constant, or decaying linearly to 0
+in each round), the update schedule the method asks for (each iteration updates exactly the groups whose
+losses :meth:`training_step` returned, then calls the method's ``end_step``, e.g. a target network's EMA),
 training rounds (optimizers and schedules restart at each), gradient accumulation, mixed precision,
 gradient clipping, an optional EMA of the method's ``ema_group`` (diffusers' ``EMAModel``), a
 progress bar with the current losses, accelerate trackers, periodic evaluation, and checkpoints:
@@ -127,6 +128,15 @@ def _warmup(steps: int) -> Callable[[int], float]:
     return lambda i: min(1.0, (i + 1) / steps) if steps > 0 else 1.0
 
 
+def _lr_factor(options: OptimizerOptions, round_length: Callable[[], int]) -> Callable[[int], float]:
+    """The learning-rate factor after ``i`` updates of a group in the current round: the warm-up, then constant or
+    (``decay = "linear"``) falling linearly to 0 at ``round_length()`` updates."""
+    warmup = _warmup(options.warmup_steps)
+    if options.decay == "constant":
+        return warmup
+    return lambda i: warmup(i) * max(0.0, 1.0 - i / round_length())
+
+
 def _peak_rss_mb() -> float | None:
     """This process's peak resident memory in MB (``resource`` is Unix-only: on Windows psutil's peak working
     set; ``None`` where neither tells)."""
@@ -187,9 +197,11 @@ class Trainer:
         self.optimizers = {name: torch.optim.AdamW(params, lr=c.lr, betas=tuple(c.betas), eps=c.eps,
                                                    weight_decay=c.weight_decay)
                            for (name, params), c in zip(self.groups.items(), opt_cfg.values())}
-        self.schedulers = {name: torch.optim.lr_scheduler.LambdaLR(opt, _warmup(opt_cfg[name].warmup_steps))
-                           for name, opt in self.optimizers.items()}
         self.round_ends = _cumulative(method.rounds(self.config.steps), self.config.steps)
+        self.round_length = self.round_ends[0]  # steps of the round in progress (linear learning-rate decay)
+        self.schedulers = {name: torch.optim.lr_scheduler.LambdaLR(
+                               opt, _lr_factor(opt_cfg[name], lambda: self.round_length))
+                           for name, opt in self.optimizers.items()}
         self.on_round_end: Callable[[int, int], None] | None = None  # fn(round, step), e.g. export that round's student
         acc = self.accelerator
         self.model = acc.prepare(method)
@@ -292,6 +304,7 @@ class Trainer:
         self.accelerator.load_state(str(path), strict=False)  # strict above; the frozen teacher base is not stored
         self._load_trainer_tensors(path)
         info = json.loads((path / STATE_FILE).read_text())
+        self.round_length = self._length_of_round(min(int(info["step"]), self.config.steps - 1))
         self.update_counts = dict(info["update_counts"])
         self.train_seconds = float(info.get("train_seconds", 0.0))
         return int(info["step"])
@@ -356,6 +369,11 @@ class Trainer:
     def round_of(self, step: int) -> int:
         """The training round that iteration ``step`` belongs to."""
         return next(i for i, end in enumerate(self.round_ends) if step < end)
+
+    def _length_of_round(self, step: int) -> int:
+        """The number of steps of the round that iteration ``step`` belongs to."""
+        r = self.round_of(step)
+        return self.round_ends[r] - (self.round_ends[r - 1] if r else 0)
 
     # --- EMA ------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -442,6 +460,7 @@ class Trainer:
                 if self.on_round_end is not None and acc.is_main_process:
                     with torch.random.fork_rng(devices=[]), self.student_weights():
                         self.on_round_end(finished, step)
+                self.round_length = self._length_of_round(step)
                 for name in self.optimizers:
                     self._restart_group(name)
                 self.method.begin_round(finished + 1)
@@ -470,6 +489,7 @@ class Trainer:
                 self.update_counts[name] += 1
             if self.ema is not None and self.ema_group in out.losses:
                 self.ema.step(self.groups[self.ema_group])
+            self.method.end_step(step)
             step_times.append(time.perf_counter() - tick)
             self.train_seconds += step_times[-1]
             for k, v in logged.items():

@@ -13,7 +13,7 @@ import pkgutil
 from .base import (METHODS, Batch, DataNeeds, DistillationMethod, ExportSpec, OptimizerOptions, StepOutput,
                    StudentOptions, TeacherPairs, frozen, make_student, register, student_parameters)
 
-_NOT_METHODS = {"base", "common", "distribution_matching"}
+_NOT_METHODS = {"base", "common", "distribution_matching", "guidance"}
 
 
 def _import_shipped() -> None:

@@ -17,7 +17,9 @@ method:
   (:meth:`frozen_base`): trained weights, target networks, buffers such as a round counter. The
   trainer checkpoints all of it and resumes strictly;
 * its **export spec** -- :meth:`export_spec`: sampler, timesteps, guidance of the exported call;
-* its **rounds** -- :meth:`rounds` / :meth:`begin_round` (one round by default).
+* its **rounds** -- :meth:`rounds` / :meth:`begin_round` (one round by default);
+* its **timesteps** and cross-section checks -- :meth:`recipe_timesteps`, :meth:`check_recipe`;
+* what follows each update -- :meth:`end_step` (e.g. a target network's EMA).
 
 :meth:`DistillationMethod.training_step` runs one iteration and returns the loss of every
 optimizer group to update now, so one engine runs DMD2's two time-scale rule, SiD's alternation or
@@ -35,6 +37,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 from fastgen.denoiser import Conditioning, Denoiser
+from fastgen.guidance_embedding import guidance_conditioned_network
 from fastgen.lora import DEFAULT_UNET_TARGETS, AdapterDenoiser, add_lora, base_copy, lora_parameters
 from fastgen.schedule import check_timesteps
 
@@ -139,13 +142,20 @@ class ExportSpec:
         method: name recorded in the folder's metadata and model card.
         sampler: ``"multistep"`` (x0 then re-noise; LCMScheduler) or ``"ddim"`` (DDIMScheduler, trailing).
         timesteps: the trained descending timesteps.
-        guidance_scale: the guidance of the exported call (0: guidance distilled in).
+        guidance_scale: the guidance of the exported call (0: guidance distilled in; for a guidance-conditioned
+            student, the ``W`` its embedding is fed).
+        scheduler_config: overrides of the exported scheduler's config, e.g. the student's ``prediction_type``
+            when it differs from the teacher's, or LCMScheduler's ``timestep_scaling``.
     """
 
     method: str
     sampler: str
     timesteps: list[int]
     guidance_scale: float = 0.0
+    scheduler_config: dict = field(default_factory=dict)
+
+
+LR_DECAYS = ("constant", "linear")
 
 
 @dataclass
@@ -158,6 +168,8 @@ class OptimizerOptions:
         weight_decay: decoupled weight decay (0: plain Adam).
         eps: Adam's epsilon.
         warmup_steps: updates *of this group* over which the rate rises linearly from 0.
+        decay: ``"constant"`` after warm-up, or ``"linear"``: decays linearly to 0 at the end of each training
+            round (in the group's updates since the round began; progressive distillation's schedule).
     """
 
     lr: float = option(5e-5, "learning rate after warm-up")
@@ -165,8 +177,11 @@ class OptimizerOptions:
     weight_decay: float = option(0.01, "decoupled weight decay (0: plain Adam)")
     eps: float = option(1e-8, "Adam epsilon")
     warmup_steps: int = option(500, "linear warm-up, in updates of this group")
+    decay: str = option("constant", "'constant' after warm-up, or 'linear': to 0 at the end of each training round")
 
     def validate(self) -> None:
+        if self.decay not in LR_DECAYS:
+            raise ValueError(f"decay must be one of {', '.join(LR_DECAYS)}, not {self.decay!r}.")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}.")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -218,12 +233,20 @@ def frozen(params: Iterable[nn.Parameter]):
 
 
 def make_student(teacher: Denoiser, lora_rank: int = 0, lora_alpha: float | None = None,
-                 lora_targets=DEFAULT_UNET_TARGETS, adapter_name: str = "student") -> Denoiser:
+                 lora_targets=DEFAULT_UNET_TARGETS, adapter_name: str = "student",
+                 guidance_dim: int | None = None) -> Denoiser:
     """The student network, initialised from the teacher.
 
     ``lora_rank=0``: a full trainable copy of the teacher network. ``lora_rank > 0``: a LoRA adapter
     ``adapter_name`` on the teacher's own network (frozen base; the teacher runs with adapters disabled).
+    ``guidance_dim``: a full copy that also takes the guidance scale (diffusers' ``time_cond_proj_dim``
+    embedding of this width; :mod:`fastgen.guidance_embedding`), starting as the teacher.
     """
+    if guidance_dim is not None:
+        if lora_rank > 0:
+            raise ValueError("A guidance-conditioned student is a full copy of the teacher network (its guidance "
+                             "embedding is a new layer a LoRA adapter cannot add): set student.lora_rank = 0.")
+        return Denoiser(guidance_conditioned_network(teacher.model, guidance_dim), teacher.schedule)
     if lora_rank > 0:
         add_lora(teacher.model, adapter_name, rank=lora_rank, alpha=lora_alpha, target_modules=lora_targets)
         return AdapterDenoiser(teacher.model, teacher.schedule, adapter_name)
@@ -295,6 +318,17 @@ class DistillationMethod(nn.Module):
                 p.requires_grad_(False)
 
     # --- the contract ----------------------------------------------------------------------
+    @classmethod
+    def check_recipe(cls, options, student: StudentOptions) -> None:
+        """Checks that join the method's options and ``[student]`` (each section validates itself first), run
+        before anything is loaded; a one-line ``ValueError`` names the keys (default: nothing to check)."""
+
+    @classmethod
+    def recipe_timesteps(cls, num_train_timesteps: int, options, student: StudentOptions) -> list[int] | None:
+        """The student's timesteps when the method sets them itself (e.g. a grid several rounds share);
+        ``None`` (default): ``student.timesteps``, else the exported scheduler's for ``student.num_steps``."""
+        return None
+
     def check_timesteps(self, timesteps: list[int]) -> list[int]:
         """Validate the student's timesteps for this method (e.g. one step only); returns them."""
         return timesteps
@@ -334,7 +368,13 @@ class DistillationMethod(nn.Module):
         return [total_steps]
 
     def begin_round(self, index: int) -> None:
-        """Called before round ``index`` (from 0) starts, also on resume (default: nothing to do)."""
+        """Called when round ``index`` >= 1 begins, after the previous round's student was exported (default:
+        nothing to do). Not called on resume: keep what a round changes in the method's state (buffers,
+        modules), which checkpoints restore."""
+
+    def end_step(self, step: int) -> None:
+        """Called after every iteration's optimizer updates (and the trainer's EMA), before a checkpoint is
+        written: e.g. a consistency model's target network follows the student here (default: nothing)."""
 
     def frozen_base(self) -> list[torch.Tensor]:
         """The teacher's frozen base weights and buffers: the only state a checkpoint leaves out (the
@@ -379,4 +419,4 @@ class DistillationMethod(nn.Module):
 
 __all__ = ["Batch", "StepOutput", "DataNeeds", "TeacherPairs", "ExportSpec", "OptimizerOptions", "StudentOptions",
            "DistillationMethod", "METHODS", "register", "option", "option_default", "frozen", "make_student",
-           "student_parameters"]
+           "student_parameters", "LR_DECAYS"]

@@ -17,6 +17,13 @@ from fastgen.denoiser import Conditioning, Denoiser
 from fastgen.schedule import NoiseSchedule, VPSchedule
 
 
+def check_vp_teacher(method: str, teacher: Denoiser) -> None:
+    """A one-line ``ValueError`` unless the teacher has a discrete VP schedule (methods that take DDIM steps of it)."""
+    if not isinstance(teacher.schedule, VPSchedule):
+        raise ValueError(f"{method} takes DDIM steps of a discrete VP teacher (a DDPM-family scheduler); this teacher's "
+                         f"schedule is {type(teacher.schedule).__name__}.")
+
+
 def check_t_range(t_range, what: str = "t_range") -> tuple[float, float]:
     """Validate a ``(t_min, t_max)`` pair of fractions of ``T``: ``0 <= t_min <= t_max <= 1``."""
     lo, hi = (float(v) for v in t_range)
@@ -55,6 +62,52 @@ def guided_x0(teacher: Denoiser, x_t: torch.Tensor, t, cond: Conditioning | None
     return teacher(x_t, t, cond, uncond, guidance_scale).x0
 
 
+def ddim_step(denoiser: Denoiser, x_t: torch.Tensor, t, t_next, cond: Conditioning | None = None,
+              uncond: Conditioning | None = None, guidance_scale=None, eps_from_x0: bool = False) -> torch.Tensor:
+    """One deterministic DDIM step of ``denoiser`` from ``t`` to ``t_next`` (per sample, ``[B]`` or scalars):
+    ``a_{t_next} x0 + s_{t_next} eps``, with x0 clipped as the schedule's samplers clip it; where ``t_next < 0``
+    (past the last step) the step returns x0 itself, as the samplers' last step does.
+
+    Args:
+        denoiser: the network (teacher, round teacher or student) with its schedule.
+        x_t: the samples at ``t``.
+        t, t_next: integer timesteps, ``t_next < t``.
+        cond, uncond, guidance_scale: conditioning and classifier-free guidance (a number or one per sample).
+        eps_from_x0: take eps as implied by the clipped x0, ``(x_t - a_t x0) / s_t`` (diffusers'
+            ``use_clipped_model_output=True``), instead of the network's own (the samplers' default). Equal
+            without clipping.
+    """
+    pred = denoiser(x_t, t, cond, uncond, guidance_scale)
+    x0 = pred.x0_clipped
+    eps = pred.eps
+    if eps_from_x0 and denoiser.schedule.clip_sample_range is not None:
+        eps = denoiser.schedule.to_x0_eps(x0, x_t, t, "sample")[1]
+    t_next = torch.as_tensor(t_next, device=x_t.device).expand(len(x_t))
+    moved = denoiser.schedule.add_noise(x0, eps, t_next.clamp_min(0))
+    return torch.where((t_next < 0).reshape(-1, *[1] * (x_t.ndim - 1)), x0, moved)
+
+
+def boundary_scalings(t, timestep_scaling: float = 10.0, sigma_data: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(c_skip, c_out)`` of a consistency model's boundary condition at integer timesteps ``t``, as LCM and
+    diffusers' ``LCMScheduler`` compute them: with ``u = timestep_scaling * t``,
+    ``c_skip = sd^2 / (u^2 + sd^2)`` and ``c_out = u / sqrt(u^2 + sd^2)``; ``c_skip = 1``, ``c_out = 0`` at ``t = 0``.
+    """
+    u = torch.as_tensor(t, dtype=torch.float64) * timestep_scaling
+    c_skip = sigma_data**2 / (u**2 + sigma_data**2)
+    c_out = u / (u**2 + sigma_data**2) ** 0.5
+    return c_skip.float(), c_out.float()
+
+
+def consistency_function(denoiser: Denoiser, x_t: torch.Tensor, t, cond: Conditioning | None = None,
+                         timestep_scaling: float = 10.0) -> torch.Tensor:
+    """``f(x_t, t) = c_skip(t) x_t + c_out(t) x0(x_t, t)``: a consistency model over any diffusion network, x0 clipped
+    as the schedule clips (straight-through, so that it trains), exactly as ``LCMScheduler.step`` denoises."""
+    x0 = straight_through_clip(denoiser(x_t, t, cond).x0, denoiser.schedule.clip_sample_range)
+    c_skip, c_out = (c.to(x_t).reshape(-1, *[1] * (x_t.ndim - 1)) if c.ndim else c.to(x_t)
+                     for c in boundary_scalings(t, timestep_scaling))
+    return c_skip * x_t + c_out * x0
+
+
 def straight_through_clip(x0: torch.Tensor, clip: float | None) -> torch.Tensor:
     """``x0`` clipped to ``[-clip, clip]`` in the forward pass, with the identity as its gradient.
 
@@ -82,4 +135,5 @@ def backward_simulation(x0_fn: Callable[[torch.Tensor, int, Conditioning | None]
     return x
 
 
-__all__ = ["check_t_range", "sample_timesteps", "noised", "guided_x0", "straight_through_clip", "backward_simulation"]
+__all__ = ["check_vp_teacher", "check_t_range", "sample_timesteps", "noised", "guided_x0", "ddim_step", "boundary_scalings",
+           "consistency_function", "straight_through_clip", "backward_simulation"]
