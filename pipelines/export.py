@@ -131,9 +131,9 @@ def _lcm_grid(config: dict, timesteps: list[int], min_steps: int, preferred: int
     N > O. The method's own grid ``preferred`` (CD/LCM: ``T // skip``, the grid it trained on) is tried first.
     Otherwise the largest O whose N points are the trained timesteps is chosen, so that calls with more steps than
     trained (the pipeline's default 50 included) run too, on the finest grid below the trained first timestep;
-    O below ``min_steps`` (the pipeline's default N) is not accepted. The teacher's schedule is tried first, then
-    the schedule cut at ``t0 + 1`` (:func:`_cut_schedule`), whose grid can start at ``t0`` where the full one
-    cannot (``t0 < T / 2``).
+    O below ``min_steps`` (the pipeline's default N) is not accepted, the method's grid included. The teacher's
+    schedule is tried first, then the schedule cut at ``t0 + 1`` (:func:`_cut_schedule`), whose grid can start at
+    ``t0`` where the full one cannot (``t0 < T / 2``).
     """
     from diffusers import LCMScheduler
 
@@ -142,8 +142,9 @@ def _lcm_grid(config: dict, timesteps: list[int], min_steps: int, preferred: int
     schedules = [{}] if t0 == T - 1 else [{}, _cut_schedule(config, t0 + 1)]
     candidates = []  # (schedule, its O in order): the method's grid on each schedule first, then the largest O
     if preferred is not None:
+        # below min_steps the pipeline's default call (N = min_steps > O) would raise: then the largest O instead
         candidates += [(schedule, [preferred]) for schedule in schedules
-                       if n <= preferred <= schedule.get("num_train_timesteps", T)]
+                       if max(n, min_steps) <= preferred <= schedule.get("num_train_timesteps", T)]
     for schedule in schedules:
         size = schedule.get("num_train_timesteps", T)
         # the grid's first point O * (size // O) - 1 must be t0: only such O are asked

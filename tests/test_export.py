@@ -220,9 +220,13 @@ def test_default_call_returns_an_image_for_every_kind_of_student(teachers, tmp_p
              (sd, [999, 749, 499, 249], "ddim", None), (sd, [749], "multistep", fuse_student(lora, "student")),
              (digits, [749], "multistep", None), (digits, [249], "multistep", None),
              (digits, [999, 749, 499, 249], "ddim", None)]
+    # a consistency student on a grid coarser than the default 50 steps (skip 40: O = 25): the default call must run
+    kinds.append((sd, [999, 759, 519, 279], "multistep", None))
+    grids = {len(kinds) - 1: {"original_inference_steps": 25}}
     jobs = []
     for i, (pipe, timesteps, sampler, model) in enumerate(kinds):
-        folder = export_student(pipe, tmp_path / str(i), model=model, timesteps=timesteps, sampler=sampler)
+        folder = export_student(pipe, tmp_path / str(i), model=model, timesteps=timesteps, sampler=sampler,
+                                scheduler_config=grids.get(i))
         jobs.append({"folder": str(folder), "kwargs": {"prompt": PROMPTS[0]} if pipe is sd else {}, "seed": i})
     for (pipe, *_), images in zip(kinds, run_diffusers_only(tmp_path, jobs)):
         assert images.shape == ((1, 1, 32, 32) if pipe is sd else (1, 1, 8, 8)) and torch.isfinite(images).all()
