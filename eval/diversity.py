@@ -82,6 +82,18 @@ def _subset(n_total: int, n: int, seed: int) -> np.ndarray:
     return torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))[:n].numpy()
 
 
+
+def _named_classifier(classifier, images: torch.Tensor, caller: str, min_images: int = 1):
+    """``(model, name, images)``: the shipped classifier named by ``classifier`` (a model instance is refused:
+    these metrics compare against its stored real-data features) and ``images`` checked for its input size."""
+    model, name = _classifier(classifier)
+    if name is None:
+        raise ValueError(f"{caller} needs a classifier name ('digits', 'fmnist' or a zoo teacher), "
+                         "not a model instance.")
+    images = check_images(images, expected_size=model.config.image_size, min_images=min_images,
+                          what="generated images")
+    return model, name, images
+
 def prdc_from_images(images: torch.Tensor, classifier, k: int = PRDC_K, seed: int = 0,
                      batch_size: int = 500) -> dict[str, float]:
     """Precision, recall, density and coverage of generated images on the domain classifier's features.
@@ -98,12 +110,7 @@ def prdc_from_images(images: torch.Tensor, classifier, k: int = PRDC_K, seed: in
         seed: seed of the subset draws.
         batch_size: images per classifier forward pass.
     """
-    model, name = _classifier(classifier)
-    if name is None:
-        raise ValueError("prdc_from_images needs a classifier name ('digits', 'fmnist' or a zoo teacher), "
-                         "not a model instance.")
-    images = check_images(images, expected_size=model.config.image_size, min_images=MIN_IMAGES_FD,
-                          what="generated images")
+    model, name, images = _named_classifier(classifier, images, "prdc_from_images", MIN_IMAGES_FD)
     real = reference_features(name, "test")
     n = min(len(images), len(real))
     fake = classifier_features(images[torch.from_numpy(_subset(len(images), n, seed))], model, batch_size)
@@ -171,11 +178,7 @@ def class_fd_from_images(images: torch.Tensor, labels, classifier, batch_size: i
         classifier: ``"digits"`` / ``"fmnist"`` or a zoo teacher name (the shipped classifier).
         batch_size: images per classifier forward pass.
     """
-    model, name = _classifier(classifier)
-    if name is None:
-        raise ValueError("class_fd_from_images needs a classifier name ('digits', 'fmnist' or a zoo teacher), "
-                         "not a model instance.")
-    images = check_images(images, expected_size=model.config.image_size, what="generated images")
+    model, name, images = _named_classifier(classifier, images, "class_fd_from_images")
     labels = _as_labels(labels, len(images), "labels")
     if len(labels) and labels.max() >= 10:
         raise ValueError(f"labels must be class indices 0..9, got {labels.min()}..{labels.max()}.")
@@ -287,11 +290,6 @@ def fd_groups_from_images(images: torch.Tensor, classifier, batch_size: int = 50
     """
     from .classifiers import extract
 
-    model, name = _classifier(classifier)
-    if name is None:
-        raise ValueError("fd_groups_from_images needs a classifier name ('digits', 'fmnist' or a zoo teacher), "
-                         "not a model instance.")
-    images = check_images(images, expected_size=model.config.image_size, min_images=MIN_IMAGES_FD,
-                          what="generated images")
+    model, name, images = _named_classifier(classifier, images, "fd_groups_from_images", MIN_IMAGES_FD)
     feats, ref_feats = extract(model, images, "all_features", batch_size).double().numpy(), _all_test_features(name)
     return {**fd_by_feature_group(feats, ref_feats, model.feature_groups()), "all": fd_from_feats(feats, ref_feats)}
