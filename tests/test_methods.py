@@ -130,6 +130,31 @@ def test_two_time_scale_update_rule():
     assert set(out.losses) == {"generator", "critic"}  # DMD: both, every iteration
 
 
+@pytest.mark.parametrize("method_class, options_class, ratio", [(DMD, DMDOptions, {}), (DMD2, DMD2Options, {"ratio": 2})])
+def test_regression_loss_pulls_the_first_step_towards_the_teachers_ode_pairs(method_class, options_class, ratio):
+    """DMD's regression term (DMD2: the same option): declared as teacher-pair data, logged as ``reg``, and
+    generator updates on a fixed pair batch pull ``G(z_pair)`` towards the pairs' targets."""
+    teacher = Denoiser(tiny_unet(), schedule())
+    method = method_class(teacher, (999, 499)[:1 if method_class is DMD else 2],
+                          options_class(regression_weight=1.0, ode_pairs=8, ode_steps=5, **ratio))
+    needs = method.data_needs()
+    assert needs.teacher_pairs is not None and (needs.teacher_pairs.count, needs.teacher_pairs.steps) == (8, 5)
+    batch = Batch(4)
+    batch.pair_noise, batch.pair_target = torch.randn(4, 1, 8, 8), torch.zeros(4, 1, 8, 8)
+    opt = torch.optim.Adam(method.parameter_groups()["generator"], lr=1e-3)
+    regs = []
+    for _ in range(15):
+        out = method(batch, 0)  # step 0: a generator update for both methods
+        regs.append(float(out.logs["reg"]))
+        opt.zero_grad()
+        out.losses["generator"].backward()
+        opt.step()
+    assert regs[-1] < 0.7 * regs[0]
+    assert options_class().regression_weight == (0.25 if method_class is DMD else 0.0)  # DMD2: off by default
+    with pytest.raises(ValueError, match="regression_weight must be >= 0"):
+        options_class(regression_weight=-1.0).validate()
+
+
 def test_backward_simulation_runs_earlier_steps_without_grad():
     method = uncond_dmd2(timesteps=(999, 749, 499, 249))
     calls = []

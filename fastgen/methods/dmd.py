@@ -21,8 +21,8 @@ from .distribution_matching import DistributionMatchingLoss, DistributionMatchin
 
 
 @dataclass
-class DMDOptions(DistributionMatchingOptions):
-    """DMD. Recipe: ``[dmd]``."""
+class RegressionOptions:
+    """DMD's regression loss on cached teacher ODE pairs (DMD: on by default; DMD2: an option, off by default)."""
 
     regression_weight: float = option(0.25, "lambda_reg of the regression loss on teacher ODE pairs (0: none)")
     ode_pairs: int = option(1024, "number of cached teacher ODE pairs")
@@ -30,12 +30,26 @@ class DMDOptions(DistributionMatchingOptions):
     pair_batch_size: int = option(0, "ODE pairs per batch (0: train.batch_size)")
 
     def validate(self) -> None:
-        super().validate()
         if self.regression_weight < 0:
             raise ValueError(f"regression_weight must be >= 0, got {self.regression_weight}.")
         if self.regression_weight and (self.ode_pairs < 1 or self.ode_steps < 1 or self.pair_batch_size < 0):
             raise ValueError(f"ode_pairs and ode_steps must be >= 1 and pair_batch_size >= 0, got {self.ode_pairs}, "
                              f"{self.ode_steps} and {self.pair_batch_size}.")
+
+    def teacher_pairs(self, guidance_scale: float | None) -> TeacherPairs | None:
+        """The ODE pairs the regression loss needs (``None`` without it), sampled at ``guidance_scale``."""
+        if not self.regression_weight:
+            return None
+        return TeacherPairs(self.ode_pairs, self.ode_steps, guidance_scale, self.pair_batch_size)
+
+
+@dataclass
+class DMDOptions(RegressionOptions, DistributionMatchingOptions):
+    """DMD. Recipe: ``[dmd]``."""
+
+    def validate(self) -> None:
+        DistributionMatchingOptions.validate(self)
+        RegressionOptions.validate(self)
 
 
 class RegressionLoss:
@@ -71,10 +85,7 @@ class DMD(DistributionMatchingMethod):
         return timesteps
 
     def data_needs(self) -> DataNeeds:
-        if not self.regression_weight:
-            return DataNeeds()
-        o = self.options
-        return DataNeeds(teacher_pairs=TeacherPairs(o.ode_pairs, o.ode_steps, self.guidance_scale, o.pair_batch_size))
+        return DataNeeds(teacher_pairs=self.options.teacher_pairs(self.guidance_scale))
 
     # --- phase 1: generate ------------------------------------------------------------------
     def generate(self, batch: Batch) -> torch.Tensor:
@@ -108,4 +119,4 @@ class DMD(DistributionMatchingMethod):
         return StepOutput({"generator": generator, "critic": c["dsm"]}, {k: v.detach() for k, v in {**g, **c}.items()})
 
 
-__all__ = ["DMD", "DMDOptions", "RegressionLoss"]
+__all__ = ["DMD", "DMDOptions", "RegressionLoss", "RegressionOptions"]

@@ -1,6 +1,6 @@
 """DMD2: Improved Distribution Matching Distillation (Yin et al. 2024).
 
-DMD without the regression loss, plus: the two time-scale update rule (the critic every iteration,
+DMD without the regression loss (here an option, off by default), plus: the two time-scale update rule (the critic every iteration,
 the generator every ``ratio``), an optional GAN loss whose discriminator is a small head on the
 critic's bottleneck features (fake and real samples, both noised), and multi-step students trained
 with backward simulation. Without the GAN it is data-free: it needs only prompts. The math is in
@@ -17,11 +17,15 @@ from fastgen.critic import gan_generator_loss
 
 from .base import Batch, DataNeeds, frozen, option, register
 from .distribution_matching import DistributionMatchingLoss, DistributionMatchingMethod, DistributionMatchingOptions
+from .dmd import RegressionLoss, RegressionOptions
 
 
 @dataclass
-class DMD2Options(DistributionMatchingOptions):
+class DMD2Options(RegressionOptions, DistributionMatchingOptions):
     """DMD2. Recipe: ``[dmd2]``."""
+
+    regression_weight: float = option(0.0, "lambda_reg of DMD's regression loss on teacher ODE pairs, on the "
+                                           "first step's x0 (0: none, as in the DMD2 paper; it keeps diversity)")
 
     ratio: int = option(5, "critic updates per generator update (two time-scale rule; 5 ImageNet/SDXL, 10 SD1.5)")
     gan_generator_weight: float = option(0.0, "lambda_G of the generator's GAN loss softplus(-D(fake)) "
@@ -30,7 +34,8 @@ class DMD2Options(DistributionMatchingOptions):
                                            "(needs critic.gan_head and data.real; 1e-2 in the paper)")
 
     def validate(self) -> None:
-        super().validate()
+        DistributionMatchingOptions.validate(self)
+        RegressionOptions.validate(self)
         if self.ratio < 1:
             raise ValueError(f"ratio must be >= 1, got {self.ratio}.")
         if self.gan_generator_weight < 0 or self.gan_critic_weight < 0:
@@ -59,11 +64,13 @@ class DMD2(DistributionMatchingMethod):
                              "dmd2.gan_critic_weight > 0 (and data.real); set a weight, or critic.gan_head = false.")
         self.ratio = o.ratio
         self.gan_generator_weight, self.gan_critic_weight = o.gan_generator_weight, o.gan_critic_weight
-        self.dm_loss = DistributionMatchingLoss()
+        self.regression_weight = o.regression_weight
+        self.dm_loss, self.reg_loss = DistributionMatchingLoss(), RegressionLoss()
 
     def data_needs(self) -> DataNeeds:
         gan = self.critic.head is not None and (self.gan_generator_weight > 0 or self.gan_critic_weight > 0)
-        return DataNeeds(real=gan, why_real="dmd2's GAN loss (critic.gan_head with dmd2.gan_*_weight > 0)")
+        return DataNeeds(real=gan, why_real="dmd2's GAN loss (critic.gan_head with dmd2.gan_*_weight > 0)",
+                         teacher_pairs=self.options.teacher_pairs(self.guidance_scale))
 
     def generator_loss(self, x: torch.Tensor, batch: Batch) -> dict:
         """``{"dm": L_DM}`` on ``x = G(z)``, + ``"gan_g"`` = ``softplus(-D(x_t))`` with the GAN term.
@@ -83,9 +90,18 @@ class DMD2(DistributionMatchingMethod):
             pred, logits = self.critic(x_t, t, batch.cond, features=True)
         return {"dm": self.dm_loss(x, x0_real, pred.x0.detach()), "gan_g": gan_generator_loss(logits)}
 
+    def regression_loss(self, batch: Batch) -> torch.Tensor:
+        """DMD's ``L_reg``: the first step's x0 from the pairs' noise against the teacher's ODE samples."""
+        if batch.pair_noise is None:
+            raise ValueError("dmd2.regression_weight > 0 needs teacher ODE pairs in every batch.")
+        return self.reg_loss(self.student_x0(batch.pair_noise, self.timesteps[0], batch.pair_cond), batch.pair_target)
+
     def generator_update(self, x: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict]:
         g = self.generator_loss(x, batch)
-        return (g["dm"] + self.gan_generator_weight * g["gan_g"] if "gan_g" in g else g["dm"]), g
+        if self.regression_weight:
+            g["reg"] = self.regression_loss(batch)
+        loss = g["dm"] + self.gan_generator_weight * g.get("gan_g", 0.0) + self.regression_weight * g.get("reg", 0.0)
+        return loss, g
 
     def critic_update(self, fake: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict]:
         c = self.critic_loss(fake, batch)
