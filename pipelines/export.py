@@ -302,6 +302,10 @@ def _model_card(pipe_class: str, scheduler_class: str, meta: dict, call: str, is
     lines += ["tags:", "- fastgen", "- distillation", f"- {meta['method']}", f"- {meta['num_steps']}-step", "---"]
     licence_note = "" if license_id else (f"\nLicense: the weights derive from the teacher `{meta['teacher']}`, whose "
                                           "license applies (its model card states none that fastgen could read).\n")
+    # SD3 and Flux call scheduler.step without their generator: a multistep flow student's re-noising draws from
+    # torch's global generator, so the card seeds it too
+    global_seed = ("torch.manual_seed(0)  # the pipeline re-noises between steps with torch's global generator\n"
+                   if scheduler_class.startswith("FlowMatch") and meta["sampler"] == "multistep" else "")
     return "\n".join(lines) + f"""
 
 # {meta['num_steps']}-step {meta['method']} student of `{meta['teacher']}`
@@ -314,7 +318,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 pipe = DiffusionPipeline.from_pretrained("path/to/this/folder"{"".join(f", {name}=None" for name in absent)})
-image = {example}{call}, generator=torch.Generator().manual_seed(0)).images[0]
+{global_seed}image = {example}{call}, generator=torch.Generator().manual_seed(0)).images[0]
 ```
 
 The student was trained for these timesteps ({meta['timesteps']}) and guidance scale ({meta['guidance_scale']};
@@ -399,6 +403,10 @@ def export_student(teacher, out_dir: str | Path, *, model: torch.nn.Module | Non
         components[network_name] = model
     components["scheduler"] = scheduler
     student = pipeline_class(**pipeline_kwargs(pipeline_class, components, dict(pipe.config)))
+    size = getattr(pipe, "default_sample_size", None)  # the trained latent size (fastgen's data.resolution)...
+    if size is not None and getattr(student, "default_sample_size", size) != size:  # ... not the call's default
+        pixels = size * student.vae_scale_factor
+        meta["call"] = call = f"{call}, height={pixels}, width={pixels}"
     # components the teacher has none of (SD3 without T5) that the class does not list as optional: diffusers
     # reloads the folder only when they are passed as None again, so the card's load line passes them
     absent = [name for name, value in pipeline_kwargs(pipeline_class, components, dict(pipe.config)).items()

@@ -187,7 +187,7 @@ class ConsistencyDistillation(DistillationMethod):
 
     def export_spec(self) -> ExportSpec:
         T = self.schedule.num_train_timesteps  # LCMScheduler samples any N from the trained grid
-        return ExportSpec(self.name, "multistep", list(self.timesteps), self.call_guidance(),
+        return ExportSpec(self.name, "multistep", list(self.timesteps), self.exported_guidance(self.call_guidance()),
                           {"timestep_scaling": self.options.timestep_scaling,
                            "original_inference_steps": T // self.options.skip})
 
