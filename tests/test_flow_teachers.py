@@ -173,3 +173,64 @@ def test_the_student_timesteps_follow_the_teachers_shift(students):
     assert json.loads((students["sd3-no-t5", "sid"][1] / "model_index.json").read_text())["text_encoder_3"] == [None,
                                                                                                               None]
     assert "text_encoder_3=None, tokenizer_3=None" in (students["sd3-no-t5", "sid"][1] / "README.md").read_text()
+
+
+BAD_INPUT = [  # (teacher, recipe overrides, the one-line error)
+    ("sd3", ["student.timesteps=[1001, 500]"],
+     "student.timesteps = [1001, 500]: Timesteps [1001.0] are out of range (0, 1000] (flow timesteps t = sigma T"),
+    ("sd3", ["student.timesteps=[0.0]"], "Timesteps [0.0] are out of range (0, 1000]"),
+    ("sd3", ["method=progressive"], "progressive supports discrete VP teachers (a DDPM-family scheduler; epsilon, "
+                                    "sample or v_prediction), not this FlowSchedule teacher (flow)"),
+    ("sd3", ["method=lcm", "data.real=zoo"], "lcm.guidance_embedding needs a teacher network that takes diffusers' "
+                                             "guidance embedding (time_cond_proj_dim)"),
+    ("sd3", ["data.resolution=18"], "data.resolution = 18 must be a multiple of 8"),
+    ("fmnist-ldm", ["data.resolution=64"], "data.resolution applies to transformer pipelines (SD3, Flux)"),
+]
+
+
+@pytest.mark.parametrize("teacher, overrides, message", BAD_INPUT, ids=[" ".join(c[1]) for c in BAD_INPUT])
+def test_bad_input_for_flow_teachers_is_one_line_before_training(students, teacher, overrides, message, tmp_path,
+                                                                  capsys):
+    from fastgen.cli import main
+
+    source = str(students["sd3", "dmd2"][0]) if teacher == "sd3" else teacher
+    (tmp_path / "recipe.toml").write_text('method = "dmd2"\n[train]\nsteps = 1\nbatch_size = 2\nprogress = false\n')
+    argv = ["train", str(tmp_path / "recipe.toml"), "--teacher", source, "--out", str(tmp_path / "run")]
+    code = main(argv + [a for o in overrides for a in ("--set", o)])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and message in lines[0], err
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_flux_lora_student_and_critic_and_gan_features(students):
+    """LoRA student and critic on one frozen Flux base (the transformer targets: both attention streams, the
+    feed-forward layers and the single-block MLP), and the critic's GAN head on the double-stream tokens."""
+    from fastgen.critic import CriticOptions
+    from fastgen.methods import Batch, get_method
+    from fastgen.methods.base import StudentOptions
+    from fastgen.pipelines.generate import encode_prompts
+    from fastgen.train.runner import set_resolution
+
+    pipe = load_pipeline(str(students["flux-cfg-static", "dmd2"][0]))
+    set_resolution(pipe, 16)
+    base = PipelineSampler(pipe).denoiser
+    from fastgen.lora import AdapterDenoiser
+
+    teacher = AdapterDenoiser(base.model, base.schedule, None, base.sample_size)
+    cls = get_method("dmd2")
+    method = cls(teacher, [1000.0], cls.Options(ratio=1, guidance_scale=2.0, gan_generator_weight=0.1,
+                                                 gan_critic_weight=0.1),
+                 student=StudentOptions(lora_rank=2), critic=CriticOptions(lora_rank=2, gan_head=True))
+    adapted = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n, _ in pipe.transformer.named_parameters() if "lora_A" in n}
+    assert {"to_q", "add_q_proj", "to_add_out", "proj_mlp", "2"} <= adapted  # "2": ff.net.2 / ff_context.net.2
+    with torch.no_grad():
+        cond, uncond = encode_prompts(pipe, [PROMPT, PROMPT])
+    batch = Batch(2, cond=cond, uncond=uncond, real=torch.randn(2, 4, 8, 8), real_cond=cond)
+    out = method.training_step(batch, 0)
+    assert set(out.losses) == {"generator", "critic"} and all(torch.isfinite(v) for v in out.losses.values())
+    sum(out.losses.values()).backward()
+    groups = method.parameter_groups()
+    assert all(any(p.grad is not None and p.grad.abs().sum() > 0 for p in groups[g]) for g in groups)
+    frozen = [p for n, p in pipe.transformer.named_parameters() if "lora_" not in n]
+    assert all(p.grad is None for p in frozen)
