@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .denoiser import Conditioning, Denoiser, Prediction
-from .lora import DEFAULT_UNET_TARGETS, AdapterDenoiser, add_lora, base_copy, lora_parameters
+from .lora import AdapterDenoiser, add_lora, base_copy, lora_parameters
 from .methods.base import option
 from .methods.common import check_t_range, sample_timesteps
 from .schedule import NoiseSchedule, edm_sigma
@@ -139,7 +139,7 @@ class FakeScoreCritic(nn.Module):
             named ``adapter_name`` on the teacher's own network (whose base weights stay frozen; the
             teacher is then that network with adapters disabled, see :mod:`fastgen.lora`).
         lora_alpha: LoRA ``alpha`` (default: ``lora_rank``).
-        lora_targets: module name suffixes the LoRA adapts.
+        lora_targets: module name suffixes the LoRA adapts (default: :func:`fastgen.lora.default_targets`).
         gan_head: add a :class:`GANHead` on the bottleneck features (DMD2's discriminator).
         weighting: the denoising loss, ``"own"`` (the teacher's parameterisation; eps-MSE for
             epsilon teachers) or ``"edm"`` (EDM-weighted x0-MSE), see :class:`DenoisingLoss`.
@@ -149,16 +149,16 @@ class FakeScoreCritic(nn.Module):
     """
 
     def __init__(self, teacher: Denoiser, lora_rank: int = 0, lora_alpha: float | None = None,
-                 lora_targets=DEFAULT_UNET_TARGETS, gan_head: bool = False, weighting: str = "own",
+                 lora_targets=None, gan_head: bool = False, weighting: str = "own",
                  t_range: tuple[float, float] = (0.0, 1.0), adapter_name: str = "critic"):
         super().__init__()
         self.schedule = teacher.schedule
         self.lora = lora_rank > 0
         if self.lora:
             add_lora(teacher.model, adapter_name, rank=lora_rank, alpha=lora_alpha, target_modules=lora_targets)
-            self.denoiser = AdapterDenoiser(teacher.model, self.schedule, adapter_name)
+            self.denoiser = AdapterDenoiser(teacher.model, self.schedule, adapter_name, teacher.sample_size)
         else:
-            self.denoiser = Denoiser(base_copy(teacher.model), self.schedule)
+            self.denoiser = Denoiser(base_copy(teacher.model), self.schedule, teacher.sample_size)
         self.adapter_name = adapter_name
         channels, tokens = bottleneck_channels(teacher.model)
         self.head = GANHead(channels, tokens=tokens) if gan_head else None

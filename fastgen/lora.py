@@ -24,6 +24,18 @@ DEFAULT_UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out
                         "time_emb_proj", "conv_shortcut")
 
 
+# SD3's joint and Flux's double- and single-stream blocks: the attention projections of both streams, the
+# feed-forward layers and Flux's single-block MLP (the targets of diffusers' SD3 / Flux LoRA training scripts).
+TRANSFORMER_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                       "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp")
+
+
+def default_targets(model: nn.Module) -> tuple[str, ...]:
+    """The LoRA targets of a network: :data:`TRANSFORMER_TARGETS` for SD3 / Flux transformers (their blocks have
+    no convolutions), :data:`DEFAULT_UNET_TARGETS` for UNets."""
+    return TRANSFORMER_TARGETS if getattr(model, "transformer_blocks", None) is not None else DEFAULT_UNET_TARGETS
+
+
 _LAYERS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
@@ -41,7 +53,7 @@ def tuner_layers(model: nn.Module):
 
 
 def add_lora(model: nn.Module, adapter_name: str, rank: int = 8, alpha: float | None = None,
-             target_modules=DEFAULT_UNET_TARGETS, init_lora_weights: bool | str = True) -> None:
+             target_modules=None, init_lora_weights: bool | str = True) -> None:
     """Add a LoRA adapter named ``adapter_name`` to a diffusers model and freeze the base weights.
 
     Adapters added earlier keep their ``requires_grad`` flags (peft would freeze every adapter but
@@ -50,13 +62,14 @@ def add_lora(model: nn.Module, adapter_name: str, rank: int = 8, alpha: float | 
     Args:
         rank: LoRA rank ``r``.
         alpha: ``lora_alpha`` (default: ``rank``, i.e. scale 1).
-        target_modules: module name suffixes to adapt.
+        target_modules: module name suffixes to adapt (default: :func:`default_targets`).
         init_lora_weights: peft's option; ``True`` starts as the identity (B = 0), ``False`` random.
     """
     from peft import LoraConfig, inject_adapter_in_model
 
+    targets = default_targets(model) if target_modules is None else target_modules
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, init_lora_weights=init_lora_weights,
-                        target_modules=list(target_modules))
+                        target_modules=list(targets))
     earlier = {n: p.requires_grad for n, p in model.named_parameters() if "lora_" in n}
     with warnings.catch_warnings():  # several adapters on one base is the point here
         warnings.filterwarnings("ignore", message=".*multiple adapters.*")
@@ -137,10 +150,10 @@ class AdapterDenoiser(Denoiser):
     (teacher, ``"student"``, ``"critic"``) can wrap the same network: one copy of the base weights.
     """
 
-    def __init__(self, model: nn.Module, schedule, adapter: str | None = None):
-        super().__init__(model, schedule)
+    def __init__(self, model: nn.Module, schedule, adapter: str | None = None, sample_size: int | None = None):
+        super().__init__(model, schedule, sample_size)
         self.adapter = adapter
 
-    def model_output(self, x_t, t, cond):
+    def model_output(self, x_t, t, cond, guidance=None):
         with use_adapter(self.model, self.adapter):
-            return super().model_output(x_t, t, cond)
+            return super().model_output(x_t, t, cond, guidance)

@@ -18,6 +18,7 @@ and ``"flow"`` (``noise - x0``). All conversions are linear in the output for a 
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Sequence
 
 import torch
@@ -166,32 +167,63 @@ class VPSchedule(NoiseSchedule):
 class FlowSchedule(NoiseSchedule):
     """Rectified-flow schedule of ``FlowMatchEulerDiscreteScheduler`` teachers (SD3, Flux).
 
-    The network is conditioned on ``t = sigma * num_train_timesteps`` with ``sigma`` in [0, 1];
-    ``x_t = (1 - sigma) x0 + sigma noise`` and the network predicts ``noise - x0`` ("flow").
+    The network is conditioned on ``t = sigma * num_train_timesteps`` with ``sigma`` in [0, 1] (continuous: a
+    flow timestep need not be a whole number); ``x_t = (1 - sigma) x0 + sigma noise`` and the network predicts
+    ``noise - x0`` ("flow").
 
     Args:
-        num_train_timesteps: diffusers' ``num_train_timesteps`` (1000 for SD3).
-        shift: the timestep shift ``sigma' = shift sigma / (1 + (shift - 1) sigma)`` applied
-            when choosing sampling timesteps (3.0 for SD3).
+        num_train_timesteps: diffusers' ``num_train_timesteps`` (1000 for SD3 and Flux).
+        shift: the static timestep shift ``sigma' = shift u / (1 + (shift - 1) u)`` (3.0 for SD3).
+        mu: the resolution-dependent shift of schedulers with ``use_dynamic_shifting``: ``sigma' = e^mu /
+            (e^mu + (1 / u - 1))`` (``time_shift_type="exponential"``) or ``mu / (mu + (1 / u - 1))`` ("linear");
+            ``None``: the static ``shift``.
+        time_shift_type: ``"exponential"`` or ``"linear"`` (diffusers' option of the same name).
+        config: the teacher's scheduler config, from which :func:`fastgen.pipelines.sampler.student_timesteps`
+            builds diffusers' own scheduler.
     """
 
     prediction_type = "flow"
 
-    def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0):
+    def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0, mu: float | None = None,
+                 time_shift_type: str = "exponential", config: dict | None = None):
+        if time_shift_type not in ("exponential", "linear"):
+            raise ValueError(f"time_shift_type must be 'exponential' or 'linear', not {time_shift_type!r}.")
         self.num_train_timesteps = num_train_timesteps
         self.shift = float(shift)
+        self.mu = None if mu is None else float(mu)
+        self.time_shift_type = time_shift_type
+        self.config = dict(config or {"num_train_timesteps": num_train_timesteps, "shift": shift})
         self.clip_sample_range = None
 
     @classmethod
-    def from_scheduler_config(cls, config) -> "FlowSchedule":
-        config = dict(config)
+    def from_scheduler_config(cls, config, image_seq_len: int | None = None) -> "FlowSchedule":
+        """The schedule of a flow scheduler config; with ``use_dynamic_shifting``, ``mu`` is computed from
+        ``image_seq_len`` (the number of image tokens at the training resolution) as the SD3 and Flux pipelines
+        compute it (diffusers' ``calculate_shift`` with the config's ``base_/max_image_seq_len`` and
+        ``base_/max_shift``)."""
+        config = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+        mu = None
         if config.get("use_dynamic_shifting", False):
-            raise NotImplementedError("Dynamic (resolution-dependent) shifting is not supported yet; pass a fixed shift.")
-        return cls(config.get("num_train_timesteps", 1000), config.get("shift", 1.0))
+            if image_seq_len is None:
+                raise ValueError("This flow scheduler shifts its timesteps by resolution (use_dynamic_shifting): "
+                                 "the image sequence length is needed to compute mu.")
+            from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+            mu = calculate_shift(image_seq_len, config.get("base_image_seq_len", 256),
+                                 config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                                 config.get("max_shift", 1.15))
+        return cls(config.get("num_train_timesteps", 1000), config.get("shift", 1.0), mu,
+                   config.get("time_shift_type", "exponential"), config)
 
     def shift_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
-        """Apply the timestep shift to unshifted sigmas in [0, 1]."""
-        return self.shift * sigma / (1 + (self.shift - 1) * sigma)
+        """Apply the timestep shift (static, or dynamic with ``mu``) to unshifted sigmas in [0, 1], as
+        ``FlowMatchEulerDiscreteScheduler.set_timesteps`` shifts them."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float64)
+        if self.mu is None:
+            return self.shift * sigma / (1 + (self.shift - 1) * sigma)
+        scale = math.exp(self.mu) if self.time_shift_type == "exponential" else self.mu
+        inverse = torch.where(sigma > 0, 1 / sigma.clamp_min(1e-300) - 1, torch.full_like(sigma, math.inf))
+        return scale / (scale + inverse)
 
     def alpha_sigma(self, t):
         sigma = torch.as_tensor(t, dtype=torch.float32) / self.num_train_timesteps
@@ -200,12 +232,24 @@ class FlowSchedule(NoiseSchedule):
         return 1 - sigma, sigma
 
 
-def schedule_from_scheduler_config(config) -> NoiseSchedule:
-    """Pick :class:`FlowSchedule` or :class:`VPSchedule` from a diffusers scheduler config."""
-    class_name = dict(config).get("_class_name", "")
-    if class_name.startswith("FlowMatch") or ("shift" in config and "beta_schedule" not in config):
-        return FlowSchedule.from_scheduler_config(config)
+def is_flow_config(config) -> bool:
+    """Whether a diffusers scheduler config is a flow-matching one (``FlowMatch*`` or a ``shift`` without betas)."""
+    config = dict(config)
+    return config.get("_class_name", "").startswith("FlowMatch") or ("shift" in config and "beta_schedule" not in config)
+
+
+def schedule_from_scheduler_config(config, image_seq_len: int | None = None) -> NoiseSchedule:
+    """Pick :class:`FlowSchedule` or :class:`VPSchedule` from a diffusers scheduler config (``image_seq_len``: the
+    image tokens at the training resolution, for flow schedulers with dynamic shifting)."""
+    if is_flow_config(config):
+        return FlowSchedule.from_scheduler_config(config, image_seq_len)
     return VPSchedule.from_scheduler_config(config)
+
+
+def schedule_timesteps(schedule: NoiseSchedule, timesteps: Sequence) -> list:
+    """:func:`check_timesteps` for ``schedule``: whole numbers in [0, T-1] for a VP schedule, any numbers in
+    (0, T] for a flow schedule (continuous time, ``t = sigma T``)."""
+    return check_timesteps(timesteps, schedule.num_train_timesteps, continuous=isinstance(schedule, FlowSchedule))
 
 
 def edm_sigma(schedule: NoiseSchedule, t) -> torch.Tensor:
@@ -214,30 +258,39 @@ def edm_sigma(schedule: NoiseSchedule, t) -> torch.Tensor:
     return sigma / alpha
 
 
-def check_timesteps(timesteps: Sequence, num_train_timesteps: int | None = None) -> list[int]:
-    """Validate a student's timestep list: whole numbers (``999.5`` is an error, not truncated to 999), strictly
-    descending, in [0, T-1] (without ``num_train_timesteps``: >= 0; recipes check that before the teacher is
-    loaded). Returns them as ints; a one-line ``ValueError`` otherwise."""
+def check_timesteps(timesteps: Sequence, num_train_timesteps: int | None = None, continuous: bool = False) -> list:
+    """Validate a student's timestep list: strictly descending numbers. Discrete (VP) timesteps are whole numbers
+    (``999.5`` is an error, not truncated to 999) in [0, T-1], returned as ints; ``continuous`` (flow) timesteps
+    ``t = sigma T`` are any numbers in (0, T], returned as floats. Without ``num_train_timesteps`` only the lower
+    bound is checked (recipes check that before the teacher is loaded). A one-line ``ValueError`` otherwise."""
     ts = list(timesteps)
     if not ts:
         raise ValueError("The timestep list is empty.")
     for t in ts:
         try:
-            whole = not isinstance(t, (bool, str)) and float(t).is_integer()
+            number = not isinstance(t, (bool, str)) and math.isfinite(float(t))
+            whole = number and float(t).is_integer()
         except (TypeError, ValueError):
-            whole = False
-        if not whole:
-            raise ValueError(f"Timesteps must be whole numbers, got {t!r} in {ts}.")
-    ts = [int(t) for t in ts]
+            number = whole = False
+        if not (number if continuous else whole):
+            kind = "finite numbers" if continuous else "whole numbers"
+            raise ValueError(f"Timesteps must be {kind}, got {t!r} in {ts}.")
+    ts = [float(t) for t in ts] if continuous else [int(t) for t in ts]
     high = num_train_timesteps if num_train_timesteps is not None else float("inf")
-    bad = [t for t in ts if not 0 <= t < high]
-    if bad:
+    if continuous:
+        bad = [t for t in ts if not 0 < t <= high]
+        top = "T" if num_train_timesteps is None else num_train_timesteps
+        where = f"(0, {top}] (flow timesteps t = sigma T, sigma in (0, 1])"
+    else:
+        bad = [t for t in ts if not 0 <= t < high]
         top = "T-1" if num_train_timesteps is None else num_train_timesteps - 1
-        raise ValueError(f"Timesteps {bad} are out of range [0, {top}].")
+        where = f"[0, {top}]"
+    if bad:
+        raise ValueError(f"Timesteps {bad} are out of range {where}.")
     if any(a <= b for a, b in zip(ts, ts[1:])):
         raise ValueError(f"Timesteps must be strictly descending, got {ts}.")
     return ts
 
 
 __all__ = ["check_timesteps", "NoiseSchedule", "VPSchedule", "FlowSchedule", "schedule_from_scheduler_config",
-           "edm_sigma", "PREDICTION_TYPES"]
+           "schedule_timesteps", "is_flow_config", "edm_sigma", "PREDICTION_TYPES"]

@@ -37,7 +37,7 @@ import torch
 
 from fastgen import zoo
 from fastgen.denoiser import check_guidance_scale
-from fastgen.schedule import check_timesteps
+from fastgen.schedule import check_timesteps, is_flow_config
 
 from .folders import writing_folder
 from .portable import make_portable
@@ -88,7 +88,7 @@ def call_arguments(pipeline_class, scheduler, timesteps: list[int], custom: bool
         call = f"num_inference_steps={len(timesteps)}"
     elif _schedule_argument(scheduler) == "sigmas":
         T = scheduler.config.num_train_timesteps
-        call = f"sigmas={[t / T for t in timesteps]}"
+        call = f"sigmas={[round(t / T, 8) for t in timesteps]}"
     else:  # ConsistencyModelPipeline warns when timesteps come with its default num_inference_steps=1
         none = "num_inference_steps=None, " if pipeline_class.__name__ == "ConsistencyModelPipeline" else ""
         call = f"{none}timesteps={timesteps}"
@@ -187,11 +187,17 @@ def _built_in_scheduler(teacher_config: dict, timesteps: list[int], sampler: str
     preferred = config.pop("original_inference_steps", None)  # the method's grid (ExportSpec.scheduler_config)
     n = len(timesteps)
     T = config.get("num_train_timesteps", 1000)
-    if teacher_config.get("_class_name", "").startswith("FlowMatch"):
-        # shift 1: the call's sigmas= are then the trained t / T as given (the scheduler shifts sigmas it is passed)
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(_config_for(FlowMatchEulerDiscreteScheduler, config),
-                                                                shift=1.0, use_dynamic_shifting=False,
-                                                                stochastic_sampling=(sampler == "multistep"))
+    if is_flow_config(teacher_config):
+        # shift 1, no dynamic shifting and no sigma remapping: the call's sigmas= are then the trained t / T as given
+        # (the scheduler shifts sigmas it is passed), at any resolution. stochastic_sampling is the multistep
+        # sampler (x0 = x_t - sigma v, re-noised with fresh noise to the next sigma; FlowMatchLCMScheduler's step
+        # without its scale factors), plain Euler the DDIM one.
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+            _config_for(FlowMatchEulerDiscreteScheduler, config), shift=1.0, use_dynamic_shifting=False,
+            shift_terminal=None, use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False,
+            invert_sigmas=False, stochastic_sampling=(sampler == "multistep"))
+        scheduler.set_timesteps(n)
+        return scheduler, [float(t) for t in scheduler.timesteps]
     elif sampler == "multistep":
         scheduler = _lcm_grid(config, timesteps, min_steps, preferred) or _custom_lcm(config, timesteps)
     elif sampler == "ddim":
@@ -218,10 +224,11 @@ def exported_scheduler(pipe, timesteps: Sequence[int], sampler: str = "multistep
     such a student could not be reproduced from its folder.
     """
     config = {"_class_name": type(pipe.scheduler).__name__, **dict(pipe.scheduler.config)}
-    ts = check_timesteps(timesteps, config.get("num_train_timesteps", 1000))
+    flow = is_flow_config(config)
+    ts = check_timesteps(timesteps, config.get("num_train_timesteps", 1000), continuous=flow)
     pipeline_class = student_pipeline_class(pipe)
     scheduler, default = _built_in_scheduler(config, ts, sampler, default_steps(pipeline_class), overrides)
-    custom = default != ts
+    custom = flow or default != ts  # flow: always sigmas= (pipelines choose their own sigmas for N steps)
     if custom and not _accepts_timesteps(pipeline_class, scheduler):
         raise ValueError(
             f"{pipeline_class.__name__} with {type(scheduler).__name__} cannot be called with custom timesteps, and "
@@ -284,7 +291,7 @@ def teacher_license(pipe, hub_id: str | None) -> str | None:
 
 
 def _model_card(pipe_class: str, scheduler_class: str, meta: dict, call: str, is_text: bool, hub_id: str | None,
-                license_id: str | None) -> str:
+                license_id: str | None, absent: Sequence[str] = ()) -> str:
     """The student's README.md: Hugging Face model-card YAML, the exact call, what other step counts do."""
     example = 'pipe("a photo of a sneaker", ' if is_text else "pipe("
     tag = "text-to-image" if is_text else "unconditional-image-generation"
@@ -295,6 +302,10 @@ def _model_card(pipe_class: str, scheduler_class: str, meta: dict, call: str, is
     lines += ["tags:", "- fastgen", "- distillation", f"- {meta['method']}", f"- {meta['num_steps']}-step", "---"]
     licence_note = "" if license_id else (f"\nLicense: the weights derive from the teacher `{meta['teacher']}`, whose "
                                           "license applies (its model card states none that fastgen could read).\n")
+    # SD3 and Flux call scheduler.step without their generator: a multistep flow student's re-noising draws from
+    # torch's global generator, so the card seeds it too
+    global_seed = ("torch.manual_seed(0)  # the pipeline re-noises between steps with torch's global generator\n"
+                   if scheduler_class.startswith("FlowMatch") and meta["sampler"] == "multistep" else "")
     return "\n".join(lines) + f"""
 
 # {meta['num_steps']}-step {meta['method']} student of `{meta['teacher']}`
@@ -306,8 +317,8 @@ Distilled with [fastgen]({PROJECT_URL}) (`pip install {DISTRIBUTION}`; method: `
 import torch
 from diffusers import DiffusionPipeline
 
-pipe = DiffusionPipeline.from_pretrained("path/to/this/folder")
-image = {example}{call}, generator=torch.Generator().manual_seed(0)).images[0]
+pipe = DiffusionPipeline.from_pretrained("path/to/this/folder"{"".join(f", {name}=None" for name in absent)})
+{global_seed}image = {example}{call}, generator=torch.Generator().manual_seed(0)).images[0]
 ```
 
 The student was trained for these timesteps ({meta['timesteps']}) and guidance scale ({meta['guidance_scale']};
@@ -372,8 +383,9 @@ def export_student(teacher, out_dir: str | Path, *, model: torch.nn.Module | Non
     check_guidance_scale(guidance_scale)
     pipe = load_pipeline(str(teacher), what="Teacher") if isinstance(teacher, (str, Path)) else teacher
     network_name = "unet" if "unet" in pipe.components else "transformer"
-    teacher_config = dict(pipe.scheduler.config)
-    timesteps = check_timesteps(timesteps, teacher_config.get("num_train_timesteps", 1000))
+    teacher_config = {"_class_name": type(pipe.scheduler).__name__, **dict(pipe.scheduler.config)}
+    timesteps = check_timesteps(timesteps, teacher_config.get("num_train_timesteps", 1000),
+                                continuous=is_flow_config(teacher_config))
     scheduler, custom = exported_scheduler(pipe, timesteps, sampler, scheduler_config)
     pipeline_class = student_pipeline_class(pipe)
     is_text = hasattr(pipe, "encode_prompt")
@@ -391,8 +403,18 @@ def export_student(teacher, out_dir: str | Path, *, model: torch.nn.Module | Non
         components[network_name] = model
     components["scheduler"] = scheduler
     student = pipeline_class(**pipeline_kwargs(pipeline_class, components, dict(pipe.config)))
+    size = getattr(pipe, "default_sample_size", None)  # the trained latent size (fastgen's data.resolution)...
+    if size is not None and getattr(student, "default_sample_size", size) != size:  # ... not the call's default
+        pixels = size * student.vae_scale_factor
+        meta["call"] = call = f"{call}, height={pixels}, width={pixels}"
+    # components the teacher has none of (SD3 without T5) that the class does not list as optional: diffusers
+    # reloads the folder only when they are passed as None again, so the card's load line passes them
+    absent = [name for name, value in pipeline_kwargs(pipeline_class, components, dict(pipe.config)).items()
+              if value is None and name in components and name not in pipeline_class._optional_components]
+    if absent:
+        meta["load"] = {name: None for name in absent}
     card = _model_card(pipeline_class.__name__, type(scheduler).__name__, meta, call, is_text, hub_id,
-                       teacher_license(pipe, hub_id))
+                       teacher_license(pipe, hub_id), absent)
     with writing_folder(out_dir, marker="model_index.json", what="Student folder") as tmp:
         student.save_pretrained(tmp)
         make_portable(student, tmp)

@@ -13,19 +13,30 @@ from typing import Sequence
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from fastgen.denoiser import Conditioning, Denoiser, check_guidance_scale
+from fastgen.denoiser import Conditioning, Denoiser, check_guidance_scale, latent_shape
 from fastgen.guidance_embedding import embedding_dim, with_guidance
-from fastgen.schedule import check_timesteps, schedule_from_scheduler_config
+from fastgen.schedule import schedule_from_scheduler_config, schedule_timesteps
 
 from .sampler import SAMPLERS
 
 
+def is_flux(network: torch.nn.Module) -> bool:
+    return type(network).__name__ == "FluxTransformer2DModel"
+
+
 def denoiser_from_pipeline(pipe, model: torch.nn.Module | None = None) -> Denoiser:
-    """A :class:`Denoiser` for the pipeline's network (or ``model``) with the pipeline's schedule."""
+    """A :class:`Denoiser` for the pipeline's network (or ``model``) with the pipeline's schedule, at the latent
+    size the pipeline generates by default (its ``default_sample_size`` where it has one: SD3, SDXL, Flux; else the
+    network's ``sample_size``). A flow schedule with dynamic shifting gets its ``mu`` from that size's image
+    sequence length, as the SD3 and Flux pipelines compute it (patches of ``patch_size``; Flux: packed 2x2)."""
     network = model if model is not None else getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
     if network is None:
         raise TypeError(f"{type(pipe).__name__} has no `unet` or `transformer` component.")
-    return Denoiser(network, schedule_from_scheduler_config(pipe.scheduler.config))
+    size = getattr(pipe, "default_sample_size", None)
+    _, height, width = latent_shape(network, size)
+    patch = 2 if is_flux(network) else (getattr(network.config, "patch_size", None) or 1)
+    schedule = schedule_from_scheduler_config(pipe.scheduler.config, image_seq_len=(height // patch) * (width // patch))
+    return Denoiser(network, schedule, size)
 
 
 def placement(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -43,6 +54,14 @@ def encode_prompts(pipe, prompts: Sequence[str], negative_prompt: str = "", guid
     if not hasattr(pipe, "encode_prompt"):
         raise TypeError(f"{type(pipe).__name__} is not text-conditional; pass batch_size instead of prompts.")
     device = device if device is not None else pipe.device
+    if is_flux(getattr(pipe, "transformer", None)):  # Flux: (embeds, pooled, text_ids); no negative prompt in its call
+        embeds, pooled, _ = pipe.encode_prompt(prompt=list(prompts), prompt_2=None, device=device,
+                                               num_images_per_prompt=1)
+        if not guidance:
+            return Conditioning(embeds, pooled), None
+        neg, neg_pooled, _ = pipe.encode_prompt(prompt=[negative_prompt] * len(prompts), prompt_2=None, device=device,
+                                                num_images_per_prompt=1)
+        return Conditioning(embeds, pooled), Conditioning(neg, neg_pooled)
     if "text_encoder_3" in getattr(pipe, "components", {}):  # SD3: (embeds, neg, pooled, neg_pooled)
         embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
             prompt=list(prompts), prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=1,
@@ -56,7 +75,7 @@ class PipelineSampler:
     """Sample a diffusers pipeline's network with one of fastgen's samplers.
 
     Args:
-        pipe: a loaded ``DDPMPipeline``, ``StableDiffusionPipeline`` (or SD3) -- teacher or student.
+        pipe: a loaded ``DDPMPipeline``, ``StableDiffusionPipeline``, SD3 or Flux pipeline -- teacher or student.
         model: optional replacement network (e.g. a student being trained); defaults to the pipeline's.
     """
 
@@ -66,9 +85,7 @@ class PipelineSampler:
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        cfg = self.denoiser.model.config
-        size = cfg.sample_size
-        return (cfg.in_channels, size, size)
+        return self.denoiser.latent_shape
 
     def conditioning(self, prompts: Sequence[str] | None, guidance_scale: float | None, negative_prompt: str = "",
                      need_uncond: bool = False, device: torch.device | None = None):
@@ -79,6 +96,9 @@ class PipelineSampler:
             if self.denoiser.is_conditional:
                 raise ValueError("This pipeline is text-conditional: pass prompts.")
             return None, None, None
+        if self.denoiser.embeds_guidance:  # guidance-distilled Flux: the scale is the network's input, no CFG
+            cond, uncond = encode_prompts(self.pipe, prompts, negative_prompt, guidance=need_uncond, device=device)
+            return cond, uncond, guidance_scale
         w = guidance_scale if guidance_scale is not None and guidance_scale > 1 else None
         dim = embedding_dim(self.denoiser.model)
         if dim is not None:  # guidance distilled into a w-embedding: the pipeline embeds W - 1 and runs no CFG
@@ -115,7 +135,7 @@ class PipelineSampler:
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"Unknown sampler {sampler!r}; expected one of {list(SAMPLERS)}.")
-        timesteps = check_timesteps(timesteps, self.denoiser.schedule.num_train_timesteps)
+        timesteps = schedule_timesteps(self.denoiser.schedule, timesteps)
         check_guidance_scale(guidance_scale)
         if prompts is not None:
             prompts = [prompts] if isinstance(prompts, str) else list(prompts)

@@ -7,7 +7,8 @@ from pathlib import Path
 from fastgen import zoo
 
 
-def load_pipeline(name_or_path: str, device: str | None = None, what: str = "Pipeline", allow_pickle: bool = False):
+def load_pipeline(name_or_path: str, device: str | None = None, what: str = "Pipeline", allow_pickle: bool = False,
+                  **components):
     """``DiffusionPipeline.from_pretrained`` on a zoo name, a pipeline folder or a hub id.
 
     Weights are read only from safetensors files (``use_safetensors=True``): a ``.bin`` / ``.ckpt`` weight
@@ -19,6 +20,8 @@ def load_pipeline(name_or_path: str, device: str | None = None, what: str = "Pip
         what: the word used in error messages (``"Teacher"``, ``"Pipeline"``).
         allow_pickle: also load pickled weight files where a component has no safetensors (only for
             folders from a source you trust; diffusers then loads them with ``torch.load``).
+        components: components passed to ``from_pretrained`` in place of the folder's, e.g.
+            ``text_encoder_3=None, tokenizer_3=None`` (SD3 without T5).
     Raises:
         FileNotFoundError: a folder without ``model_index.json``, something that is neither a zoo name,
             a folder nor a hub id, a component without safetensors weights (unless ``allow_pickle``), or a
@@ -37,8 +40,9 @@ def load_pipeline(name_or_path: str, device: str | None = None, what: str = "Pip
                                 "a diffusers pipeline folder, nor a hub id (owner/name).")
     diffusers_logging.disable_progress_bar()  # loading bars would bury the commands' one-line errors
     transformers_logging.disable_progress_bar()
+    components = {**absent_components(path), **components}
     try:
-        pipe = DiffusionPipeline.from_pretrained(target, use_safetensors=None if allow_pickle else True)
+        pipe = DiffusionPipeline.from_pretrained(target, use_safetensors=None if allow_pickle else True, **components)
     except (OSError, ValueError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         hint = ""
@@ -49,6 +53,20 @@ def load_pipeline(name_or_path: str, device: str | None = None, what: str = "Pip
                                 f"{first}{hint}") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device) if device else pipe
+
+
+def absent_components(folder: Path) -> dict:
+    """``{name: None}`` for each component a local pipeline folder was saved without (``[null, null]`` in its
+    ``model_index.json``, e.g. SD3's ``text_encoder_3`` and ``tokenizer_3`` without T5): diffusers reloads such a
+    folder only when they are passed as ``None`` again, unless the class lists them as optional."""
+    import json
+
+    index = folder / "model_index.json"
+    if not index.is_file():
+        return {}
+    entries = json.loads(index.read_text())
+    return {name: None for name, value in entries.items()
+            if not name.startswith("_") and isinstance(value, list) and len(value) == 2 and value[0] is None}
 
 
 def pipeline_fingerprint(pipe) -> dict[str, str]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from fastgen.denoiser import Conditioning, Denoiser
@@ -74,8 +73,8 @@ def sample_multistep(denoiser: Denoiser, noise: torch.Tensor, timesteps: Sequenc
     Returns:
         The final x0 prediction.
     """
-    def fresh_noise(x0, _eps):
-        return randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    def fresh_noise(x0, _eps):  # drawn in the layout the network's pipeline draws it (Flux: packed tokens)
+        return denoiser.fresh_noise(x0, generator)
 
     return _sample(denoiser, noise, timesteps, cond, uncond, guidance_scale, progress, fresh_noise, refine)
 
@@ -96,23 +95,33 @@ def sample_ddim(denoiser: Denoiser, noise: torch.Tensor, timesteps: Sequence[int
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"multistep": sample_multistep, "ddim": sample_ddim}
 
 
-def student_timesteps(schedule, num_steps: int, sampler: str = "multistep") -> list[int]:
+def student_timesteps(schedule, num_steps: int, sampler: str = "multistep") -> list:
     """The default timesteps of an ``num_steps``-step student, as its exported scheduler computes them.
 
     ``multistep``: ``LCMScheduler(original_inference_steps=N)`` -- ``[999, 749, 499, 249]`` for N=4.
     ``ddim``: ``DDIMScheduler(timestep_spacing="trailing")`` -- the same for N=4, ``[999, 666, 332]`` for N=3.
+    Flow schedules (either sampler): the teacher's own ``FlowMatchEulerDiscreteScheduler`` given the evenly spaced
+    sigmas ``1, 1 - 1/N, ..., 1/N`` (the Flux pipeline's default), shifted as it shifts them (static ``shift``, or
+    ``mu`` at the training resolution): continuous ``t = sigma T``, e.g. ``[1000.0]`` for one step.
     Computed by diffusers' schedulers themselves, so training and export cannot disagree.
     """
-    from diffusers import DDIMScheduler, LCMScheduler
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, LCMScheduler
+
+    from fastgen.schedule import FlowSchedule
 
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"Unknown sampler {sampler!r}; expected one of {list(SAMPLERS)}.")
     T = schedule.num_train_timesteps
+    if isinstance(schedule, FlowSchedule):
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(schedule.config)
+        sigmas = [1 - i / num_steps for i in range(num_steps)]
+        scheduler.set_timesteps(sigmas=sigmas, mu=schedule.mu)
+        return [float(t) for t in scheduler.timesteps.double()]
     if sampler == "multistep":
         scheduler = LCMScheduler(num_train_timesteps=T, original_inference_steps=num_steps)
-    elif sampler == "ddim":
-        scheduler = DDIMScheduler(num_train_timesteps=T, timestep_spacing="trailing")
     else:
-        raise ValueError(f"Unknown sampler {sampler!r}; expected one of {list(SAMPLERS)}.")
+        scheduler = DDIMScheduler(num_train_timesteps=T, timestep_spacing="trailing")
     scheduler.set_timesteps(num_steps)
     return [int(t) for t in scheduler.timesteps]

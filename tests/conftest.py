@@ -177,3 +177,42 @@ def tiny_sd3_pipeline(folder):
         if isinstance(module, torch.nn.Module):
             module.eval()
     return pipe
+
+
+def tiny_flux_pipeline(folder, guidance_embeds: bool = True, dynamic_shift: bool = True):
+    """A tiny FluxPipeline built from diffusers' and transformers' classes: a one double- and one single-stream block
+    FluxTransformer2DModel (4 latent channels packed into 16; with or without the guidance embedding of guidance-
+    distilled teachers), a CLIP text encoder (pooled width 8) and a T5 encoder (width 16) sharing the zoo's byte-level
+    tokenizer (written to ``folder``), a VAE with a shift factor (scale factor 2), and FLUX.1-dev's scheduler config
+    (dynamic shifting) or a static shift of 3."""
+    from pathlib import Path
+
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from fastgen.train.teachers import build_byte_tokenizer
+
+    tok = build_byte_tokenizer(Path(folder) / "tokenizer")
+    clip = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=tok.model_max_length, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id))
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tok), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2))
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                         pooled_projection_dim=8, guidance_embeds=guidance_embeds,
+                                         axes_dims_rope=(2, 2, 4))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, sample_size=16, layers_per_block=1,
+                        block_out_channels=(8, 8), norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, shift_factor=0.1, scaling_factor=1.5)
+    if dynamic_shift:  # FLUX.1-dev's scheduler
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                    base_image_seq_len=256, max_image_seq_len=4096)
+    else:
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=tok, text_encoder_2=t5,
+                        tokenizer_2=tok, transformer=transformer)
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.eval()
+    return pipe

@@ -166,8 +166,7 @@ def teacher_ode_pairs(pipe, teacher, bank: PromptBank | None, num_pairs: int, nu
     if cached is not None:
         tensors, _ = cached
         return OdePairs(tensors["noise"], tensors["target"], tensors.get("labels"))
-    config = teacher.model.config
-    shape = (config.in_channels, config.sample_size, config.sample_size)
+    shape = teacher.latent_shape
     device = next(teacher.model.parameters()).device
     noise = torch.randn((num_pairs, *shape), generator=torch.Generator().manual_seed(seed))
     labels = torch.arange(num_pairs) % len(bank) if bank is not None else None

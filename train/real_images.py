@@ -25,13 +25,15 @@ from fastgen.pipelines.images import list_image_files
 
 def teacher_image_shape(pipe) -> tuple[int, tuple[int, int]]:
     """``(channels, (height, width))`` of the images a teacher pipeline generates: its VAE's input at the
-    network's sample size times the VAE's scale factor, or the pixel network's own input."""
+    latent size (the pipeline's ``default_sample_size``, else the network's) times the VAE's scale factor, or the
+    pixel network's own input."""
+    from fastgen.denoiser import latent_shape
+
     network = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
-    size = network.config.sample_size
-    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    channels, height, width = latent_shape(network, getattr(pipe, "default_sample_size", None))
     vae = getattr(pipe, "vae", None)
     if vae is None:
-        return network.config.in_channels, (height, width)
+        return channels, (height, width)
     factor = getattr(pipe, "vae_scale_factor", None) or 2 ** (len(vae.config.block_out_channels) - 1)
     return vae.config.in_channels, (height * factor, width * factor)
 

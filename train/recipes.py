@@ -52,11 +52,15 @@ class DataOptions:
                            "teacher's dataset) or an image folder (any sizes: streamed, resized and center-cropped to "
                            "the teacher's resolution)")
     max_real_images: int = option(10000, "use at most this many real images")
+    resolution: int = option(0, "image height = width in pixels to train at (0: the teacher pipeline's default); "
+                                "transformer teachers only (SD3, Flux: FluxPipeline's default is 1024)")
     num_workers: int = option(2, "DataLoader processes that read and resize an image folder (0: the training process)")
 
     def validate(self) -> None:
         if self.max_real_images < 1:
             raise ValueError(f"max_real_images must be >= 1, got {self.max_real_images}.")
+        if self.resolution < 0:
+            raise ValueError(f"resolution must be >= 0 (0: the teacher's default), got {self.resolution}.")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}.")
 

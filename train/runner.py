@@ -29,11 +29,12 @@ import torch
 from fastgen import zoo
 from fastgen.lora import AdapterDenoiser
 from fastgen.pipelines.export import export_student, exported_scheduler
+from fastgen.pipelines.generate import denoiser_from_pipeline
 from fastgen.pipelines.folders import check_output_dir, check_replaceable, writing_folder
 from fastgen.pipelines.loading import load_pipeline, pipeline_fingerprint
 from fastgen.pipelines.lora import fuse_student, save_lora_weights
 from fastgen.pipelines.sampler import student_timesteps
-from fastgen.schedule import check_timesteps, schedule_from_scheduler_config
+from fastgen.schedule import VPSchedule, schedule_timesteps
 
 from .data import BatchStream, PromptBank, load_prompts, load_real, teacher_ode_pairs
 from .real_images import RealImageStream
@@ -62,25 +63,49 @@ def load_teacher(name_or_path: str, allow_pickle: bool = False):
     return pipe
 
 
-def resolve_timesteps(recipe: Recipe, pipe, schedule) -> list[int]:
-    """The student's timesteps (explicit, or the exported scheduler's for ``num_steps``), validated."""
+def resolve_timesteps(recipe: Recipe, pipe, schedule) -> list:
+    """The student's timesteps (explicit, or the exported scheduler's for ``num_steps``), validated: whole numbers
+    in [0, T-1] for VP teachers, continuous ``t = sigma T`` in (0, T] for flow teachers."""
     T = schedule.num_train_timesteps
     sampler = recipe.method_class.sampler
-    own = recipe.method_class.recipe_timesteps(T, recipe.options, recipe.student)
+    # methods' own grids are grids of discrete VP timesteps; a flow student takes the teacher's shifted sigmas
+    own = recipe.method_class.recipe_timesteps(T, recipe.options, recipe.student) if isinstance(
+        schedule, VPSchedule) else None
     if own is not None:
-        timesteps = check_timesteps(own, T)
+        timesteps = schedule_timesteps(schedule, own)
     elif recipe.student.timesteps:
-        timesteps = check_timesteps(recipe.student.timesteps, T)
+        try:
+            timesteps = schedule_timesteps(schedule, recipe.student.timesteps)
+        except ValueError as err:
+            raise ValueError(f"student.timesteps = {recipe.student.timesteps}: {err}") from None
     else:
         timesteps = student_timesteps(schedule, recipe.student.num_steps, sampler)
     exported_scheduler(pipe, timesteps, sampler)  # fail now, not at export, if the student's folder could not reproduce them
     return timesteps
 
 
+def set_resolution(pipe, resolution: int) -> None:
+    """Train at ``resolution`` pixels (``data.resolution``; 0: the pipeline's default): sets the pipeline's
+    ``default_sample_size`` (the latent size its call defaults to), which pipelines with a transformer have (SD3,
+    Flux); a one-line ``ValueError`` for other pipelines or a size the latents cannot take."""
+    if not resolution:
+        return
+    network = getattr(pipe, "transformer", None)
+    factor = getattr(pipe, "vae_scale_factor", None) or 1
+    if network is None or not hasattr(pipe, "default_sample_size"):
+        raise ValueError(f"data.resolution applies to transformer pipelines (SD3, Flux); {type(pipe).__name__} "
+                         "generates at its network's sample_size: leave data.resolution = 0.")
+    patch = 2 * (getattr(network.config, "patch_size", None) or 1)
+    if resolution % (factor * patch):
+        raise ValueError(f"data.resolution = {resolution} must be a multiple of {factor * patch} (the VAE's factor "
+                         f"{factor} times the network's patch {patch}) for {type(pipe).__name__}.")
+    pipe.default_sample_size = resolution // factor
+
+
 def build_method(recipe: Recipe, pipe, timesteps: list[int]):
     """The recipe's method over the teacher network of ``pipe`` (its students and critics built by the method)."""
-    network = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
-    teacher = AdapterDenoiser(network, schedule_from_scheduler_config(pipe.scheduler.config), None)
+    base = denoiser_from_pipeline(pipe)  # the schedule (with its shift at the training resolution) and latent size
+    teacher = AdapterDenoiser(base.model, base.schedule, None, base.sample_size)
     default_guidance = zoo.RECOMMENDED_GUIDANCE.get(zoo.name_of(recipe.teacher) or "", None)
     return recipe.method_class(teacher, timesteps, recipe.options, student=recipe.student, critic=recipe.critic,
                                default_guidance=default_guidance)
@@ -280,8 +305,8 @@ def build_run(cfg: Recipe, out_dir: Path, allow_pickle: bool, resumed: bool, tra
     fingerprint = pipeline_fingerprint(pipe)
     if resumed:
         check_resumed_teacher(out_dir, cfg, fingerprint, "--resume" if trackers else "export")
-    schedule = schedule_from_scheduler_config(pipe.scheduler.config)
-    timesteps = resolve_timesteps(cfg, pipe, schedule)
+    set_resolution(pipe, cfg.data.resolution)
+    timesteps = resolve_timesteps(cfg, pipe, denoiser_from_pipeline(pipe).schedule)
     method = build_method(cfg, pipe, timesteps)
     if cfg.student.ema_decay and method.ema_group is None:
         raise ValueError(f"student.ema_decay is set, but method {cfg.method!r} keeps no EMA.")

@@ -29,6 +29,7 @@ a target-network update.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import ClassVar, Iterable, Sequence
 
@@ -36,10 +37,10 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
-from fastgen.denoiser import Conditioning, Denoiser
+from fastgen.denoiser import DEFAULT_EMBEDDED_GUIDANCE, Conditioning, Denoiser
 from fastgen.guidance_embedding import guidance_conditioned_network
-from fastgen.lora import DEFAULT_UNET_TARGETS, AdapterDenoiser, add_lora, base_copy, lora_parameters
-from fastgen.schedule import check_timesteps
+from fastgen.lora import AdapterDenoiser, add_lora, base_copy, lora_parameters
+from fastgen.schedule import schedule_timesteps
 
 from .common import backward_simulation, straight_through_clip
 
@@ -141,7 +142,7 @@ class ExportSpec:
     Args:
         method: name recorded in the folder's metadata and model card.
         sampler: ``"multistep"`` (x0 then re-noise; LCMScheduler) or ``"ddim"`` (DDIMScheduler, trailing).
-        timesteps: the trained descending timesteps.
+        timesteps: the trained descending timesteps (whole numbers for VP teachers, ``t = sigma T`` for flow ones).
         guidance_scale: the guidance of the exported call (0: guidance distilled in; for a guidance-conditioned
             student, the ``W`` its embedding is fed).
         scheduler_config: overrides of the exported scheduler's config, e.g. the student's ``prediction_type``
@@ -150,7 +151,7 @@ class ExportSpec:
 
     method: str
     sampler: str
-    timesteps: list[int]
+    timesteps: list
     guidance_scale: float = 0.0
     scheduler_config: dict = field(default_factory=dict)
 
@@ -196,8 +197,10 @@ class StudentOptions:
     """The student network and its steps. Recipe: ``[student]``."""
 
     num_steps: int = option(1, "student sampling steps; timesteps = fastgen.pipelines.sampler.student_timesteps("
-                               "schedule, num_steps), e.g. [999, 749, 499, 249] for 4")
-    timesteps: list = option([], "explicit descending timesteps (overrides num_steps), each in [0, T-1]")
+                               "schedule, num_steps), e.g. [999, 749, 499, 249] for 4 (VP teachers), the "
+                               "teacher's shifted sigmas times T for flow teachers")
+    timesteps: list = option([], "explicit descending timesteps (overrides num_steps): whole numbers in [0, T-1] for "
+                                 "VP teachers, t = sigma T in (0, T] for flow teachers (SD3, Flux)")
     lora_rank: int = option(0, "0: full copy of the teacher network; > 0: LoRA adapter 'student' of this rank on "
                                "the frozen teacher")
     lora_alpha: float = option(0.0, "LoRA alpha (0: equal to the rank)")
@@ -207,11 +210,14 @@ class StudentOptions:
     def validate(self) -> None:
         if self.num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {self.num_steps}.")
-        if self.timesteps:
-            try:
-                check_timesteps(self.timesteps)  # the upper bound needs the teacher's T: the runner checks it
-            except ValueError as err:
-                raise ValueError(f"timesteps = {self.timesteps}: {err}") from None
+        if self.timesteps:  # whole numbers or not, and their range, depend on the teacher's schedule (VP or flow):
+            ts = self.timesteps  # the runner checks those (fastgen.schedule.schedule_timesteps)
+            bad = [t for t in ts if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t)
+                   or t < 0]
+            if bad:
+                raise ValueError(f"timesteps = {ts}: each must be a number >= 0, got {bad[0]!r}.")
+            if any(a <= b for a, b in zip(ts, ts[1:])):
+                raise ValueError(f"timesteps = {ts}: Timesteps must be strictly descending, got {ts}.")
         if self.lora_rank < 0 or self.lora_alpha < 0:
             raise ValueError(f"lora_rank and lora_alpha must be >= 0, got {self.lora_rank} and {self.lora_alpha}.")
         if not 0 <= self.ema_decay < 1:
@@ -233,7 +239,7 @@ def frozen(params: Iterable[nn.Parameter]):
 
 
 def make_student(teacher: Denoiser, lora_rank: int = 0, lora_alpha: float | None = None,
-                 lora_targets=DEFAULT_UNET_TARGETS, adapter_name: str = "student",
+                 lora_targets=None, adapter_name: str = "student",
                  guidance_dim: int | None = None) -> Denoiser:
     """The student network, initialised from the teacher.
 
@@ -246,11 +252,12 @@ def make_student(teacher: Denoiser, lora_rank: int = 0, lora_alpha: float | None
         if lora_rank > 0:
             raise ValueError("A guidance-conditioned student is a full copy of the teacher network (its guidance "
                              "embedding is a new layer a LoRA adapter cannot add): set student.lora_rank = 0.")
-        return Denoiser(guidance_conditioned_network(teacher.model, guidance_dim), teacher.schedule)
+        return Denoiser(guidance_conditioned_network(teacher.model, guidance_dim), teacher.schedule,
+                        teacher.sample_size)
     if lora_rank > 0:
         add_lora(teacher.model, adapter_name, rank=lora_rank, alpha=lora_alpha, target_modules=lora_targets)
-        return AdapterDenoiser(teacher.model, teacher.schedule, adapter_name)
-    return Denoiser(base_copy(teacher.model), teacher.schedule)
+        return AdapterDenoiser(teacher.model, teacher.schedule, adapter_name, teacher.sample_size)
+    return Denoiser(base_copy(teacher.model), teacher.schedule, teacher.sample_size)
 
 
 def student_parameters(student: Denoiser) -> list[nn.Parameter]:
@@ -286,7 +293,8 @@ class DistillationMethod(nn.Module):
         teacher: the frozen teacher (an :class:`~fastgen.lora.AdapterDenoiser` with ``adapter=None``
             when the student or critic are adapters on its network).
         timesteps: the student's descending network timesteps, e.g. ``[749]`` or ``[999, 749, 499, 249]``
-            (:func:`fastgen.pipelines.sampler.student_timesteps` computes the exported scheduler's).
+            (:func:`fastgen.pipelines.sampler.student_timesteps` computes the exported scheduler's); continuous
+            ``t = sigma T`` for flow teachers, e.g. ``[1000.0, 750.0]``.
         options: this method's ``Options`` (default: its defaults).
         student: the shared student options (network copy or LoRA).
         critic: the shared critic options, for methods whose ``sections`` include ``"critic"``.
@@ -310,7 +318,7 @@ class DistillationMethod(nn.Module):
                 opts.validate()
         self.teacher = teacher
         self.schedule = teacher.schedule
-        self.timesteps = self.check_timesteps([int(t) for t in timesteps])
+        self.timesteps = self.check_timesteps(schedule_timesteps(teacher.schedule, timesteps))
         self.default_guidance = default_guidance
         self.student = self.build_student(teacher, self.student_options)
         for name, p in teacher.model.named_parameters():  # the teacher is frozen; adapters on it may train
@@ -360,7 +368,13 @@ class DistillationMethod(nn.Module):
 
     def export_spec(self) -> ExportSpec:
         """How the exported folder samples the student."""
-        return ExportSpec(self.name, self.sampler, list(self.timesteps), 0.0)
+        return ExportSpec(self.name, self.sampler, list(self.timesteps), self.exported_guidance(0.0))
+
+    def exported_guidance(self, guidance_scale: float) -> float:
+        """The exported call's guidance: ``guidance_scale``, except for a student that embeds guidance (Flux's
+        ``guidance_embeds``): the pipeline then feeds its ``guidance_scale`` to the network, and it must be the
+        value the student was trained with (:data:`~fastgen.denoiser.DEFAULT_EMBEDDED_GUIDANCE`)."""
+        return DEFAULT_EMBEDDED_GUIDANCE if self.student.embeds_guidance else guidance_scale
 
     def rounds(self, total_steps: int) -> list[int]:
         """Steps of each training round (default: one round of ``total_steps``). The trainer restarts the
@@ -390,8 +404,7 @@ class DistillationMethod(nn.Module):
     # --- the student's sampler ---------------------------------------------------------------
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        config = self.student.model.config
-        return (config.in_channels, config.sample_size, config.sample_size)
+        return self.teacher.latent_shape
 
     def student_x0(self, x_t: torch.Tensor, t, cond: Conditioning | None = None) -> torch.Tensor:
         """The student's output as x0, clipped like the exported scheduler when the teacher clips

@@ -14,14 +14,15 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from fastgen.denoiser import Conditioning, Denoiser
-from fastgen.schedule import NoiseSchedule, VPSchedule
+from fastgen.schedule import FlowSchedule, NoiseSchedule, VPSchedule
 
 
 def check_vp_teacher(method: str, teacher: Denoiser) -> None:
     """A one-line ``ValueError`` unless the teacher has a discrete VP schedule (methods that take DDIM steps of it)."""
     if not isinstance(teacher.schedule, VPSchedule):
-        raise ValueError(f"{method} takes DDIM steps of a discrete VP teacher (a DDPM-family scheduler); this teacher's "
-                         f"schedule is {type(teacher.schedule).__name__}.")
+        raise ValueError(f"{method} supports discrete VP teachers (a DDPM-family scheduler; epsilon, sample or "
+                         f"v_prediction), not this {type(teacher.schedule).__name__} teacher (flow); for flow "
+                         "teachers (SD3, Flux) use dmd, dmd2, sid or cd.")
 
 
 def check_t_range(t_range, what: str = "t_range") -> tuple[float, float]:
@@ -36,6 +37,9 @@ def sample_timesteps(schedule: NoiseSchedule, n: int, t_range: tuple[float, floa
                      device: torch.device | str = "cpu") -> torch.Tensor:
     """``n`` training timesteps drawn uniformly from ``[t_min T, t_max T]`` (integers for discrete VP teachers).
 
+    Flow teachers: ``u ~ U[t_min, t_max]`` shifted as the teacher's scheduler shifts its sigmas (static ``shift``,
+    or ``mu`` at the training resolution), continuous ``t = shift(u) T``: the noise levels the teacher samples at.
+
     Args:
         schedule: the teacher's schedule (``T = schedule.num_train_timesteps``).
         n: how many timesteps.
@@ -46,7 +50,10 @@ def sample_timesteps(schedule: NoiseSchedule, n: int, t_range: tuple[float, floa
     lo, hi = check_t_range(t_range)
     if isinstance(schedule, VPSchedule):
         return torch.randint(int(round(lo * T)), min(int(round(hi * T)), T - 1) + 1, (n,), device=device)
-    return (lo + (hi - lo) * torch.rand(n, device=device)) * T
+    u = lo + (hi - lo) * torch.rand(n, device=device)
+    if isinstance(schedule, FlowSchedule):
+        return (schedule.shift_sigma(u) * T).float()
+    return u * T
 
 
 def noised(schedule: NoiseSchedule, x: torch.Tensor, t_range: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,8 +108,13 @@ def boundary_scalings(t, timestep_scaling: float = 10.0, sigma_data: float = 0.5
 def consistency_function(denoiser: Denoiser, x_t: torch.Tensor, t, cond: Conditioning | None = None,
                          timestep_scaling: float = 10.0) -> torch.Tensor:
     """``f(x_t, t) = c_skip(t) x_t + c_out(t) x0(x_t, t)``: a consistency model over any diffusion network, x0 clipped
-    as the schedule clips (straight-through, so that it trains), exactly as ``LCMScheduler.step`` denoises."""
+    as the schedule clips (straight-through, so that it trains), exactly as ``LCMScheduler.step`` denoises.
+
+    Flow teachers: ``f = x0 = x_t - sigma v``, which meets the boundary condition ``f(x, 0) = x`` by itself, and is
+    what the exported ``FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)`` step denoises."""
     x0 = straight_through_clip(denoiser(x_t, t, cond).x0, denoiser.schedule.clip_sample_range)
+    if isinstance(denoiser.schedule, FlowSchedule):
+        return x0
     c_skip, c_out = (c.to(x_t).reshape(-1, *[1] * (x_t.ndim - 1)) if c.ndim else c.to(x_t)
                      for c in boundary_scalings(t, timestep_scaling))
     return c_skip * x_t + c_out * x0

@@ -14,7 +14,10 @@ student itself without gradient (``target_decay = 0``, LCM-LoRA). Sampling is mu
 ``f``, then re-noise with fresh noise to the next timestep -- which ``LCMScheduler`` runs: the exported folder is the
 teacher's pipeline with an ``LCMScheduler`` whose ``set_timesteps(N)`` gives the trained grid's timesteps.
 
-* ``cd`` -- consistency distillation of any VP teacher, its CFG fixed (``guidance_scale``) where it has one.
+* ``cd`` -- consistency distillation of any VP or flow teacher, its CFG fixed (``guidance_scale``) where it has one.
+  Flow teachers (SD3, Flux): ``f = x0 = x_t - sigma v`` (the boundary condition holds by itself), the grid is the
+  teacher's own ``T // k``-step shifted Euler grid (:func:`teacher_steps`), and the student is exported with
+  ``FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)`` called with ``sigmas=``.
 * ``lcm`` -- LCM: a guidance-conditioned student (:mod:`fastgen.guidance_embedding`) told ``w ~ U[guidance_min,
   guidance_max]``, drawn per sample; exported so that ``pipe(prompt, num_inference_steps=4, guidance_scale=W)`` is
   the call. LCM-LoRA: ``student.lora_rank > 0``, ``lcm.guidance_embedding = false``, ``lcm.target_decay = 0``; its
@@ -36,7 +39,9 @@ from fastgen.guidance_embedding import check_guidance_network
 
 from .base import (Batch, DataNeeds, DistillationMethod, ExportSpec, OptimizerOptions, StepOutput, StudentOptions,
                    make_student, option, register, student_parameters)
-from .common import check_vp_teacher, consistency_function, ddim_step
+from fastgen.schedule import FlowSchedule
+
+from .common import consistency_function, ddim_step
 from .guidance import DistilledGuidance, GuidanceRangeOptions
 
 LOSSES = ("l2", "huber")
@@ -45,6 +50,20 @@ LOSSES = ("l2", "huber")
 def consistency_grid(num_train_timesteps: int, skip: int) -> list[int]:
     """The grid ``t = j k - 1`` (``j = 1 .. T // k``) of skipping step ``k`` (LCM: 50 points ``19, 39, ..., 999``)."""
     return [j * skip - 1 for j in range(1, num_train_timesteps // skip + 1)]
+
+
+def teacher_steps(schedule, skip: int) -> tuple[list, list]:
+    """``(t_{n+k}, t_n)``: the grid points a consistency method trains at and the timestep the teacher's ODE step
+    from each ends at. VP: ``t = j k - 1`` and ``max(t - k, 0)``. Flow: the ``M = T // k`` sigmas ``shift(j / M)``
+    (``j = 1 .. M``, shifted as the teacher's scheduler shifts them) times T, each stepping to the one below (0 last):
+    the teacher's own M-step Euler grid."""
+    T = schedule.num_train_timesteps
+    if isinstance(schedule, FlowSchedule):
+        m = T // skip
+        points = [float(schedule.shift_sigma(j / m)) * T for j in range(m + 1)]
+        return points[1:], points[:-1]
+    grid = consistency_grid(T, skip)
+    return grid, [max(t - skip, 0) for t in grid]
 
 
 def check_skip(name: str, skip: int, num_train_timesteps: int, num_steps: int) -> None:
@@ -133,7 +152,7 @@ class ConsistencyDistillation(DistillationMethod):
         o = self.options
         T = self.schedule.num_train_timesteps
         check_skip(self.name, o.skip, T, len(self.timesteps))
-        self.grid = consistency_grid(T, o.skip)
+        self.grid, self.grid_prev = teacher_steps(self.schedule, o.skip)
         self.guidance = self.make_guidance()
         # the target network: an EMA of the student (not trained; updated in end_step), or none
         self.target = None
@@ -141,10 +160,6 @@ class ConsistencyDistillation(DistillationMethod):
             self.target = Denoiser(copy.deepcopy(self.student.model).requires_grad_(False), self.student.schedule)
 
     # --- the networks -------------------------------------------------------------------------
-    def build_student(self, teacher: Denoiser, opts: StudentOptions) -> Denoiser:
-        check_vp_teacher(self.name, teacher)
-        return super().build_student(teacher, opts)
-
     def make_guidance(self):
         """The teacher's fixed CFG scale (``None``: none)."""
         w = self.options.guidance_scale if self.options.guidance_scale is not None else self.default_guidance
@@ -172,7 +187,7 @@ class ConsistencyDistillation(DistillationMethod):
 
     def export_spec(self) -> ExportSpec:
         T = self.schedule.num_train_timesteps  # LCMScheduler samples any N from the trained grid
-        return ExportSpec(self.name, "multistep", list(self.timesteps), self.call_guidance(),
+        return ExportSpec(self.name, "multistep", list(self.timesteps), self.exported_guidance(self.call_guidance()),
                           {"timestep_scaling": self.options.timestep_scaling,
                            "original_inference_steps": T // self.options.skip})
 
@@ -200,9 +215,9 @@ class ConsistencyDistillation(DistillationMethod):
 
     def training_step(self, batch: Batch, step: int) -> StepOutput:
         x, cond = batch.real, batch.real_cond
-        grid = torch.tensor(self.grid, device=x.device)
-        t = grid[torch.randint(len(grid), (len(x),), device=x.device)]  # t_{n+k}
-        t_prev = (t - self.options.skip).clamp_min(0)                    # t_n
+        idx = torch.randint(len(self.grid), (len(x),), device=x.device)
+        t = torch.tensor(self.grid, device=x.device)[idx]            # t_{n+k}
+        t_prev = torch.tensor(self.grid_prev, device=x.device)[idx]  # t_n
         x_t = self.schedule.add_noise(x, torch.randn_like(x), t)
         w = self.draw_guidance(len(x), x.device)
         student_cond = self.student_cond(cond, w)
@@ -264,7 +279,6 @@ class LatentConsistency(ConsistencyDistillation):
         if not o.guidance_embedding:
             return super().build_student(teacher, opts)
         check_guidance_network(teacher.model, "lcm.guidance_embedding")
-        check_vp_teacher(self.name, teacher)
         return make_student(teacher, guidance_dim=o.embedding_dim)
 
     def make_guidance(self):
@@ -290,4 +304,4 @@ class LatentConsistency(ConsistencyDistillation):
 
 
 __all__ = ["ConsistencyDistillation", "ConsistencyOptions", "LatentConsistency", "LatentConsistencyOptions",
-           "consistency_grid", "check_skip", "pseudo_huber", "LOSSES"]
+           "consistency_grid", "teacher_steps", "check_skip", "pseudo_huber", "LOSSES"]

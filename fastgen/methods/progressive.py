@@ -147,6 +147,7 @@ class ProgressiveDistillation(DistillationMethod):
         return Denoiser(copy_.model, teacher.schedule.with_prediction_type(o.prediction_type))
 
     def check_timesteps(self, timesteps):
+        check_vp_teacher(self.name, self.teacher)  # before the grid: a flow teacher's timesteps are not on it
         grid = ddim_grid(self.schedule.num_train_timesteps, self.options.teacher_steps, self.student_options.num_steps)
         if timesteps != grid:
             raise ValueError(f"progressive's last round samples on the DDIM grid {grid} (recipe_timesteps), not "
