@@ -1,6 +1,6 @@
 """The student samplers fastgen uses in training, evaluation and export tests.
 
-Two samplers, each a short function over a :class:`~fastgen.denoiser.Denoiser`:
+Three samplers, each a short function over a :class:`~fastgen.denoiser.Denoiser`:
 
 * :func:`sample_multistep` -- DMD2 / LCM / few-step SiD: at each timestep predict x0, then
   re-noise it with *fresh* noise to the next timestep; the last x0 is the sample.
@@ -9,6 +9,8 @@ Two samplers, each a short function over a :class:`~fastgen.denoiser.Denoiser`:
 * :func:`sample_ddim` -- deterministic DDIM on given timesteps (progressive distillation,
   the teacher's own ODE); the last step jumps to x0. Reproduced by ``DDIMScheduler(
   timestep_spacing="trailing", set_alpha_to_one=True)`` (VP) and the flow Euler scheduler.
+* :func:`sample_tcd` -- TCD's strategic stochastic sampling (Zheng et al. 2024) with ``gamma``, an inference option
+  of consistency students; reproduced by diffusers' ``TCDScheduler`` (VP), called with ``eta=gamma``.
 
 Noise is drawn with diffusers' ``randn_tensor`` from the caller's generator in the same order
 as diffusers' pipelines, so the same seed gives the same image in both.
@@ -16,6 +18,7 @@ as diffusers' pipelines, so the same seed gives the same image in both.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import torch
@@ -23,6 +26,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from fastgen.denoiser import Conditioning, Denoiser
+from fastgen.schedule import VPSchedule
 
 
 def _x0(denoiser: Denoiser, x: torch.Tensor, t: int, cond, uncond, guidance_scale) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,6 +95,47 @@ def sample_ddim(denoiser: Denoiser, noise: torch.Tensor, timesteps: Sequence[int
     """
     return _sample(denoiser, noise, timesteps, cond, uncond, guidance_scale, progress, lambda _x0, eps: eps, refine,
                    stop_at)
+
+
+def check_gamma(gamma: float) -> float:
+    """A one-line ``ValueError`` unless ``gamma`` (TCD's stochasticity, diffusers' ``eta``) lies in [0, 1]."""
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 <= gamma <= 1:
+        raise ValueError(f"gamma (TCD's stochasticity) must be a number in [0, 1] (0: deterministic), got {gamma!r}.")
+    return float(gamma)
+
+
+def sample_tcd(denoiser: Denoiser, noise: torch.Tensor, timesteps: Sequence[int],
+               cond: Conditioning | None = None, uncond: Conditioning | None = None,
+               guidance_scale: float | None = None, generator: torch.Generator | None = None,
+               progress: bool = False, gamma: float = 0.3) -> torch.Tensor:
+    """TCD sampling (Zheng et al. 2024), exactly as diffusers' ``TCDScheduler.step(..., eta=gamma)`` runs it.
+
+    At ``t_i`` with next timestep ``t'`` (0 after the last): the network's x0 and eps move to ``s = floor((1 -
+    gamma) t')``, ``x_s = alpha_s x0 + sigma_s eps``; before the last step fresh noise then takes ``x_s`` forward to
+    ``t'``, ``x_{t'} = sqrt(abar_t' / abar_s) x_s + sqrt(1 - abar_t' / abar_s) z``. ``gamma = 0`` is deterministic
+    (DDIM on the timesteps), ``gamma = 1`` is :func:`sample_multistep` without the boundary condition. As
+    ``TCDScheduler``, it neither clips x0 nor applies a consistency model's boundary scalings, and the last step
+    returns ``x_0 = alpha_0 x0 + sigma_0 eps`` (timestep 0), not x0.
+
+    Arguments as :func:`sample_multistep` (VP schedules only), and ``gamma`` in [0, 1].
+    """
+    gamma = check_gamma(gamma)
+    schedule = denoiser.schedule
+    if not isinstance(schedule, VPSchedule):
+        raise ValueError(f"TCD sampling needs a DDPM-family (VP) schedule, as TCDScheduler; this student's is a "
+                         f"{type(schedule).__name__}.")
+    x = noise
+    steps = list(timesteps)
+    for i, t in enumerate(tqdm(steps, desc="sampling", disable=not progress)):
+        pred = denoiser(x, t, cond, uncond, guidance_scale)
+        following = steps[i + 1] if i + 1 < len(steps) else 0
+        s = math.floor((1 - gamma) * following)
+        x = schedule.add_noise(pred.x0, pred.eps, s)
+        if gamma > 0 and i + 1 < len(steps):
+            keep = (schedule.alpha_sigma(following)[0] / schedule.alpha_sigma(s)[0]).to(x)  # sqrt(abar_t' / abar_s)
+            z = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = keep * x + (1 - keep**2).sqrt() * z
+    return x
 
 
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"multistep": sample_multistep, "ddim": sample_ddim}

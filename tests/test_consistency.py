@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 from conftest import assert_resumes_exactly, fixed_batch_losses
-from diffusers import DiffusionPipeline, LCMScheduler
+from diffusers import DiffusionPipeline, LCMScheduler, TCDScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from safetensors.torch import load_file
 
@@ -17,6 +17,7 @@ from fastgen.denoiser import Denoiser
 from fastgen.methods.common import boundary_scalings, consistency_function, ddim_step, heun_step
 from fastgen.methods.consistency import (ConsistencyDistillation, ConsistencyOptions, LatentConsistency,
                                          LatentConsistencyOptions, consistency_grid)
+from fastgen.pipelines import FewStepPipeline
 from fastgen.pipelines.export import read_metadata
 from fastgen.pipelines.generate import encode_prompts
 from fastgen.schedule import VPSchedule, schedule_from_scheduler_config
@@ -174,6 +175,40 @@ def test_lcm_export_plain_call_at_two_guidance_scales(pipes, tmp_path):
         gen = torch.Generator().manual_seed(5)
         want = method.sample(randn_tensor((2, 4, 8, 8), generator=gen), cond, gen, guidance_scale=w)
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+def test_tcd_sampling_equals_diffusers_tcd_scheduler(pipes, tmp_path):
+    """FewStepPipeline(gamma=G) -- fastgen's sample_tcd -- gives the exported folder's images with its scheduler
+    swapped for TCDScheduler: the LCM student at two gammas and guidance scales (StableDiffusionPipeline, eta=G),
+    the CD student through ConsistencyModelPipeline (which passes no eta: TCDScheduler's default 0.3)."""
+    lcm = method_on(pipes["fmnist-ldm"], LatentConsistency, guidance_min=1.0, guidance_max=5.0)
+    cd = method_on(pipes["digits-ddpm"], ConsistencyDistillation, steps=2)
+    for method in (lcm, cd):
+        perturb(method)
+    folders = {"lcm": export(lcm, pipes["fmnist-ldm"], tmp_path / "lcm"), "cd": export(cd, pipes["digits-ddpm"],
+                                                                                        tmp_path / "cd")}
+    plain = {name: DiffusionPipeline.from_pretrained(folder) for name, folder in folders.items()}
+    for pipe in plain.values():
+        pipe.scheduler = TCDScheduler.from_config(pipe.scheduler.config)
+    ours = {name: FewStepPipeline.from_pretrained(folder) for name, folder in folders.items()}
+    for gamma, w, steps in ((0.3, 1.5, 4), (0.0, 4.0, 4), (0.7, 2.0, 3)):
+        got = plain["lcm"](PROMPTS, num_inference_steps=steps, guidance_scale=w, eta=gamma, output_type="latent",
+                           generator=torch.Generator().manual_seed(7)).images
+        want = ours["lcm"](PROMPTS, num_inference_steps=steps, guidance_scale=w, gamma=gamma, output_type="latent",
+                           generator=torch.Generator().manual_seed(7)).images
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    got = plain["cd"](batch_size=3, num_inference_steps=2, output_type="pt", generator=torch.Generator().manual_seed(8))
+    want = ours["cd"](batch_size=3, num_inference_steps=2, gamma=0.3, output_type="pt",
+                      generator=torch.Generator().manual_seed(8)).images
+    torch.testing.assert_close(got.images, want, atol=1e-5, rtol=0)
+    multistep = ours["cd"](batch_size=3, num_inference_steps=2, output_type="pt",
+                           generator=torch.Generator().manual_seed(8)).images
+    assert (multistep - want).abs().max() > 1e-3  # TCD is another sampler
+    with pytest.raises(ValueError, match=r"gamma \(TCD's stochasticity\) must be a number in \[0, 1\]"):
+        ours["cd"](batch_size=1, gamma=1.5)
+    cards = {name: (folder / "README.md").read_text() for name, folder in folders.items()}
+    assert all("pipe.scheduler = TCDScheduler.from_config(pipe.scheduler.config)" in card for card in cards.values())
+    assert "guidance_scale=2.0, eta=0.3, generator" in cards["lcm"] and "default gamma 0.3" in cards["cd"]
 
 
 def test_lcm_lora_loads_into_the_teachers_pipeline(tmp_path):
