@@ -145,7 +145,11 @@ def student_timesteps(schedule, num_steps: int, sampler: str = "multistep") -> l
     """The default timesteps of an ``num_steps``-step student, as its exported scheduler computes them.
 
     ``multistep``: ``LCMScheduler(original_inference_steps=N)`` -- ``[999, 749, 499, 249]`` for N=4.
-    ``ddim``: ``DDIMScheduler(timestep_spacing="trailing")`` -- the same for N=4, ``[999, 666, 332]`` for N=3.
+    ``ddim``: ``DDIMScheduler(timestep_spacing="trailing")`` on ``T' = N (T // N)`` timesteps -- the scheduler the
+    export writes (the teacher's betas cut at ``T'``), ``t_i = (N - i) (T // N) - 1``: for N dividing T diffusers'
+    plain trailing grid (``[999, 749, 499, 249]`` for N=4), else ``[998, 665, 332]`` for N=3. (On all T timesteps
+    ``DDIMScheduler`` would evaluate ``[999, 666, 332]`` but step from t to ``t - T // N``, 666 -> 333, off its own
+    grid: no fastgen sampler, and no export, reproduces that.)
     Computed by diffusers' schedulers themselves, so training and export cannot disagree.
     """
     from diffusers import DDIMScheduler, LCMScheduler
@@ -153,10 +157,12 @@ def student_timesteps(schedule, num_steps: int, sampler: str = "multistep") -> l
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
     T = schedule.num_train_timesteps
+    if num_steps > T:
+        raise ValueError(f"num_steps = {num_steps} exceeds the teacher's {T} timesteps.")
     if sampler == "multistep":
         scheduler = LCMScheduler(num_train_timesteps=T, original_inference_steps=num_steps)
     elif sampler == "ddim":
-        scheduler = DDIMScheduler(num_train_timesteps=T, timestep_spacing="trailing")
+        scheduler = DDIMScheduler(num_train_timesteps=num_steps * (T // num_steps), timestep_spacing="trailing")
     else:
         raise ValueError(f"Unknown sampler {sampler!r}; expected one of {list(SAMPLERS)}.")
     scheduler.set_timesteps(num_steps)
