@@ -103,7 +103,7 @@ def _eval(args) -> int:
                       num_images=args.num_images, metrics=args.metrics or DEFAULT_METRICS, out=args.out,
                       solver=args.solver, batch_size=args.batch_size, seed=args.seed, fid_reference=args.fid_reference,
                       clip_model=args.clip_model, clip_pretrained=args.clip_pretrained, device=args.device,
-                      allow_pickle=args.allow_pickle, prompts=args.prompts)
+                      allow_pickle=args.allow_pickle, prompts=args.prompts, gamma=args.gamma)
     print(metrics_markdown(result))
     if args.out:
         print(f"wrote {args.out}/metrics.json, metrics.md and samples.png")
@@ -211,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="classifier-free guidance scale (default: the student's, or the teacher's recommended)")
     ev.add_argument("--solver", default=None, choices=["ddim", "dpm++2m", "unipc", "euler"],
                     help="replace the pipeline's scheduler by this training-free solver")
+    ev.add_argument("--gamma", type=float, default=None,
+                    help="sample with diffusers' TCDScheduler at this gamma in [0, 1] (TCD's strategic stochastic "
+                         "sampling; 0: deterministic), passed as the call's eta: an inference option of "
+                         "consistency students (cd, lcm)")
     ev.add_argument("--num-images", type=int, default=1000, help="images to generate (default: 1000)")
     ev.add_argument("--metrics", default=None,
                     help="comma-separated subset of fd,kid,fd_class,fd_pixel,precision,recall,density,coverage,"

@@ -34,8 +34,10 @@ from fastgen.pipelines.images import save_grid
 from fastgen.pipelines.prompts import load_prompts
 from fastgen.schedule import check_timesteps
 
+from fastgen.pipelines.sampler import check_gamma
+
 from .generate import (SOLVERS, Generated, check_generation, generate, load_pipeline, solver_scheduler,
-                       timesteps_scheduler, zoo_name_of)
+                       tcd_scheduler, timesteps_scheduler, zoo_name_of)
 from .speed import PeakMemory, speed_row
 
 # Metrics scored with the zoo's data (real test split) and domain classifiers; each has a real-data floor.
@@ -186,12 +188,13 @@ def score(gen: Generated, zoo_name: str | None, metrics: list[str], fid_referenc
 
 
 def run_one(pipe, zoo_name, metrics, num_images, steps=None, timesteps=None, guidance=None, seed=0,
-            batch_size=100, device="cpu", progress=True, prompts=None, **score_kwargs) -> tuple[dict, Generated]:
+            batch_size=100, device="cpu", progress=True, prompts=None, eta=None,
+            **score_kwargs) -> tuple[dict, Generated]:
     """Generate (timed, peak memory) and score one configuration (``prompts``: ``None`` for the zoo's class
-    prompts, whose labels the class metrics need)."""
+    prompts, whose labels the class metrics need; ``eta``: the scheduler's, e.g. TCD's gamma)."""
     with PeakMemory(device) as mem:
         gen = generate(pipe, num_images, steps, timesteps, guidance, prompts=prompts, batch_size=batch_size,
-                       seed=seed, progress=progress)
+                       seed=seed, progress=progress, eta=eta)
     row = score(gen, zoo_name, metrics, **score_kwargs)
     if "speed" in metrics:  # without the first (warm-up) pipeline call when there are several
         timed_images, timed_seconds = gen.timed()
@@ -228,7 +231,7 @@ def evaluate(target: str, steps: int | None = None, timesteps: list[int] | None 
              out: str | Path | None = None, solver: str | None = None, batch_size: int = 100, seed: int = 0,
              fid_reference=None, clip_model: str = "ViT-B-32", clip_pretrained: str | None = "openai",
              device: str = "cpu", progress: bool = True, allow_pickle: bool = False, prompts=None,
-             grid: str | Path | None = None) -> dict:
+             grid: str | Path | None = None, gamma: float | None = None) -> dict:
     """Evaluate one pipeline (zoo name, folder or hub id) and write ``metrics.json``, ``metrics.md``, ``samples.png``.
 
     Args:
@@ -248,6 +251,8 @@ def evaluate(target: str, steps: int | None = None, timesteps: list[int] | None 
             prompts), a text file with one prompt per line, or a list. With other prompts than the zoo's the
             class metrics (``fd_class``, ``acc``) are left out.
         grid: also (or, without ``out``, only) write the sample grid (up to 100 images) to this PNG file.
+        gamma: sample with diffusers' ``TCDScheduler`` (strategic stochastic sampling, Zheng et al. 2024) at this
+            gamma in [0, 1], passed as the call's ``eta``: an inference option of consistency students (VP).
 
     Bad input (including missing FID / CLIP weights and an unwritable ``out``) is a one-line error raised
     before the first image is generated.
@@ -260,6 +265,10 @@ def evaluate(target: str, steps: int | None = None, timesteps: list[int] | None 
     check_generation(num_images, steps, timesteps, guidance, batch_size)
     if solver is not None and solver not in SOLVERS:
         raise ValueError(f"Unknown solver {solver!r}; available: {', '.join(SOLVERS)}.")
+    if gamma is not None:
+        check_gamma(gamma)
+        if solver is not None:
+            raise ValueError(f"--gamma samples with TCDScheduler and --solver with {solver}: give one of them.")
     prompt_list = None if prompts is None or prompts == "zoo" else load_prompts(prompts)
     if out is not None:
         out = check_output_dir(out)
@@ -281,6 +290,8 @@ def evaluate(target: str, steps: int | None = None, timesteps: list[int] | None 
     call = student_call(pipe)
     if solver:
         pipe.scheduler = solver_scheduler(solver, pipe.scheduler.config)
+    if gamma is not None:
+        pipe.scheduler = tcd_scheduler(pipe.scheduler)
     steps = steps if steps is not None or timesteps else call.get("steps")
     timesteps = timesteps or (call.get("timesteps") if steps is None else None)
     if steps is None and not timesteps:
@@ -296,9 +307,9 @@ def evaluate(target: str, steps: int | None = None, timesteps: list[int] | None 
     if guidance is None:
         guidance = call.get("guidance", zoo.RECOMMENDED_GUIDANCE.get(zoo_name) if zoo_name else None)
     row, gen = run_one(pipe, zoo_name, metrics, num_images, steps, timesteps, guidance, seed, batch_size, device,
-                       progress, prompts=prompt_list, fid_reference=fid_reference, clip=clip)
+                       progress, prompts=prompt_list, eta=gamma, fid_reference=fid_reference, clip=clip)
     result = {"target": target, "zoo": zoo_name, "solver": solver, "scheduler": type(pipe.scheduler).__name__,
-              "call": {k: v for k, v in gen.call.items()}, "guidance": guidance, "num_images": num_images,
+              "gamma": gamma, "call": {k: v for k, v in gen.call.items()}, "guidance": guidance, "num_images": num_images,
               "seed": seed, "threads": torch.get_num_threads(), "metrics": row}
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)

@@ -39,6 +39,20 @@ def solver_scheduler(name: str, base_config):
     return getattr(diffusers, cls_name).from_config(config, **options)
 
 
+def tcd_scheduler(scheduler):
+    """diffusers' ``TCDScheduler`` on a pipeline scheduler's config (a consistency student's ``LCMScheduler`` keeps
+    its ``original_inference_steps`` grid, so ``N`` steps run the same timesteps); a ``ValueError`` for flow ones."""
+    from diffusers import TCDScheduler
+
+    from fastgen.schedule import VPSchedule, schedule_from_scheduler_config
+
+    config = {"_class_name": type(scheduler).__name__, **{k: v for k, v in dict(scheduler.config).items()
+                                                           if k != "fastgen"}}
+    if not isinstance(schedule_from_scheduler_config(config), VPSchedule):
+        raise ValueError(f"--gamma: TCDScheduler needs a DDPM-family (VP) scheduler, not {type(scheduler).__name__}.")
+    return TCDScheduler.from_config(config)
+
+
 def timesteps_scheduler(scheduler, solver: str | None = None):
     """The scheduler that runs a pipeline on explicit timesteps: ``scheduler`` itself (or ``solver``'s) when its
     ``set_timesteps`` takes them. DDIM -- the zoo teachers' own ``DDIMScheduler``, or ``solver="ddim"`` -- takes
@@ -91,14 +105,15 @@ def zoo_name_of(pipe, name_or_path: str) -> str | None:
 
 
 def unconditional_call(pipe, batch_size: int, num_inference_steps: int | None, generator: torch.Generator,
-                       timesteps: list[int] | None = None) -> torch.Tensor:
+                       timesteps: list[int] | None = None, eta: float | None = None) -> torch.Tensor:
     """``DDPMPipeline.__call__`` for any scheduler; images ``[B, C, H, W]`` in [0, 1].
 
     ``DDPMPipeline`` passes ``generator`` to every ``scheduler.step`` (UniPC's does not accept it) and
     never calls ``scale_model_input`` (Euler needs it), so it runs only DDPM-like schedulers. This is
     its loop with the two checks diffusers' other pipelines make; for DDPM, DDIM and LCM schedulers it
     gives exactly the pipeline's images (tested), and with ``timesteps`` (a scheduler that takes them) those
-    of ``ConsistencyModelPipeline``, the class of exported unconditional students.
+    of ``ConsistencyModelPipeline``, the class of exported unconditional students. ``eta``: passed to every
+    ``scheduler.step`` (a ``TCDScheduler``'s gamma; ``ConsistencyModelPipeline`` leaves it at the default 0.3).
     """
     from diffusers.utils.torch_utils import randn_tensor
 
@@ -109,7 +124,12 @@ def unconditional_call(pipe, batch_size: int, num_inference_steps: int | None, g
         scheduler.set_timesteps(timesteps=list(timesteps))
     else:
         scheduler.set_timesteps(num_inference_steps)
-    step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    step_params = inspect.signature(scheduler.step).parameters
+    step_kwargs = {"generator": generator} if "generator" in step_params else {}
+    if eta is not None:
+        if "eta" not in step_params:
+            raise ValueError(f"{type(scheduler).__name__}.step takes no eta (TCD's gamma).")
+        step_kwargs["eta"] = eta
     for t in scheduler.timesteps:
         model_output = unet(scheduler.scale_model_input(image, t), t).sample
         image = scheduler.step(model_output, t, image, **step_kwargs).prev_sample
@@ -139,7 +159,7 @@ class Generated:
 
 def generate(pipe, num_images: int, num_inference_steps: int | None = None, timesteps: list[int] | None = None,
              guidance_scale: float | None = None, prompts: list[str] | None = None, batch_size: int = 100,
-             seed: int = 0, progress: bool = True) -> Generated:
+             seed: int = 0, progress: bool = True, eta: float | None = None) -> Generated:
     """Generate ``num_images`` images with the pipeline's own ``__call__``.
 
     Args:
@@ -151,6 +171,7 @@ def generate(pipe, num_images: int, num_inference_steps: int | None = None, time
             image ``i`` shows class ``i % 10`` (its label).
         batch_size: images per pipeline call.
         seed: seed of ``torch.Generator`` (one generator for the whole run).
+        eta: the scheduler's ``eta`` in the call (a ``TCDScheduler``'s gamma); default: the pipeline's own.
     Returns:
         :class:`Generated`; ``nfe`` counts network evaluations per image (a CFG pair counts once).
     """
@@ -168,6 +189,10 @@ def generate(pipe, num_images: int, num_inference_steps: int | None = None, time
             raise ValueError("Give a positive number of steps or explicit timesteps.")
         kwargs["num_inference_steps"] = num_inference_steps
         nfe = num_inference_steps
+    if eta is not None and text:
+        if "eta" not in params:
+            raise ValueError(f"{type(pipe).__name__} cannot be called with eta (TCD's gamma).")
+        kwargs["eta"] = eta
     labels = None
     if text:
         if prompts is None:
@@ -188,7 +213,7 @@ def generate(pipe, num_images: int, num_inference_steps: int | None = None, time
                 chunks.append(torch.from_numpy(out).permute(0, 3, 1, 2).float())
             else:
                 chunks.append(unconditional_call(pipe, n, kwargs.get("num_inference_steps"), generator,
-                                                 kwargs.get("timesteps")).float().cpu())
+                                                 kwargs.get("timesteps"), eta).float().cpu())
         batch_seconds.append(time.perf_counter() - tick)
         batch_sizes.append(n)
     seconds = time.perf_counter() - start

@@ -335,6 +335,28 @@ fastgen metadata (`{METADATA_FILE}`):
 """
 
 
+def _tcd_note(call: str, is_text: bool, takes_eta: bool) -> str:
+    """The model card's paragraph on TCD sampling of a multistep (``LCMScheduler``) student."""
+    example = 'pipe("a photo of a sneaker", ' if is_text else "pipe("
+    eta = ", eta=0.3" if takes_eta else ""
+    how = ("`eta` sets gamma" if takes_eta else
+           "the pipeline passes no `eta`, so `TCDScheduler`'s default gamma 0.3 applies")
+    return f"""
+## TCD sampling
+
+The same folder also samples with diffusers' `TCDScheduler` (strategic stochastic sampling, Zheng et al. 2024;
+gamma in [0, 1], 0: deterministic), on the same timesteps; {how}. Whether it beats the plain call at a step
+count is the student's to show: `fastgen eval path/to/this/folder --gamma 0.3` measures it.
+
+```python
+from diffusers import TCDScheduler
+
+pipe.scheduler = TCDScheduler.from_config(pipe.scheduler.config)
+image = {example}{call}{eta}, generator=torch.Generator().manual_seed(0)).images[0]
+```
+"""
+
+
 def pipeline_kwargs(pipeline_class, components: dict, config: dict) -> dict:
     """The arguments that build ``pipeline_class`` from ``components`` and a pipeline ``config``
     (``requires_safety_checker``, ...): those it takes; a component it requires that is missing is ``None``."""
@@ -415,6 +437,8 @@ def export_student(teacher, out_dir: str | Path, *, model: torch.nn.Module | Non
         meta["load"] = {name: None for name in absent}
     card = _model_card(pipeline_class.__name__, type(scheduler).__name__, meta, call, is_text, hub_id,
                        teacher_license(pipe, hub_id), absent)
+    if type(scheduler).__name__ == "LCMScheduler":
+        card += _tcd_note(call, is_text, "eta" in inspect.signature(pipeline_class.__call__).parameters)
     with writing_folder(out_dir, marker="model_index.json", what="Student folder") as tmp:
         student.save_pretrained(tmp)
         make_portable(student, tmp)

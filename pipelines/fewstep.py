@@ -33,7 +33,7 @@ from fastgen.schedule import check_timesteps, schedule_from_scheduler_config
 
 from .export import METADATA_FILE, pipeline_kwargs, source_metadata
 from .generate import PipelineSampler, placement
-from .sampler import SAMPLERS, sample_ddim
+from .sampler import SAMPLERS, check_gamma, sample_ddim, sample_tcd
 
 COMPONENTS = ("unet", "transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
               "text_encoder_3", "tokenizer_3", "safety_checker", "feature_extractor", "teacher", "teacher_scheduler")
@@ -182,7 +182,7 @@ class FewStepPipeline(DiffusionPipeline):
                  num_images_per_prompt: int = 1, batch_size: int = 1, generator: torch.Generator | None = None,
                  latents: torch.Tensor | None = None, output_type: str = "pil", return_dict: bool = True,
                  teacher_steps: int = 0, teacher_guidance_scale: float | None = None, teacher_refine: float = 0.0,
-                 refine_steps: int = 1, refine_timestep: int | None = None):
+                 refine_steps: int = 1, refine_timestep: int | None = None, gamma: float | None = None):
         """Generate images with the student's trained call unless told otherwise.
 
         Args:
@@ -207,6 +207,10 @@ class FewStepPipeline(DiffusionPipeline):
             refine_steps: how many of the student's first steps are refined.
             refine_timestep: where the teacher evaluates the student's x0 (re-noised with the student's own noise
                 estimate); default: each step's own timestep.
+            gamma: sample with TCD's strategic stochastic sampling at this gamma in [0, 1] instead of the student's
+                own sampler (:func:`~fastgen.pipelines.sampler.sample_tcd`; the plain folder with
+                ``pipe.scheduler = TCDScheduler.from_config(pipe.scheduler.config)`` and ``eta=gamma`` gives the same
+                images). An inference option of consistency students; not with ``teacher_refine``.
         """
         student = self.config.student
         if output_type not in OUTPUT_TYPES:
@@ -216,6 +220,10 @@ class FewStepPipeline(DiffusionPipeline):
         base, sampler, teacher = self._parts()
         ts = self._student_timesteps(num_inference_steps, timesteps)
         hybrid = teacher_steps > 0 or teacher_refine > 0
+        if gamma is not None:
+            check_gamma(gamma)
+            if teacher_refine > 0:
+                raise ValueError("gamma (TCD sampling) and teacher_refine do not combine: give one of them.")
         w_teacher = student.get("teacher_guidance") if teacher_guidance_scale is None else teacher_guidance_scale
         w_teacher = w_teacher if w_teacher is not None and w_teacher > 1 else None
         if prompt is not None:
@@ -244,9 +252,12 @@ class FewStepPipeline(DiffusionPipeline):
             if teacher_refine > 0:
                 refine = self._refinement(teacher, t_cond, uncond, w_teacher, sampler.denoiser, teacher_refine,
                                           refine_steps, refine_timestep)
-        kwargs = {"refine": refine} if refine is not None else {}
-        x = SAMPLERS[student.get("sampler", "multistep")](sampler.denoiser, x, ts, cond, uncond, w, generator,
-                                                          False, **kwargs)
+        if gamma is not None:
+            x = sample_tcd(sampler.denoiser, x, ts, cond, uncond, w, generator, gamma=gamma)
+        else:
+            kwargs = {"refine": refine} if refine is not None else {}
+            x = SAMPLERS[student.get("sampler", "multistep")](sampler.denoiser, x, ts, cond, uncond, w, generator,
+                                                              False, **kwargs)
         images = x if output_type == "latent" else self._postprocess(base, sampler, x, output_type)
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=images) if return_dict else (images,)

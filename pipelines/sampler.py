@@ -1,6 +1,6 @@
 """The student samplers fastgen uses in training, evaluation and export tests.
 
-Two samplers, each a short function over a :class:`~fastgen.denoiser.Denoiser`:
+Three samplers, each a short function over a :class:`~fastgen.denoiser.Denoiser`:
 
 * :func:`sample_multistep` -- DMD2 / LCM / few-step SiD: at each timestep predict x0, then
   re-noise it with *fresh* noise to the next timestep; the last x0 is the sample.
@@ -9,6 +9,8 @@ Two samplers, each a short function over a :class:`~fastgen.denoiser.Denoiser`:
 * :func:`sample_ddim` -- deterministic DDIM on given timesteps (progressive distillation,
   the teacher's own ODE); the last step jumps to x0. Reproduced by ``DDIMScheduler(
   timestep_spacing="trailing", set_alpha_to_one=True)`` (VP) and the flow Euler scheduler.
+* :func:`sample_tcd` -- TCD's strategic stochastic sampling (Zheng et al. 2024) with ``gamma``, an inference option
+  of consistency students; reproduced by diffusers' ``TCDScheduler`` (VP), called with ``eta=gamma``.
 
 Noise is drawn with diffusers' ``randn_tensor`` from the caller's generator in the same order
 as diffusers' pipelines, so the same seed gives the same image in both.
@@ -16,12 +18,14 @@ as diffusers' pipelines, so the same seed gives the same image in both.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from fastgen.denoiser import Conditioning, Denoiser
+from fastgen.schedule import VPSchedule
 
 
 def _x0(denoiser: Denoiser, x: torch.Tensor, t: int, cond, uncond, guidance_scale) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,6 +96,47 @@ def sample_ddim(denoiser: Denoiser, noise: torch.Tensor, timesteps: Sequence[int
                    stop_at)
 
 
+def check_gamma(gamma: float) -> float:
+    """A one-line ``ValueError`` unless ``gamma`` (TCD's stochasticity, diffusers' ``eta``) lies in [0, 1]."""
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 <= gamma <= 1:
+        raise ValueError(f"gamma (TCD's stochasticity) must be a number in [0, 1] (0: deterministic), got {gamma!r}.")
+    return float(gamma)
+
+
+def sample_tcd(denoiser: Denoiser, noise: torch.Tensor, timesteps: Sequence[int],
+               cond: Conditioning | None = None, uncond: Conditioning | None = None,
+               guidance_scale: float | None = None, generator: torch.Generator | None = None,
+               progress: bool = False, gamma: float = 0.3) -> torch.Tensor:
+    """TCD sampling (Zheng et al. 2024), exactly as diffusers' ``TCDScheduler.step(..., eta=gamma)`` runs it.
+
+    At ``t_i`` with next timestep ``t'`` (0 after the last): the network's x0 and eps move to ``s = floor((1 -
+    gamma) t')``, ``x_s = alpha_s x0 + sigma_s eps``; before the last step fresh noise then takes ``x_s`` forward to
+    ``t'``, ``x_{t'} = sqrt(abar_t' / abar_s) x_s + sqrt(1 - abar_t' / abar_s) z``. ``gamma = 0`` is deterministic
+    (DDIM on the timesteps), ``gamma = 1`` is :func:`sample_multistep` without the boundary condition. As
+    ``TCDScheduler``, it neither clips x0 nor applies a consistency model's boundary scalings, and the last step
+    returns ``x_0 = alpha_0 x0 + sigma_0 eps`` (timestep 0), not x0.
+
+    Arguments as :func:`sample_multistep` (VP schedules only), and ``gamma`` in [0, 1].
+    """
+    gamma = check_gamma(gamma)
+    schedule = denoiser.schedule
+    if not isinstance(schedule, VPSchedule):
+        raise ValueError(f"TCD sampling needs a DDPM-family (VP) schedule, as TCDScheduler; this student's is a "
+                         f"{type(schedule).__name__}.")
+    x = noise
+    steps = list(timesteps)
+    for i, t in enumerate(tqdm(steps, desc="sampling", disable=not progress)):
+        pred = denoiser(x, t, cond, uncond, guidance_scale)
+        following = steps[i + 1] if i + 1 < len(steps) else 0
+        s = math.floor((1 - gamma) * following)
+        x = schedule.add_noise(pred.x0, pred.eps, s)
+        if gamma > 0 and i + 1 < len(steps):
+            keep = (schedule.alpha_sigma(following)[0] / schedule.alpha_sigma(s)[0]).to(x)  # sqrt(abar_t' / abar_s)
+            z = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = keep * x + (1 - keep**2).sqrt() * z
+    return x
+
+
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"multistep": sample_multistep, "ddim": sample_ddim}
 
 
@@ -99,7 +144,11 @@ def student_timesteps(schedule, num_steps: int, sampler: str = "multistep") -> l
     """The default timesteps of an ``num_steps``-step student, as its exported scheduler computes them.
 
     ``multistep``: ``LCMScheduler(original_inference_steps=N)`` -- ``[999, 749, 499, 249]`` for N=4.
-    ``ddim``: ``DDIMScheduler(timestep_spacing="trailing")`` -- the same for N=4, ``[999, 666, 332]`` for N=3.
+    ``ddim``: ``DDIMScheduler(timestep_spacing="trailing")`` on ``T' = N (T // N)`` timesteps -- the scheduler the
+    export writes (the teacher's betas cut at ``T'``), ``t_i = (N - i) (T // N) - 1``: for N dividing T diffusers'
+    plain trailing grid (``[999, 749, 499, 249]`` for N=4), else ``[998, 665, 332]`` for N=3. (On all T timesteps
+    ``DDIMScheduler`` would evaluate ``[999, 666, 332]`` but step from t to ``t - T // N``, 666 -> 333, off its own
+    grid: no fastgen sampler, and no export, reproduces that.)
     Flow schedules (either sampler): the teacher's own ``FlowMatchEulerDiscreteScheduler`` given the evenly spaced
     sigmas ``1, 1 - 1/N, ..., 1/N`` (the Flux pipeline's default), shifted as it shifts them (static ``shift``, or
     ``mu`` at the training resolution): continuous ``t = sigma T``, e.g. ``[1000.0]`` for one step.
@@ -119,9 +168,11 @@ def student_timesteps(schedule, num_steps: int, sampler: str = "multistep") -> l
         sigmas = [1 - i / num_steps for i in range(num_steps)]
         scheduler.set_timesteps(sigmas=sigmas, mu=schedule.mu)
         return [float(t) for t in scheduler.timesteps.double()]
+    if num_steps > T:
+        raise ValueError(f"num_steps = {num_steps} exceeds the teacher's {T} timesteps.")
     if sampler == "multistep":
         scheduler = LCMScheduler(num_train_timesteps=T, original_inference_steps=num_steps)
     else:
-        scheduler = DDIMScheduler(num_train_timesteps=T, timestep_spacing="trailing")
+        scheduler = DDIMScheduler(num_train_timesteps=num_steps * (T // num_steps), timestep_spacing="trailing")
     scheduler.set_timesteps(num_steps)
     return [int(t) for t in scheduler.timesteps]

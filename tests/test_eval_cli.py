@@ -108,6 +108,33 @@ def test_bench_writes_table_and_plot(tmp_path):
     assert (out / "bench.png").stat().st_size > 1000
 
 
+def test_eval_with_gamma_samples_as_tcd(tmp_path):
+    """--gamma: the plain call with TCDScheduler and eta (text) or the evaluation loop's (unconditional) gives
+    FewStepPipeline(gamma=G)'s images -- fastgen's sample_tcd -- and the command records it."""
+    from diffusers import DiffusionPipeline
+
+    from fastgen import zoo
+    from fastgen.eval.generate import generate, tcd_scheduler
+    from fastgen.pipelines import FewStepPipeline
+
+    for name in ("digits-ddpm", "fmnist-ldm"):
+        folder = export_student(DiffusionPipeline.from_pretrained(zoo.path(name)), tmp_path / name,
+                                timesteps=[999, 759, 499], extra_metadata={"teacher": name})
+        pipe = DiffusionPipeline.from_pretrained(folder)
+        pipe.scheduler = tcd_scheduler(pipe.scheduler)
+        gen = generate(pipe, 4, timesteps=[999, 759, 499], guidance_scale=0.0, batch_size=4, progress=False, eta=0.5)
+        text = {"prompt": zoo.prompts()[:4]} if name == "fmnist-ldm" else {"batch_size": 4}
+        want = FewStepPipeline.from_pretrained(folder)(**text, gamma=0.5, output_type="pt",
+                                                       generator=torch.Generator().manual_seed(0)).images
+        torch.testing.assert_close(gen.images, want, atol=1e-5, rtol=0)
+    out = tmp_path / "ev"
+    assert main(["eval", str(tmp_path / "fmnist-ldm"), "--gamma", "0.5", "--num-images", "20", "--metrics", "fd",
+                 "--out", str(out)]) == 0
+    result = json.loads((out / "metrics.json").read_text())
+    assert result["scheduler"] == "TCDScheduler" and result["gamma"] == 0.5 and result["call"]["eta"] == 0.5
+    assert result["call"]["timesteps"] == [999, 759, 499]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["eval", "no-such-teacher", "--steps", "1"], "neither a zoo teacher"),
     (["eval", "fmnist-ldm"], "--steps"),
@@ -118,6 +145,8 @@ def test_bench_writes_table_and_plot(tmp_path):
      "recall: at least 10 images needed"),
     (["bench", "fmnist-ldm", "--num-images", "50"], "fd_class needs at least 10 images per class"),
     (["eval", "fmnist-ldm", "--steps", "1", "--num-images", "10", "--metrics", "fid"], "--fid-reference"),
+    (["eval", "digits-ddpm", "--steps", "1", "--gamma", "1.5"], "gamma (TCD's stochasticity) must be a number in [0, 1]"),
+    (["eval", "digits-ddpm", "--steps", "1", "--gamma", "0.3", "--solver", "ddim"], "give one of them"),
 ])
 def test_eval_bad_input_is_one_clear_line(argv, message, capsys):
     assert main(argv) == 2

@@ -12,7 +12,7 @@ from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
 from fastgen import zoo
 from fastgen.lora import add_lora, use_adapter
-from fastgen.pipelines.export import export_student, read_metadata
+from fastgen.pipelines.export import export_student, exported_scheduler, read_metadata
 from fastgen.pipelines.generate import PipelineSampler
 from fastgen.pipelines.lora import fuse_student, save_lora_weights
 from fastgen.pipelines.sampler import student_timesteps
@@ -85,7 +85,7 @@ def test_exported_students_reproduce_fastgen_sampler(teachers, tmp_path, sampler
         with torch.no_grad():
             for p in student.parameters():
                 p.add_(0.01 * torch.randn_like(p))
-        for n in STEPS:
+        for n in STEPS + ((3, 6) if sampler == "ddim" else ()):  # DDIM: also N that does not divide T = 1000
             timesteps = student_timesteps(PipelineSampler(pipe).denoiser.schedule, n, sampler)
             folder = export_student(pipe, tmp_path / f"{name}-{sampler}-{n}", model=student, timesteps=timesteps,
                                     sampler=sampler, method="test", guidance_scale=0.0)
@@ -108,6 +108,27 @@ def test_exported_students_reproduce_fastgen_sampler(teachers, tmp_path, sampler
     for got, want in zip(run_diffusers_only(tmp_path, jobs), expected):
         assert got.shape == want.shape
         torch.testing.assert_close(got, want.float(), atol=1e-4, rtol=0)
+
+
+def test_ddim_student_timesteps_are_the_exported_schedulers_for_every_n(teachers):
+    """student_timesteps(N, "ddim") for N = 1..64: the exported DDIMScheduler's set_timesteps(N) (no custom call), on
+    whose grid its step t -> t - T'//N lands on the next timestep (the last one past the end, x0), so the plain call
+    runs fastgen's sample_ddim; for N dividing T = 1000 diffusers' plain trailing grid itself."""
+    from diffusers import DDIMScheduler
+
+    pipe = teachers["digits-ddpm"]
+    schedule = PipelineSampler(pipe).denoiser.schedule
+    plain = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    for n in range(1, 65):
+        timesteps = student_timesteps(schedule, n, "ddim")
+        scheduler, custom = exported_scheduler(pipe, timesteps, "ddim")
+        top = scheduler.config.num_train_timesteps
+        assert not custom and timesteps[0] == top - 1 and top > 1000 - n, n
+        assert [t - top // n for t in timesteps] == timesteps[1:] + [-1], n
+        plain.set_timesteps(n)
+        assert (timesteps == plain.timesteps.tolist()) == (1000 % n == 0), n
+    with pytest.raises(ValueError, match="exceeds the teacher's 1000 timesteps"):
+        student_timesteps(schedule, 1001, "ddim")
 
 
 def test_lora_student_round_trip(teachers, tmp_path):

@@ -200,6 +200,13 @@ CASES = [
      "cd.skip = 600 is larger than the grid allows: T = 1000 teacher timesteps give T // skip = 1 grid points"),
     (["train", "cd_digits", "--teacher", "{teacher}", "--out", "{new}", "--set", "cd.skip=30"],
      "cd.skip = 30 must divide the teacher's T = 1000 timesteps"),
+    (["train", "cd_digits", "--teacher", "{teacher}", "--out", "{new}", "--set", "cd.solver=euler"],
+     "solver must be one of ddim, heun, not 'euler'"),
+    (["train", "lcm_fmnist", "--teacher", "{teacher}", "--out", "{new}", "--set", "lcm.skip=500"],
+     "lcm.skip = 500 is larger than the grid allows: T = 1000 teacher timesteps give T // skip = 2 grid points, "
+     "fewer than 4"),
+    (PD + ["--set", "student.num_steps=1", "--set", "progressive.teacher_steps=2048"],
+     "progressive.teacher_steps = 2048 exceeds the teacher's 1000 timesteps"),
     (["train", "lcm_fmnist", "--teacher", "{teacher}", "--out", "{new}"], "lcm.guidance_embedding needs a teacher "
      "network that takes diffusers' guidance embedding (time_cond_proj_dim): UNet2DConditionModel; this teacher's "
      "network is a UNet2DModel"),

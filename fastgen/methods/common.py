@@ -94,6 +94,31 @@ def ddim_step(denoiser: Denoiser, x_t: torch.Tensor, t, t_next, cond: Conditioni
     return torch.where((t_next < 0).reshape(-1, *[1] * (x_t.ndim - 1)), x0, moved)
 
 
+def heun_step(denoiser: Denoiser, x_t: torch.Tensor, t, t_next, cond: Conditioning | None = None,
+              uncond: Conditioning | None = None, guidance_scale=None) -> torch.Tensor:
+    """One step of Heun's second-order method on the probability-flow ODE from ``t`` to ``t_next >= 0`` (per sample,
+    ``[B]`` or scalars): two network calls, at ``x_t`` and at the DDIM (Euler) step's end.
+
+    In the schedule's own variables ``y = x / alpha`` and ``lambda = sigma / alpha`` (EDM's sigma) the ODE is
+    ``dy / dlambda = eps(x, t)`` and a DDIM step is its Euler step, exactly; Heun's step averages the eps of both
+    ends, ``y' = y + (lambda' - lambda) (eps_t + eps_t') / 2`` (Karras et al. 2022, Algorithm 1; Song et al. 2023's
+    teacher solver). Written as a DDIM step from ``x_t`` with the averaged eps, whose x0 is clipped as the
+    schedule's samplers clip it (without clipping: exactly Heun's step).
+
+    Args: as :func:`ddim_step`; ``t_next`` must not pass the end (``t_next >= 0``: the second call needs it).
+    """
+    t_next = torch.as_tensor(t_next, device=x_t.device).expand(len(x_t))
+    if torch.any(t_next < 0):
+        raise ValueError("heun_step needs t_next >= 0 (its second network call is at t_next).")
+    first = denoiser(x_t, t, cond, uncond, guidance_scale)
+    x_euler = denoiser.schedule.add_noise(first.x0_clipped, first.eps, t_next)  # the DDIM step
+    second = denoiser(x_euler, t_next, cond, uncond, guidance_scale)
+    eps = (first.eps + second.eps) / 2
+    x0 = denoiser.schedule.to_x0_eps(eps, x_t, t, "epsilon")[0]
+    clip = denoiser.schedule.clip_sample_range
+    return denoiser.schedule.add_noise(x0 if clip is None else x0.clamp(-clip, clip), eps, t_next)
+
+
 def boundary_scalings(t, timestep_scaling: float = 10.0, sigma_data: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
     """``(c_skip, c_out)`` of a consistency model's boundary condition at integer timesteps ``t``, as LCM and
     diffusers' ``LCMScheduler`` compute them: with ``u = timestep_scaling * t``,
@@ -147,5 +172,5 @@ def backward_simulation(x0_fn: Callable[[torch.Tensor, int, Conditioning | None]
     return x
 
 
-__all__ = ["check_vp_teacher", "check_t_range", "sample_timesteps", "noised", "guided_x0", "ddim_step", "boundary_scalings",
-           "consistency_function", "straight_through_clip", "backward_simulation"]
+__all__ = ["check_vp_teacher", "check_t_range", "sample_timesteps", "noised", "guided_x0", "ddim_step", "heun_step",
+           "boundary_scalings", "consistency_function", "straight_through_clip", "backward_simulation"]

@@ -6,13 +6,16 @@ A consistency model maps any point of the teacher's probability-flow ODE traject
 0.25)``, exactly as diffusers' ``LCMScheduler`` applies them). Per sample, with real data ``x``, a point ``t_{n+k}`` of
 the grid ``t = j k - 1`` (skipping step ``k``) and ``t_n = t_{n+k} - k``:
 
-    x_{t_{n+k}} = a x + s eps;   x^_{t_n} = DDIM_teacher(x_{t_{n+k}}, t_{n+k} -> t_n)      (CFG on x0 and eps)
+    x_{t_{n+k}} = a x + s eps;   x^_{t_n} = solver_teacher(x_{t_{n+k}}, t_{n+k} -> t_n)    (CFG on x0 and eps)
     L = d( f_theta(x_{t_{n+k}}, t_{n+k}),  sg(f_target(x^_{t_n}, t_n)) )                  (L2 or pseudo-Huber)
 
-The target network is an EMA of the student (decay ``target_decay``, checkpointed; updated after every step), or the
-student itself without gradient (``target_decay = 0``, LCM-LoRA). Sampling is multistep consistency sampling --
-``f``, then re-noise with fresh noise to the next timestep -- which ``LCMScheduler`` runs: the exported folder is the
-teacher's pipeline with an ``LCMScheduler`` whose ``set_timesteps(N)`` gives the trained grid's timesteps.
+The teacher's solver is a DDIM step (LCM) or Heun's second-order step (``solver = "heun"``, Song et al.; two
+teacher calls). The target network is an EMA of the student (decay ``target_decay``, checkpointed; updated after
+every step), or the student itself without gradient (``target_decay = 0``, LCM-LoRA). Sampling is multistep
+consistency sampling -- ``f``, then re-noise with fresh noise to the next timestep -- which ``LCMScheduler`` runs:
+the exported folder is the teacher's pipeline with an ``LCMScheduler`` whose ``set_timesteps(N)`` gives the
+trained grid's timesteps; diffusers' ``TCDScheduler`` samples it too (``gamma``, see
+:func:`fastgen.pipelines.sampler.sample_tcd`).
 
 * ``cd`` -- consistency distillation of any VP or flow teacher, its CFG fixed (``guidance_scale``) where it has one.
   Flow teachers (SD3, Flux): ``f = x0 = x_t - sigma v`` (the boundary condition holds by itself), the grid is the
@@ -41,10 +44,11 @@ from .base import (Batch, DataNeeds, DistillationMethod, ExportSpec, OptimizerOp
                    make_student, option, register, student_parameters)
 from fastgen.schedule import FlowSchedule
 
-from .common import consistency_function, ddim_step
+from .common import consistency_function, ddim_step, heun_step
 from .guidance import DistilledGuidance, GuidanceRangeOptions
 
 LOSSES = ("l2", "huber")
+SOLVERS = {"ddim": ddim_step, "heun": heun_step}  # the teacher's ODE step from t_{n+k} to t_n
 
 
 def consistency_grid(num_train_timesteps: int, skip: int) -> list[int]:
@@ -92,6 +96,8 @@ class ConsistencyOptions:
                            "to t - k (LCM: 20 of 1000, a 50-step DDIM grid); must divide T")
     timestep_scaling: float = option(10.0, "s of the boundary condition c_skip = 0.25 / ((s t)^2 + 0.25) (LCM: 10; "
                                            "the exported LCMScheduler's timestep_scaling)")
+    solver: str = option("ddim", "the teacher's ODE step from t_{n+k} to t_n: 'ddim' (one network call; LCM) or "
+                                 "'heun' (Heun's 2nd-order method, two calls; Song et al. 2023)")
     loss: str = option("l2", "distance d: 'l2' (mean squared error) or 'huber' (pseudo-Huber with huber_c)")
     huber_c: float = option(0.001, "c of the pseudo-Huber loss (LCM: 0.001)")
     target_decay: float = option(0.95, "EMA decay of the target network per step (Song et al., LCM: 0.95); 0: the "
@@ -104,6 +110,8 @@ class ConsistencyOptions:
             raise ValueError(f"skip must be >= 1, got {self.skip}.")
         if not (math.isfinite(self.timestep_scaling) and self.timestep_scaling > 0):
             raise ValueError(f"timestep_scaling must be > 0, got {self.timestep_scaling}.")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, not {self.solver!r}.")
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {', '.join(LOSSES)}, not {self.loss!r}.")
         if not self.huber_c > 0:
@@ -115,7 +123,7 @@ class ConsistencyOptions:
 
 @register
 class ConsistencyDistillation(DistillationMethod):
-    """Consistency distillation (Song et al. 2023): DDIM teacher step, EMA target network, any VP teacher.
+    """Consistency distillation (Song et al. 2023): DDIM or Heun teacher step, EMA target network, any VP teacher.
 
     LCM's boundary scalings. Arguments as :class:`~fastgen.methods.base.DistillationMethod`, with
     :class:`ConsistencyOptions`.
@@ -222,7 +230,7 @@ class ConsistencyDistillation(DistillationMethod):
         w = self.draw_guidance(len(x), x.device)
         student_cond = self.student_cond(cond, w)
         with torch.no_grad():
-            x_prev = ddim_step(self.teacher, x_t, t, t_prev, cond, batch.uncond, w)  # the teacher's ODE step
+            x_prev = SOLVERS[self.options.solver](self.teacher, x_t, t, t_prev, cond, batch.uncond, w)  # ODE step
             target = self.consistency(self.student if self.target is None else self.target, x_prev, t_prev,
                                       student_cond)
         online = self.consistency(self.student, x_t, t, student_cond)
@@ -304,4 +312,4 @@ class LatentConsistency(ConsistencyDistillation):
 
 
 __all__ = ["ConsistencyDistillation", "ConsistencyOptions", "LatentConsistency", "LatentConsistencyOptions",
-           "consistency_grid", "teacher_steps", "check_skip", "pseudo_huber", "LOSSES"]
+           "consistency_grid", "teacher_steps", "check_skip", "pseudo_huber", "LOSSES", "SOLVERS"]
