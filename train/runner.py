@@ -86,6 +86,15 @@ def build_method(recipe: Recipe, pipe, timesteps: list[int]):
                                default_guidance=default_guidance)
 
 
+def check_prompts(recipe: Recipe, text: bool) -> None:
+    """A text-conditional teacher that is not a zoo teacher trains on the user's prompts: ``data.prompts = "zoo"``
+    (the default: the zoo's ten Fashion-MNIST class prompts) is refused for it rather than used silently."""
+    if text and recipe.data.prompts == "zoo" and zoo.name_of(recipe.teacher) is None:
+        raise ValueError(f"data.prompts: the teacher {recipe.teacher!r} is text-conditional and not a zoo teacher, so "
+                         "it needs your prompts: --set data.prompts=FILE (a text file, one prompt per line; the zoo's "
+                         "are ten Fashion-MNIST class names).")
+
+
 def build_data(recipe: Recipe, pipe, method, out_dir: Path, device, num_shards: int = 1, shard: int = 0) -> BatchStream:
     """Exactly the data ``method.data_needs()`` asks for -- prompts (text-conditional teachers), real samples,
     teacher ODE pairs -- as a BatchStream (``shard`` of ``num_shards``: this process's slice of every batch)."""
@@ -253,6 +262,9 @@ def run_training(recipe: str, overrides: Sequence[str] = (), teacher: str | None
     cfg = load_recipe(recipe, overrides)
     if teacher is not None:
         cfg.teacher = teacher
+    if not cfg.teacher:
+        raise ValueError(f"Recipe {cfg.name or recipe!r} names no teacher (a recipe for your own teacher): pass "
+                         "--teacher PATH_OR_HUB_ID.")
     if out is None and resume not in (True, False, None) and (Path(resume) / STATE_FILE).is_file():
         out = str(Path(resume).parent.parent)
     out_dir = check_output_dir(out or default_out(recipe, cfg))
@@ -277,6 +289,7 @@ def build_run(cfg: Recipe, out_dir: Path, allow_pickle: bool, resumed: bool, tra
     t = cfg.train
     set_seed(cfg.seed)
     pipe = load_teacher(cfg.teacher, allow_pickle)
+    check_prompts(cfg, hasattr(pipe, "encode_prompt"))
     fingerprint = pipeline_fingerprint(pipe)
     if resumed:
         check_resumed_teacher(out_dir, cfg, fingerprint, "--resume" if trackers else "export")

@@ -197,7 +197,8 @@ class StudentOptions:
 
     num_steps: int = option(1, "student sampling steps; timesteps = fastgen.pipelines.sampler.student_timesteps("
                                "schedule, num_steps), e.g. [999, 749, 499, 249] for 4")
-    timesteps: list = option([], "explicit descending timesteps (overrides num_steps), each in [0, T-1]")
+    timesteps: list = option([], "explicit descending timesteps, each in [0, T-1]; num_steps must then equal their "
+                                 "number (set student.timesteps=[] to let num_steps choose them)")
     lora_rank: int = option(0, "0: full copy of the teacher network; > 0: LoRA adapter 'student' of this rank on "
                                "the frozen teacher")
     lora_alpha: float = option(0.0, "LoRA alpha (0: equal to the rank)")
@@ -212,6 +213,10 @@ class StudentOptions:
                 check_timesteps(self.timesteps)  # the upper bound needs the teacher's T: the runner checks it
             except ValueError as err:
                 raise ValueError(f"timesteps = {self.timesteps}: {err}") from None
+            if self.num_steps != len(self.timesteps):  # never silently ignore one of the two
+                raise ValueError(f"num_steps = {self.num_steps}, but timesteps = {self.timesteps} are "
+                                 f"{len(self.timesteps)}; set student.timesteps=[] to let num_steps choose them, or "
+                                 f"num_steps = {len(self.timesteps)}.")
         if self.lora_rank < 0 or self.lora_alpha < 0:
             raise ValueError(f"lora_rank and lora_alpha must be >= 0, got {self.lora_rank} and {self.lora_alpha}.")
         if not 0 <= self.ema_decay < 1:
