@@ -95,6 +95,24 @@ def _ints(text: str | None, option: str) -> list[int] | None:
         raise ValueError(f"{option} expects comma-separated whole numbers, got {text!r}.") from None
 
 
+def _scoring_options(parser) -> None:
+    """The metric options ``eval`` and ``bench`` share."""
+    parser.add_argument("--metrics", default=None,
+                        help="comma-separated subset of fd,kid,fd_class,fd_pixel,precision,recall,density,coverage,"
+                             "fd_groups,acc,fid,clip,speed (default: all but fd_groups, fid and clip; bench adds fid "
+                             "with --fid-reference; the domain metrics are skipped for pipelines outside the zoo; "
+                             "see docs/evaluation.md)")
+    parser.add_argument("--fid-reference", default=None,
+                        help="for fid: a folder of real images, a .npz of their clean-fid statistics "
+                             "(fastgen.eval.metrics.clean_fid_stats), a clean-fid dataset as NAME:RES[:SPLIT], e.g. "
+                             "cifar10:32:train, or clean-fid custom statistics as NAME:custom "
+                             "(cleanfid.fid.make_custom_stats; statistics files must be in clean-fid's stats folder: "
+                             "not downloaded)")
+    parser.add_argument("--clip-model", default="ViT-B-32", help="open_clip model for clip (default: ViT-B-32)")
+    parser.add_argument("--clip-pretrained", default="openai",
+                        help="open_clip pretrained tag or checkpoint file (default: openai)")
+
+
 def _eval(args) -> int:
     from fastgen.eval.evaluate import DEFAULT_METRICS, evaluate, metrics_markdown
 
@@ -116,7 +134,8 @@ def _bench(args) -> int:
     result = bench(args.teacher, students=args.students, solvers=args.solvers.split(","),
                    nfes=_ints(args.nfes, "--nfes"), num_images=args.num_images, guidance=args.guidance, out=args.out,
                    seed=args.seed, batch_size=args.batch_size, allow_pickle=args.allow_pickle, device=args.device,
-                   prompts=args.prompts)
+                   prompts=args.prompts, metrics=args.metrics, fid_reference=args.fid_reference,
+                   clip_model=args.clip_model, clip_pretrained=args.clip_pretrained)
     print(bench_markdown(result))
     print(f"wrote {args.out}/bench.md, bench.json and bench.png")
     return 0
@@ -212,27 +231,20 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--solver", default=None, choices=["ddim", "dpm++2m", "unipc", "euler"],
                     help="replace the pipeline's scheduler by this training-free solver")
     ev.add_argument("--num-images", type=int, default=1000, help="images to generate (default: 1000)")
-    ev.add_argument("--metrics", default=None,
-                    help="comma-separated subset of fd,kid,fd_class,fd_pixel,precision,recall,density,coverage,"
-                         "fd_groups,acc,fid,clip,speed (default: all but fd_groups, fid and clip; see "
-                         "docs/evaluation.md)")
     ev.add_argument("--out", default=None, help="output folder for metrics.json, metrics.md, samples.png")
     ev.add_argument("--batch-size", type=int, default=100, help="images per pipeline call (default: 100)")
     _sampling_options(ev)
-    ev.add_argument("--fid-reference", default=None,
-                    help="for fid: a folder of real images, a .npz of their clean-fid statistics "
-                         "(fastgen.eval.metrics.clean_fid_stats), or a clean-fid dataset as NAME:RES[:SPLIT], e.g. "
-                         "cifar10:32:train (its statistics file must be in clean-fid's stats folder: not downloaded)")
-    ev.add_argument("--clip-model", default="ViT-B-32", help="open_clip model for clip (default: ViT-B-32)")
-    ev.add_argument("--clip-pretrained", default="openai", help="open_clip pretrained tag (default: openai)")
+    _scoring_options(ev)
     ev.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
     ev.set_defaults(func=_eval)
 
     be = sub.add_parser("bench", help="Quality-vs-NFE frontier: teacher solvers at NFE 1-50 and students.",
                         description="Run the teacher with training-free solvers (DDIM, DPM-Solver++ 2M, UniPC, "
                                     "Euler) at each NFE and each student at its own steps; write one Markdown "
-                                    "table, a JSON file and a plot of FD and recall against NFE.")
-    be.add_argument("teacher", help="zoo teacher name (the domain metrics need a zoo teacher)")
+                                    "table, a JSON file and a plot of FD and recall (teachers outside the zoo: "
+                                    "FID, CLIP score or speed) against NFE.")
+    be.add_argument("teacher", help="zoo teacher name, pipeline folder or hub id (the domain metrics need a zoo "
+                                    "teacher; they are skipped for others)")
     be.add_argument("--students", nargs="*", default=[], help="exported student folders to add")
     be.add_argument("--solvers", default="ddim,dpm++2m,unipc,euler", help="comma-separated solvers (default: all four)")
     be.add_argument("--nfes", default="1,2,4,8,16,50",
@@ -243,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--out", default="bench", help="output folder (default: bench)")
     be.add_argument("--batch-size", type=int, default=200, help="images per pipeline call (default: 200)")
     _sampling_options(be)
+    _scoring_options(be)
     be.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
     be.set_defaults(func=_bench)
 

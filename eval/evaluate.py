@@ -70,7 +70,7 @@ def check_counts(metrics: list[str], num_images: int, num_classes: int | None) -
     """
     from .metrics import MIN_IMAGES_FD
 
-    needs_n = [m for m in metrics if m in DOMAIN_METRICS and m not in ("acc", "fd_class")]
+    needs_n = [m for m in metrics if (m in DOMAIN_METRICS and m not in ("acc", "fd_class")) or m == "fid"]
     if needs_n and num_images < MIN_IMAGES_FD:
         raise ValueError(f"{', '.join(needs_n)}: at least {MIN_IMAGES_FD} images needed, got --num-images {num_images}.")
     if "fd_class" in metrics and num_classes and num_images < MIN_IMAGES_FD * num_classes:
@@ -90,6 +90,50 @@ def check_domain(metrics: list[str], zoo_name: str | None) -> None:
     if domain and zoo_name is None:
         raise ValueError(f"{', '.join(domain)} use the zoo's data and domain classifiers: evaluate a zoo teacher or a "
                          "student of one, or use --metrics fid,clip,speed for other pipelines.")
+
+
+def available_metrics(metrics: list[str], zoo_name: str | None) -> list[str]:
+    """``metrics`` without the domain metrics for a pipeline outside the zoo (they need the zoo's data and domain
+    classifiers), said once; a one-line ``ValueError`` when nothing is left to score.
+
+    Args:
+        metrics: parsed metric names.
+        zoo_name: the zoo teacher the pipeline is (or was distilled from), ``None`` for others.
+    """
+    domain = [m for m in metrics if m in DOMAIN_METRICS]
+    if not domain or zoo_name is not None:
+        return list(metrics)
+    rest = [m for m in metrics if m not in DOMAIN_METRICS]
+    if not rest:
+        check_domain(domain, zoo_name)
+    print(f"note: {', '.join(domain)} skipped: they use the zoo's data and domain classifiers, and this pipeline is "
+          f"neither a zoo teacher nor a student of one; scoring {', '.join(rest)} (fid needs --fid-reference, clip "
+          "the CLIP weights).")
+    return rest
+
+
+def check_prompt_source(pipe, prompt_list: list[str] | None, zoo_name: str | None) -> None:
+    """One-line errors for ``--prompts`` given to an unconditional pipeline, or missing for a text-to-image pipeline
+    outside the zoo (the zoo's ten Fashion-MNIST class prompts would be scored silently)."""
+    text = hasattr(pipe, "encode_prompt")
+    if prompt_list is not None and not text:
+        raise ValueError(f"--prompts: {type(pipe).__name__} is unconditional; it takes no prompts.")
+    if text and prompt_list is None and zoo_name is None:
+        raise ValueError(f"--prompts: {type(pipe).__name__} is text-to-image and neither a zoo teacher nor a student "
+                         "of one: give --prompts FILE (one prompt per line) to generate and score with.")
+
+
+def check_fid_reference(metrics: list[str], fid_reference) -> None:
+    """One-line errors for ``fid`` without a reference, or with a reference or Inception weights that are missing
+    (each naming the file and where to put it), before any image is generated."""
+    from .metrics import check_fid, parse_fid_reference
+
+    if "fid" not in metrics:
+        return
+    if fid_reference is None:
+        raise ValueError("--metrics fid needs --fid-reference (an image folder, a .npz statistics file or a "
+                         "clean-fid dataset as NAME:RES[:SPLIT] or NAME:custom).")
+    check_fid(*parse_fid_reference(fid_reference))
 
 
 def domain_scores(images: torch.Tensor, labels, zoo_name: str, metrics) -> dict:
@@ -252,7 +296,7 @@ def evaluate(target: str, steps: int | None = None, timesteps: list[int] | None 
     Bad input (including missing FID / CLIP weights and an unwritable ``out``) is a one-line error raised
     before the first image is generated.
     """
-    from .metrics import check_fid, load_clip, parse_fid_reference
+    from .metrics import load_clip
 
     # every check that needs no pipeline first, then those that need it: all before the first image
     metrics = parse_metrics(metrics)
@@ -263,17 +307,12 @@ def evaluate(target: str, steps: int | None = None, timesteps: list[int] | None 
     prompt_list = None if prompts is None or prompts == "zoo" else load_prompts(prompts)
     if out is not None:
         out = check_output_dir(out)
-    if "fid" in metrics:
-        if fid_reference is None:
-            raise ValueError("--metrics fid needs --fid-reference (an image folder, a .npz statistics file or a "
-                             "clean-fid dataset as NAME:RES[:SPLIT]).")
-        check_fid(*parse_fid_reference(fid_reference))
+    check_fid_reference(metrics, fid_reference)
     pipe = load_pipeline(target, device if device != "cpu" else None, allow_pickle=allow_pickle)
     zoo_name = zoo_name_of(pipe, target)
-    check_domain(metrics, zoo_name)
+    metrics = available_metrics(metrics, zoo_name)
     text = hasattr(pipe, "encode_prompt")
-    if prompt_list is not None and not text:
-        raise ValueError(f"--prompts: {type(pipe).__name__} is unconditional; it takes no prompts.")
+    check_prompt_source(pipe, prompt_list, zoo_name)
     check_counts(metrics, num_images, len(zoo.prompts()) if text and prompt_list is None else None)
     if "clip" in metrics and not text:
         raise ValueError("--metrics clip needs a text-to-image pipeline.")

@@ -273,7 +273,8 @@ CASES = [
     (BENCH + ["--batch-size", "0"], "--batch-size must be a positive integer, got 0"),
     (["bench", "digits-ddpm", "--num-images", "5", "--out", "{new}"], "at least 10 images needed, got --num-images 5"),
     (["bench", "digits-ddpm", "--num-images", "10", "--out", "{f}/file.txt"], "file.txt is an existing file"),
-    (["bench", "{teacher}", "--num-images", "10", "--out", "{new}"], "pass a zoo teacher"),
+    (["bench", "{teacher}", "--num-images", "10", "--metrics", "fd,recall", "--out", "{new}"],
+     "fd, recall use the zoo's data and domain classifiers"),
     # the zoo: never the shipped weights by default, settings checked first
     (["zoo", "train", "digits-ddpm", "--train-steps", "0", "--out", "{new}"], "--train-steps must be >= 1, got 0"),
     (["zoo", "train", "digits-ddpm", "--batch-size", "0", "--out", "{new}"], "--batch-size must be >= 1, got 0"),
