@@ -12,6 +12,7 @@ spelling of it that warns); every command that samples takes ``--seed``, ``--dev
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 ALLOW_PICKLE_HELP = ("also load pickled .bin weight files where a pipeline has no safetensors (pickles can run code "
@@ -40,6 +41,43 @@ def _sampling_options(parser: argparse.ArgumentParser, prompts: bool = True) -> 
     parser.add_argument("--device", default="cpu", help=DEVICE_HELP)
     if prompts:
         parser.add_argument("--prompts", default=None, metavar="FILE", help=PROMPTS_HELP)
+
+
+def _loading_options(parser: argparse.ArgumentParser) -> None:
+    """How the teacher (or evaluated pipeline) is loaded: the recipe's ``[loading]`` keys as options."""
+    parser.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
+                        help="torch dtype of the pipeline's networks (default: fp32; train: loading.dtype)")
+    parser.add_argument("--variant", default=None, help="weight-file variant, e.g. fp16 (loading.variant)")
+    parser.add_argument("--revision", default=None, help="hub revision: branch, tag or commit (loading.revision)")
+    parser.add_argument("--component", action="append", default=[], metavar="NAME=none|FOLDER",
+                        help="replace a component: text_encoder_3=none drops T5 from SD3, vae=FOLDER loads another "
+                             "(repeatable; loading.components)")
+    parser.add_argument("--single-file-config", default=None, metavar="FOLDER",
+                        help="for a single-file checkpoint (.safetensors) as the pipeline: the diffusers pipeline "
+                             "folder whose configs convert it (loading.single_file_config)")
+    parser.add_argument("--attention", default=None, choices=["sdpa", "xformers"],
+                        help="attention: sdpa (PyTorch, default) or xformers (CUDA + xformers; loading.attention)")
+
+
+def _loading_values(args) -> dict:
+    """The ``[loading]`` keys given as options (``--component`` as a dict)."""
+    values = {key: getattr(args, key) for key in ("dtype", "variant", "revision", "single_file_config", "attention")
+              if getattr(args, key) is not None}
+    components = {}
+    for item in args.component:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise ValueError(f"--component {item!r} must look like NAME=none or NAME=FOLDER, e.g. text_encoder_3=none.")
+        components[name] = value
+    if components:
+        values["components"] = components
+    return values
+
+
+def _load_options(args):
+    from fastgen.pipelines.loading import LoadOptions
+
+    return LoadOptions(**_loading_values(args))
 
 
 def _zoo(args) -> int:
@@ -121,7 +159,7 @@ def _eval(args) -> int:
                       num_images=args.num_images, metrics=args.metrics or DEFAULT_METRICS, out=args.out,
                       solver=args.solver, batch_size=args.batch_size, seed=args.seed, fid_reference=args.fid_reference,
                       clip_model=args.clip_model, clip_pretrained=args.clip_pretrained, device=args.device,
-                      allow_pickle=args.allow_pickle, prompts=args.prompts)
+                      allow_pickle=args.allow_pickle, prompts=args.prompts, loading=_load_options(args))
     print(metrics_markdown(result))
     if args.out:
         print(f"wrote {args.out}/metrics.json, metrics.md and samples.png")
@@ -135,7 +173,7 @@ def _bench(args) -> int:
                    nfes=_ints(args.nfes, "--nfes"), num_images=args.num_images, guidance=args.guidance, out=args.out,
                    seed=args.seed, batch_size=args.batch_size, allow_pickle=args.allow_pickle, device=args.device,
                    prompts=args.prompts, metrics=args.metrics, fid_reference=args.fid_reference,
-                   clip_model=args.clip_model, clip_pretrained=args.clip_pretrained)
+                   clip_model=args.clip_model, clip_pretrained=args.clip_pretrained, loading=_load_options(args))
     print(bench_markdown(result))
     print(f"wrote {args.out}/bench.md, bench.json and bench.png")
     return 0
@@ -157,6 +195,10 @@ def _train(args) -> int:
 
     shortcuts = [f"{key}={value}" for key, value in (("train.steps", args.train_steps), ("seed", args.seed),
                                                       ("data.prompts", args.prompts)) if value is not None]
+    for key, value in _loading_values(args).items():
+        value = "{" + ", ".join(f"{k} = {json.dumps(v)}" for k, v in value.items()) + "}" if key == "components" \
+            else json.dumps(value)
+        shortcuts.append(f"loading.{key}={value}")
     run_training(args.recipe, overrides=[*args.set, *shortcuts], teacher=args.teacher, out=args.out,
                  resume=args.resume, evaluate_folder=training_evaluator, allow_pickle=args.allow_pickle)
     return 0
@@ -235,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=100, help="images per pipeline call (default: 100)")
     _sampling_options(ev)
     _scoring_options(ev)
+    _loading_options(ev)
     ev.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
     ev.set_defaults(func=_eval)
 
@@ -256,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--batch-size", type=int, default=200, help="images per pipeline call (default: 200)")
     _sampling_options(be)
     _scoring_options(be)
+    _loading_options(be)
     be.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
     be.set_defaults(func=_bench)
 
@@ -295,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "OUT/checkpoints/checkpoint-N; no later one may exist; its run is the default --out). The "
                          "run's recipe and teacher; train.steps and the checkpoint/log/eval settings may change "
                          "(recorded in OUT/resumes.jsonl). A complete run is exported again")
+    _loading_options(tr)
     tr.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
     tr.set_defaults(func=_train)
 

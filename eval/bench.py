@@ -17,6 +17,7 @@ import torch
 
 from fastgen import zoo
 from fastgen.pipelines.folders import check_output_dir
+from fastgen.pipelines.loading import LoadOptions
 from fastgen.pipelines.prompts import load_prompts
 
 from .evaluate import (DEFAULT_METRICS, available_metrics, check_counts, check_fid_reference, check_prompt_source,
@@ -29,7 +30,8 @@ NFES = (1, 2, 4, 8, 16, 50)
 def bench(teacher: str, students: list[str] = (), solvers=tuple(SOLVERS), nfes=NFES, num_images: int = 1000,
           guidance: float | None = None, out: str | Path = "bench", seed: int = 0, batch_size: int = 200,
           progress: bool = True, allow_pickle: bool = False, device: str = "cpu", prompts=None, metrics=None,
-          fid_reference=None, clip_model: str = "ViT-B-32", clip_pretrained: str | None = "openai") -> dict:
+          fid_reference=None, clip_model: str = "ViT-B-32", clip_pretrained: str | None = "openai",
+          loading=None) -> dict:
     """Run the frontier and write its table and plot.
 
     Args:
@@ -37,6 +39,8 @@ def bench(teacher: str, students: list[str] = (), solvers=tuple(SOLVERS), nfes=N
             scored for zoo teachers only and skipped, said once, for others).
         metrics: metric names (default: :data:`~.evaluate.DEFAULT_METRICS`, plus ``fid`` with ``fid_reference``).
         fid_reference, clip_model, clip_pretrained: as in :func:`~.evaluate.evaluate`.
+        loading: how the teacher is loaded (:class:`~fastgen.pipelines.loading.LoadOptions`); the students are
+            loaded with its dtype and attention.
         students: exported student folders.
         solvers: training-free solvers to run on the teacher.
         nfes: step counts of the teacher's solvers.
@@ -73,7 +77,8 @@ def bench(teacher: str, students: list[str] = (), solvers=tuple(SOLVERS), nfes=N
     for folder in students:
         if not read_metadata(folder):
             raise ValueError(f"--students {folder} has no fastgen metadata: is it an exported student?")
-    pipe = load_pipeline(teacher, device if device != "cpu" else None, allow_pickle=allow_pickle)
+    pipe = load_pipeline(teacher, device if device != "cpu" else None, allow_pickle=allow_pickle, options=loading)
+    student_loading = LoadOptions(dtype=loading.dtype, attention=loading.attention) if loading else None
     zoo_name = zoo_name_of(pipe, teacher)
     metrics = available_metrics(metrics, zoo_name)
     if "speed" not in metrics:
@@ -96,7 +101,8 @@ def bench(teacher: str, students: list[str] = (), solvers=tuple(SOLVERS), nfes=N
                          batch_size=batch_size, device=device, progress=False, prompts=prompt_list, **scoring)
         rows.append({"sampler": solver, "kind": "teacher", "guidance": guidance, **row})
     for folder in students:
-        student = load_pipeline(folder, device if device != "cpu" else None, allow_pickle=allow_pickle)
+        student = load_pipeline(folder, device if device != "cpu" else None, allow_pickle=allow_pickle,
+                                options=student_loading)
         call = student_call(student)
         row, _ = run_one(student, zoo_name, metrics, num_images, steps=call.get("steps"),
                          timesteps=call.get("timesteps"), guidance=call.get("guidance"), seed=seed,

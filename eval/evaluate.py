@@ -272,7 +272,7 @@ def evaluate(target: str, steps: int | None = None, timesteps: list[int] | None 
              out: str | Path | None = None, solver: str | None = None, batch_size: int = 100, seed: int = 0,
              fid_reference=None, clip_model: str = "ViT-B-32", clip_pretrained: str | None = "openai",
              device: str = "cpu", progress: bool = True, allow_pickle: bool = False, prompts=None,
-             grid: str | Path | None = None) -> dict:
+             grid: str | Path | None = None, loading=None) -> dict:
     """Evaluate one pipeline (zoo name, folder or hub id) and write ``metrics.json``, ``metrics.md``, ``samples.png``.
 
     Args:
@@ -292,6 +292,8 @@ def evaluate(target: str, steps: int | None = None, timesteps: list[int] | None 
             prompts), a text file with one prompt per line, or a list. With other prompts than the zoo's the
             class metrics (``fd_class``, ``acc``) are left out.
         grid: also (or, without ``out``, only) write the sample grid (up to 100 images) to this PNG file.
+        loading: how the pipeline is loaded (:class:`~fastgen.pipelines.loading.LoadOptions`: dtype, variant,
+            revision, replaced components, single-file config, attention).
 
     Bad input (including missing FID / CLIP weights and an unwritable ``out``) is a one-line error raised
     before the first image is generated.
@@ -308,7 +310,7 @@ def evaluate(target: str, steps: int | None = None, timesteps: list[int] | None 
     if out is not None:
         out = check_output_dir(out)
     check_fid_reference(metrics, fid_reference)
-    pipe = load_pipeline(target, device if device != "cpu" else None, allow_pickle=allow_pickle)
+    pipe = load_pipeline(target, device if device != "cpu" else None, allow_pickle=allow_pickle, options=loading)
     zoo_name = zoo_name_of(pipe, target)
     metrics = available_metrics(metrics, zoo_name)
     text = hasattr(pipe, "encode_prompt")
