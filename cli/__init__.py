@@ -12,6 +12,7 @@ spelling of it that warns); every command that samples takes ``--seed``, ``--dev
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 ALLOW_PICKLE_HELP = ("also load pickled .bin weight files where a pipeline has no safetensors (pickles can run code "
@@ -40,6 +41,43 @@ def _sampling_options(parser: argparse.ArgumentParser, prompts: bool = True) -> 
     parser.add_argument("--device", default="cpu", help=DEVICE_HELP)
     if prompts:
         parser.add_argument("--prompts", default=None, metavar="FILE", help=PROMPTS_HELP)
+
+
+def _loading_options(parser: argparse.ArgumentParser) -> None:
+    """How the teacher (or evaluated pipeline) is loaded: the recipe's ``[loading]`` keys as options."""
+    parser.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
+                        help="torch dtype of the pipeline's networks (default: fp32; train: loading.dtype)")
+    parser.add_argument("--variant", default=None, help="weight-file variant, e.g. fp16 (loading.variant)")
+    parser.add_argument("--revision", default=None, help="hub revision: branch, tag or commit (loading.revision)")
+    parser.add_argument("--component", action="append", default=[], metavar="NAME=none|FOLDER",
+                        help="replace a component: text_encoder_3=none drops T5 from SD3, vae=FOLDER loads another "
+                             "(repeatable; loading.components)")
+    parser.add_argument("--single-file-config", default=None, metavar="FOLDER",
+                        help="for a single-file checkpoint (.safetensors) as the pipeline: the diffusers pipeline "
+                             "folder whose configs convert it (loading.single_file_config)")
+    parser.add_argument("--attention", default=None, choices=["sdpa", "xformers"],
+                        help="attention: sdpa (PyTorch, default) or xformers (CUDA + xformers; loading.attention)")
+
+
+def _loading_values(args) -> dict:
+    """The ``[loading]`` keys given as options (``--component`` as a dict)."""
+    values = {key: getattr(args, key) for key in ("dtype", "variant", "revision", "single_file_config", "attention")
+              if getattr(args, key) is not None}
+    components = {}
+    for item in args.component:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise ValueError(f"--component {item!r} must look like NAME=none or NAME=FOLDER, e.g. text_encoder_3=none.")
+        components[name] = value
+    if components:
+        values["components"] = components
+    return values
+
+
+def _load_options(args):
+    from fastgen.pipelines.loading import LoadOptions
+
+    return LoadOptions(**_loading_values(args))
 
 
 def _zoo(args) -> int:
@@ -95,6 +133,24 @@ def _ints(text: str | None, option: str) -> list[int] | None:
         raise ValueError(f"{option} expects comma-separated whole numbers, got {text!r}.") from None
 
 
+def _scoring_options(parser) -> None:
+    """The metric options ``eval`` and ``bench`` share."""
+    parser.add_argument("--metrics", default=None,
+                        help="comma-separated subset of fd,kid,fd_class,fd_pixel,precision,recall,density,coverage,"
+                             "fd_groups,acc,fid,clip,speed (default: all but fd_groups, fid and clip; bench adds fid "
+                             "with --fid-reference; the domain metrics are skipped for pipelines outside the zoo; "
+                             "see docs/evaluation.md)")
+    parser.add_argument("--fid-reference", default=None,
+                        help="for fid: a folder of real images, a .npz of their clean-fid statistics "
+                             "(fastgen.eval.metrics.clean_fid_stats), a clean-fid dataset as NAME:RES[:SPLIT], e.g. "
+                             "cifar10:32:train, or clean-fid custom statistics as NAME:custom "
+                             "(cleanfid.fid.make_custom_stats; statistics files must be in clean-fid's stats folder: "
+                             "not downloaded)")
+    parser.add_argument("--clip-model", default="ViT-B-32", help="open_clip model for clip (default: ViT-B-32)")
+    parser.add_argument("--clip-pretrained", default="openai",
+                        help="open_clip pretrained tag or checkpoint file (default: openai)")
+
+
 def _eval(args) -> int:
     from fastgen.eval.evaluate import DEFAULT_METRICS, evaluate, metrics_markdown
 
@@ -103,7 +159,8 @@ def _eval(args) -> int:
                       num_images=args.num_images, metrics=args.metrics or DEFAULT_METRICS, out=args.out,
                       solver=args.solver, batch_size=args.batch_size, seed=args.seed, fid_reference=args.fid_reference,
                       clip_model=args.clip_model, clip_pretrained=args.clip_pretrained, device=args.device,
-                      allow_pickle=args.allow_pickle, prompts=args.prompts, gamma=args.gamma)
+                      allow_pickle=args.allow_pickle, prompts=args.prompts, gamma=args.gamma,
+                      loading=_load_options(args))
     print(metrics_markdown(result))
     if args.out:
         print(f"wrote {args.out}/metrics.json, metrics.md and samples.png")
@@ -116,7 +173,8 @@ def _bench(args) -> int:
     result = bench(args.teacher, students=args.students, solvers=args.solvers.split(","),
                    nfes=_ints(args.nfes, "--nfes"), num_images=args.num_images, guidance=args.guidance, out=args.out,
                    seed=args.seed, batch_size=args.batch_size, allow_pickle=args.allow_pickle, device=args.device,
-                   prompts=args.prompts)
+                   prompts=args.prompts, metrics=args.metrics, fid_reference=args.fid_reference,
+                   clip_model=args.clip_model, clip_pretrained=args.clip_pretrained, loading=_load_options(args))
     print(bench_markdown(result))
     print(f"wrote {args.out}/bench.md, bench.json and bench.png")
     return 0
@@ -138,6 +196,10 @@ def _train(args) -> int:
 
     shortcuts = [f"{key}={value}" for key, value in (("train.steps", args.train_steps), ("seed", args.seed),
                                                       ("data.prompts", args.prompts)) if value is not None]
+    for key, value in _loading_values(args).items():
+        value = "{" + ", ".join(f"{k} = {json.dumps(v)}" for k, v in value.items()) + "}" if key == "components" \
+            else json.dumps(value)
+        shortcuts.append(f"loading.{key}={value}")
     run_training(args.recipe, overrides=[*args.set, *shortcuts], teacher=args.teacher, out=args.out,
                  resume=args.resume, evaluate_folder=training_evaluator, allow_pickle=args.allow_pickle)
     return 0
@@ -216,27 +278,21 @@ def build_parser() -> argparse.ArgumentParser:
                          "sampling; 0: deterministic), passed as the call's eta: an inference option of "
                          "consistency students (cd, lcm)")
     ev.add_argument("--num-images", type=int, default=1000, help="images to generate (default: 1000)")
-    ev.add_argument("--metrics", default=None,
-                    help="comma-separated subset of fd,kid,fd_class,fd_pixel,precision,recall,density,coverage,"
-                         "fd_groups,acc,fid,clip,speed (default: all but fd_groups, fid and clip; see "
-                         "docs/evaluation.md)")
     ev.add_argument("--out", default=None, help="output folder for metrics.json, metrics.md, samples.png")
     ev.add_argument("--batch-size", type=int, default=100, help="images per pipeline call (default: 100)")
     _sampling_options(ev)
-    ev.add_argument("--fid-reference", default=None,
-                    help="for fid: a folder of real images, a .npz of their clean-fid statistics "
-                         "(fastgen.eval.metrics.clean_fid_stats), or a clean-fid dataset as NAME:RES[:SPLIT], e.g. "
-                         "cifar10:32:train (its statistics file must be in clean-fid's stats folder: not downloaded)")
-    ev.add_argument("--clip-model", default="ViT-B-32", help="open_clip model for clip (default: ViT-B-32)")
-    ev.add_argument("--clip-pretrained", default="openai", help="open_clip pretrained tag (default: openai)")
+    _scoring_options(ev)
+    _loading_options(ev)
     ev.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
     ev.set_defaults(func=_eval)
 
     be = sub.add_parser("bench", help="Quality-vs-NFE frontier: teacher solvers at NFE 1-50 and students.",
                         description="Run the teacher with training-free solvers (DDIM, DPM-Solver++ 2M, UniPC, "
                                     "Euler) at each NFE and each student at its own steps; write one Markdown "
-                                    "table, a JSON file and a plot of FD and recall against NFE.")
-    be.add_argument("teacher", help="zoo teacher name (the domain metrics need a zoo teacher)")
+                                    "table, a JSON file and a plot of FD and recall (teachers outside the zoo: "
+                                    "FID, CLIP score or speed) against NFE.")
+    be.add_argument("teacher", help="zoo teacher name, pipeline folder or hub id (the domain metrics need a zoo "
+                                    "teacher; they are skipped for others)")
     be.add_argument("--students", nargs="*", default=[], help="exported student folders to add")
     be.add_argument("--solvers", default="ddim,dpm++2m,unipc,euler", help="comma-separated solvers (default: all four)")
     be.add_argument("--nfes", default="1,2,4,8,16,50",
@@ -247,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--out", default="bench", help="output folder (default: bench)")
     be.add_argument("--batch-size", type=int, default=200, help="images per pipeline call (default: 200)")
     _sampling_options(be)
+    _scoring_options(be)
+    _loading_options(be)
     be.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
     be.set_defaults(func=_bench)
 
@@ -286,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "OUT/checkpoints/checkpoint-N; no later one may exist; its run is the default --out). The "
                          "run's recipe and teacher; train.steps and the checkpoint/log/eval settings may change "
                          "(recorded in OUT/resumes.jsonl). A complete run is exported again")
+    _loading_options(tr)
     tr.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
     tr.set_defaults(func=_train)
 

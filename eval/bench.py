@@ -17,9 +17,11 @@ import torch
 
 from fastgen import zoo
 from fastgen.pipelines.folders import check_output_dir
+from fastgen.pipelines.loading import LoadOptions
 from fastgen.pipelines.prompts import load_prompts
 
-from .evaluate import DEFAULT_METRICS, check_counts, fmt, real_floor, run_one, student_call
+from .evaluate import (DEFAULT_METRICS, available_metrics, check_counts, check_fid_reference, check_prompt_source,
+                       fmt, parse_metrics, real_floor, run_one, student_call)
 from .generate import SOLVERS, check_generation, load_pipeline, solver_scheduler, zoo_name_of
 
 NFES = (1, 2, 4, 8, 16, 50)
@@ -27,11 +29,18 @@ NFES = (1, 2, 4, 8, 16, 50)
 
 def bench(teacher: str, students: list[str] = (), solvers=tuple(SOLVERS), nfes=NFES, num_images: int = 1000,
           guidance: float | None = None, out: str | Path = "bench", seed: int = 0, batch_size: int = 200,
-          progress: bool = True, allow_pickle: bool = False, device: str = "cpu", prompts=None) -> dict:
+          progress: bool = True, allow_pickle: bool = False, device: str = "cpu", prompts=None, metrics=None,
+          fid_reference=None, clip_model: str = "ViT-B-32", clip_pretrained: str | None = "openai",
+          loading=None) -> dict:
     """Run the frontier and write its table and plot.
 
     Args:
-        teacher: zoo name, folder or hub id of the teacher.
+        teacher: zoo name, folder or hub id of the teacher (any diffusers pipeline: the domain metrics are
+            scored for zoo teachers only and skipped, said once, for others).
+        metrics: metric names (default: :data:`~.evaluate.DEFAULT_METRICS`, plus ``fid`` with ``fid_reference``).
+        fid_reference, clip_model, clip_pretrained: as in :func:`~.evaluate.evaluate`.
+        loading: how the teacher is loaded (:class:`~fastgen.pipelines.loading.LoadOptions`); the students are
+            loaded with its dtype and attention.
         students: exported student folders.
         solvers: training-free solvers to run on the teacher.
         nfes: step counts of the teacher's solvers.
@@ -48,6 +57,8 @@ def bench(teacher: str, students: list[str] = (), solvers=tuple(SOLVERS), nfes=N
 
     from fastgen.pipelines.export import pipeline_metadata, read_metadata
 
+    from .metrics import load_clip
+
     # every check before the first image: solvers, step counts, the call, the output folder, the students
     solvers, nfes = list(solvers), list(nfes)
     unknown = [s for s in solvers if s not in SOLVERS]
@@ -56,38 +67,46 @@ def bench(teacher: str, students: list[str] = (), solvers=tuple(SOLVERS), nfes=N
                          f"available: {', '.join(SOLVERS)}.")
     if not nfes or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in nfes):
         raise ValueError(f"--nfes must be positive step counts, got {nfes}.")
-    metrics = list(DEFAULT_METRICS)  # fd_class and acc are skipped for unconditional teachers
+    # fd_class and acc are skipped for unconditional teachers, the domain metrics for teachers outside the zoo
+    metrics = parse_metrics(metrics or [*DEFAULT_METRICS, *(["fid"] if fid_reference is not None else [])])
     check_counts(metrics, num_images, None)
+    check_fid_reference(metrics, fid_reference)
     check_generation(num_images, None, None, guidance, batch_size)
     prompt_list = None if prompts is None or prompts == "zoo" else load_prompts(prompts)
     out = check_output_dir(out)
     for folder in students:
         if not read_metadata(folder):
             raise ValueError(f"--students {folder} has no fastgen metadata: is it an exported student?")
-    pipe = load_pipeline(teacher, device if device != "cpu" else None, allow_pickle=allow_pickle)
+    pipe = load_pipeline(teacher, device if device != "cpu" else None, allow_pickle=allow_pickle, options=loading)
+    student_loading = LoadOptions(dtype=loading.dtype, attention=loading.attention) if loading else None
     zoo_name = zoo_name_of(pipe, teacher)
-    if zoo_name is None:
-        raise ValueError("fastgen bench scores with the zoo's domain classifiers; pass a zoo teacher.")
+    metrics = available_metrics(metrics, zoo_name)
+    if "speed" not in metrics:
+        metrics.append("speed")  # the table's images/s and speed-up
     text = hasattr(pipe, "encode_prompt")
-    if prompt_list is not None and not text:
-        raise ValueError(f"--prompts: {type(pipe).__name__} is unconditional; it takes no prompts.")
+    check_prompt_source(pipe, prompt_list, zoo_name)
+    if "clip" in metrics and not text:
+        raise ValueError("--metrics clip needs a text-to-image pipeline.")
+    clip = load_clip(clip_model, clip_pretrained, device) if "clip" in metrics else None
+    scoring = {"fid_reference": fid_reference, "clip": clip}
     labels = torch.arange(num_images) % len(zoo.prompts()) if text and prompt_list is None else None
     check_counts(metrics, num_images, len(zoo.prompts()) if labels is not None else None)
-    guidance = guidance if guidance is not None else zoo.RECOMMENDED_GUIDANCE.get(zoo_name)
+    guidance = guidance if guidance is not None else zoo.RECOMMENDED_GUIDANCE.get(zoo_name or "")
     base_config = dict(pipe.scheduler.config)
     rows = []
     jobs = [(s, n) for s in solvers for n in nfes]
     for solver, nfe in tqdm(jobs, desc=f"bench {teacher}", disable=not progress):
         pipe.scheduler = solver_scheduler(solver, base_config)
         row, _ = run_one(pipe, zoo_name, metrics, num_images, steps=nfe, guidance=guidance, seed=seed,
-                         batch_size=batch_size, device=device, progress=False, prompts=prompt_list)
+                         batch_size=batch_size, device=device, progress=False, prompts=prompt_list, **scoring)
         rows.append({"sampler": solver, "kind": "teacher", "guidance": guidance, **row})
     for folder in students:
-        student = load_pipeline(folder, device if device != "cpu" else None, allow_pickle=allow_pickle)
+        student = load_pipeline(folder, device if device != "cpu" else None, allow_pickle=allow_pickle,
+                                options=student_loading)
         call = student_call(student)
         row, _ = run_one(student, zoo_name, metrics, num_images, steps=call.get("steps"),
                          timesteps=call.get("timesteps"), guidance=call.get("guidance"), seed=seed,
-                         batch_size=batch_size, device=device, progress=False, prompts=prompt_list)
+                         batch_size=batch_size, device=device, progress=False, prompts=prompt_list, **scoring)
         meta = pipeline_metadata(student)
         rows.append({"sampler": f"{meta['method']} student ({Path(folder).name})", "kind": "student",
                      "guidance": call.get("guidance"), **row})
@@ -95,7 +114,7 @@ def bench(teacher: str, students: list[str] = (), solvers=tuple(SOLVERS), nfes=N
     for r in rows:
         r["speedup"] = baseline / r["s_per_image"] if baseline else None
     # the rows' prompts cycle through the classes (fastgen.eval.generate): the floor has the same classes
-    floor = real_floor(zoo_name, num_images, metrics, labels)
+    floor = real_floor(zoo_name, num_images, metrics, labels) if zoo_name is not None else {}
     result = {"teacher": teacher, "zoo": zoo_name, "num_images": num_images, "seed": seed, "guidance": guidance,
               "threads": torch.get_num_threads(), "floor": floor, "rows": rows}
     out.mkdir(parents=True, exist_ok=True)
@@ -108,7 +127,11 @@ def bench(teacher: str, students: list[str] = (), solvers=tuple(SOLVERS), nfes=N
 # Columns of the bench table: (result key, header, digits); a column shows only when some row has it.
 COLUMNS = (("fd", "FD", 3), ("kid", "KID", 4), ("fd_class", "per-class FD", 2), ("fd_pixel", "pixel FD", 2),
            ("precision", "precision", 3), ("recall", "recall", 3), ("density", "density", 3),
-           ("coverage", "coverage", 3), ("acc", "accuracy", 3))
+           ("coverage", "coverage", 3), ("acc", "accuracy", 3), ("fid", "FID", 2), ("clip", "CLIP score", 4))
+# The plot's two panels: the first two of these that the rows have (key, label, log scale), else speed.
+PANELS = (("fd", "domain FD (lower is better)", True), ("recall", "recall, k = 5 (higher is better: diversity)", False),
+          ("fid", "FID (lower is better)", True), ("clip", "CLIP score (higher is better)", False),
+          ("images_per_s", "images/s", True))
 
 
 def bench_markdown(result: dict) -> str:
@@ -122,12 +145,14 @@ def bench_markdown(result: dict) -> str:
         lines.append(f"| {r['sampler']} | {r['nfe']} | {cells} | {fmt(r['images_per_s'], 1)} | {fmt(r['speedup'], 1)}x |")
     f = result["floor"]
     cells = " | ".join(fmt(f.get(key), digits) for key, _, digits in columns)
-    lines.append(f"| real data (train vs test) | - | {cells} | - | - |")
+    if f:
+        lines.append(f"| real data (train vs test) | - | {cells} | - | - |")
     return "\n".join(lines) + "\n"
 
 
 def plot_frontier(result: dict, path: Path) -> Path:
-    """Two panels against NFE (log scale): FD (log) and recall, one line per solver, a star per student."""
+    """Two panels against NFE (log scale): FD (log) and recall (teachers outside the zoo: the first two of FID, CLIP
+    score and images/s that the rows have), one line per solver, a star per student."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -136,22 +161,25 @@ def plot_frontier(result: dict, path: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     teacher_rows = [r for r in result["rows"] if r["kind"] == "teacher"]
     solvers = list(dict.fromkeys(r["sampler"] for r in teacher_rows))
-    for ax, key, label, log_y in ((axes[0], "fd", "domain FD (lower is better)", True),
-                                  (axes[1], "recall", "recall, k = 5 (higher is better: diversity)", False)):
+    panels = [p for p in PANELS if all(p[0] in r for r in result["rows"])][:2]
+    for ax, (key, label, log_y) in zip(axes, panels):
         for solver in solvers:
             pts = sorted((r["nfe"], r[key]) for r in teacher_rows if r["sampler"] == solver)
             ax.plot(*zip(*pts), marker="o", label=f"teacher, {solver}")
         for r in result["rows"]:
             if r["kind"] == "student":
                 ax.scatter([r["nfe"]], [r[key]], marker="*", s=160, zorder=5, label=r["sampler"])
-        ax.axhline(result["floor"][key], color="grey", ls="--", lw=1, label="real data (train vs test)")
+        if key in result["floor"]:
+            ax.axhline(result["floor"][key], color="grey", ls="--", lw=1, label="real data (train vs test)")
         ax.set_xscale("log")
         if log_y:
             ax.set_yscale("log")
-        else:
+        elif key == "recall":
             ax.set_ylim(0, 1)
         ax.set_xlabel("NFE (network evaluations per image; a CFG pair counts once)")
         ax.set_ylabel(label)
+    if len(panels) < 2:
+        axes[1].set_visible(False)
     axes[0].legend(fontsize=7)
     guidance = f", guidance {result['guidance']}" if result.get("guidance") is not None else ""
     fig.suptitle(f"{result['teacher']}: quality and diversity vs NFE ({result['num_images']} images, "

@@ -72,7 +72,7 @@ def check_counts(metrics: list[str], num_images: int, num_classes: int | None) -
     """
     from .metrics import MIN_IMAGES_FD
 
-    needs_n = [m for m in metrics if m in DOMAIN_METRICS and m not in ("acc", "fd_class")]
+    needs_n = [m for m in metrics if (m in DOMAIN_METRICS and m not in ("acc", "fd_class")) or m == "fid"]
     if needs_n and num_images < MIN_IMAGES_FD:
         raise ValueError(f"{', '.join(needs_n)}: at least {MIN_IMAGES_FD} images needed, got --num-images {num_images}.")
     if "fd_class" in metrics and num_classes and num_images < MIN_IMAGES_FD * num_classes:
@@ -92,6 +92,50 @@ def check_domain(metrics: list[str], zoo_name: str | None) -> None:
     if domain and zoo_name is None:
         raise ValueError(f"{', '.join(domain)} use the zoo's data and domain classifiers: evaluate a zoo teacher or a "
                          "student of one, or use --metrics fid,clip,speed for other pipelines.")
+
+
+def available_metrics(metrics: list[str], zoo_name: str | None) -> list[str]:
+    """``metrics`` without the domain metrics for a pipeline outside the zoo (they need the zoo's data and domain
+    classifiers), said once; a one-line ``ValueError`` when nothing is left to score.
+
+    Args:
+        metrics: parsed metric names.
+        zoo_name: the zoo teacher the pipeline is (or was distilled from), ``None`` for others.
+    """
+    domain = [m for m in metrics if m in DOMAIN_METRICS]
+    if not domain or zoo_name is not None:
+        return list(metrics)
+    rest = [m for m in metrics if m not in DOMAIN_METRICS]
+    if not rest:
+        check_domain(domain, zoo_name)
+    print(f"note: {', '.join(domain)} skipped: they use the zoo's data and domain classifiers, and this pipeline is "
+          f"neither a zoo teacher nor a student of one; scoring {', '.join(rest)} (fid needs --fid-reference, clip "
+          "the CLIP weights).")
+    return rest
+
+
+def check_prompt_source(pipe, prompt_list: list[str] | None, zoo_name: str | None) -> None:
+    """One-line errors for ``--prompts`` given to an unconditional pipeline, or missing for a text-to-image pipeline
+    outside the zoo (the zoo's ten Fashion-MNIST class prompts would be scored silently)."""
+    text = hasattr(pipe, "encode_prompt")
+    if prompt_list is not None and not text:
+        raise ValueError(f"--prompts: {type(pipe).__name__} is unconditional; it takes no prompts.")
+    if text and prompt_list is None and zoo_name is None:
+        raise ValueError(f"--prompts: {type(pipe).__name__} is text-to-image and neither a zoo teacher nor a student "
+                         "of one: give --prompts FILE (one prompt per line) to generate and score with.")
+
+
+def check_fid_reference(metrics: list[str], fid_reference) -> None:
+    """One-line errors for ``fid`` without a reference, or with a reference or Inception weights that are missing
+    (each naming the file and where to put it), before any image is generated."""
+    from .metrics import check_fid, parse_fid_reference
+
+    if "fid" not in metrics:
+        return
+    if fid_reference is None:
+        raise ValueError("--metrics fid needs --fid-reference (an image folder, a .npz statistics file or a "
+                         "clean-fid dataset as NAME:RES[:SPLIT] or NAME:custom).")
+    check_fid(*parse_fid_reference(fid_reference))
 
 
 def domain_scores(images: torch.Tensor, labels, zoo_name: str, metrics) -> dict:
@@ -231,7 +275,7 @@ def evaluate(target: str, steps: int | None = None, timesteps: list[int] | None 
              out: str | Path | None = None, solver: str | None = None, batch_size: int = 100, seed: int = 0,
              fid_reference=None, clip_model: str = "ViT-B-32", clip_pretrained: str | None = "openai",
              device: str = "cpu", progress: bool = True, allow_pickle: bool = False, prompts=None,
-             grid: str | Path | None = None, gamma: float | None = None) -> dict:
+             grid: str | Path | None = None, gamma: float | None = None, loading=None) -> dict:
     """Evaluate one pipeline (zoo name, folder or hub id) and write ``metrics.json``, ``metrics.md``, ``samples.png``.
 
     Args:
@@ -253,11 +297,13 @@ def evaluate(target: str, steps: int | None = None, timesteps: list[int] | None 
         grid: also (or, without ``out``, only) write the sample grid (up to 100 images) to this PNG file.
         gamma: sample with diffusers' ``TCDScheduler`` (strategic stochastic sampling, Zheng et al. 2024) at this
             gamma in [0, 1], passed as the call's ``eta``: an inference option of consistency students (VP).
+        loading: how the pipeline is loaded (:class:`~fastgen.pipelines.loading.LoadOptions`: dtype, variant,
+            revision, replaced components, single-file config, attention).
 
     Bad input (including missing FID / CLIP weights and an unwritable ``out``) is a one-line error raised
     before the first image is generated.
     """
-    from .metrics import check_fid, load_clip, parse_fid_reference
+    from .metrics import load_clip
 
     # every check that needs no pipeline first, then those that need it: all before the first image
     metrics = parse_metrics(metrics)
@@ -272,17 +318,12 @@ def evaluate(target: str, steps: int | None = None, timesteps: list[int] | None 
     prompt_list = None if prompts is None or prompts == "zoo" else load_prompts(prompts)
     if out is not None:
         out = check_output_dir(out)
-    if "fid" in metrics:
-        if fid_reference is None:
-            raise ValueError("--metrics fid needs --fid-reference (an image folder, a .npz statistics file or a "
-                             "clean-fid dataset as NAME:RES[:SPLIT]).")
-        check_fid(*parse_fid_reference(fid_reference))
-    pipe = load_pipeline(target, device if device != "cpu" else None, allow_pickle=allow_pickle)
+    check_fid_reference(metrics, fid_reference)
+    pipe = load_pipeline(target, device if device != "cpu" else None, allow_pickle=allow_pickle, options=loading)
     zoo_name = zoo_name_of(pipe, target)
-    check_domain(metrics, zoo_name)
+    metrics = available_metrics(metrics, zoo_name)
     text = hasattr(pipe, "encode_prompt")
-    if prompt_list is not None and not text:
-        raise ValueError(f"--prompts: {type(pipe).__name__} is unconditional; it takes no prompts.")
+    check_prompt_source(pipe, prompt_list, zoo_name)
     check_counts(metrics, num_images, len(zoo.prompts()) if text and prompt_list is None else None)
     if "clip" in metrics and not text:
         raise ValueError("--metrics clip needs a text-to-image pipeline.")

@@ -406,11 +406,16 @@ def _check_reference(reference, dataset_res, dataset_split, mode, custom: bool):
     if custom:
         raise ValueError("A clean-fid dataset name holds Inception statistics; with a custom feature extractor "
                          "pass a reference image folder or .npz of that extractor's features instead.")
-    if dataset_res is None:
+    if dataset_res is None and dataset_split != "custom":
         raise ValueError(f"Reference {reference!r} is taken as a clean-fid dataset name, which needs its resolution "
                          f"(and split): --fid-reference {reference}:RES[:SPLIT], e.g. cifar10:32:train (Python: "
                          "dataset_res=, dataset_split=); or give a folder of real images or a .npz statistics file.")
     stats_file = _cleanfid_stats_file(str(reference), dataset_res, dataset_split, mode)
+    if not stats_file.is_file() and dataset_split == "custom":
+        raise FileNotFoundError(
+            f"clean-fid custom statistics {stats_file.name} for {reference!r} are missing: make them with "
+            f"cleanfid.fid.make_custom_stats({str(reference)!r}, IMAGE_FOLDER) (they go to {stats_file.parent}/), or "
+            "give the image folder itself as --fid-reference.")
     if not stats_file.is_file():
         raise FileNotFoundError(
             f"clean-fid statistics {stats_file.name} for dataset {reference!r} are missing: put the file in "
@@ -420,10 +425,13 @@ def _check_reference(reference, dataset_res, dataset_split, mode, custom: bool):
 
 def parse_fid_reference(text: str) -> tuple[str, int | None, str]:
     """``--fid-reference`` as ``(reference, dataset_res, dataset_split)``: a folder or ``.npz`` file as it is, a
-    clean-fid dataset name as ``NAME:RES[:SPLIT]`` (``cifar10:32`` -> ``("cifar10", 32, "train")``)."""
+    clean-fid dataset name as ``NAME:RES[:SPLIT]`` (``cifar10:32`` -> ``("cifar10", 32, "train")``), clean-fid's
+    custom statistics (``cleanfid.fid.make_custom_stats(NAME, folder)``) as ``NAME:custom``."""
     name, _, rest = str(text).partition(":")
     if not rest or Path(text).exists() or os.sep in name:
         return str(text), None, "train"
+    if rest == "custom":
+        return name, None, "custom"
     res, _, split = rest.partition(":")
     if not res.isdigit() or split not in ("", "train", "test", "custom"):
         raise ValueError(f"--fid-reference {text!r}: a clean-fid dataset is NAME:RES[:SPLIT] with a whole-number "

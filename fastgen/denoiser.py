@@ -7,11 +7,11 @@ nowhere else. ``capture_features()`` exposes the bottleneck activations through 
 hook (never a patched forward), for GAN heads.
 
 Supported networks: ``UNet2DModel`` (unconditional), ``UNet2DConditionModel`` (text
-conditioning, optional ``timestep_cond`` guidance embedding), ``SD3Transformer2DModel`` and
-``FluxTransformer2DModel``. Latents are ``[B, C, H, W]`` for all of them: Flux's packed tokens (2x2 patches), its
-image and text position ids and its ``timestep / 1000`` are made here, as ``FluxPipeline`` makes them. A Flux
-network with ``guidance_embeds`` (guidance-distilled, like FLUX.1-dev) takes the guidance scale as an input:
-no classifier-free guidance is run for it.
+conditioning, optional ``timestep_cond`` guidance embedding, SDXL's added pooled-text and size
+conditioning), ``SD3Transformer2DModel`` and ``FluxTransformer2DModel``. Latents are ``[B, C, H, W]`` for all of them:
+Flux's packed tokens (2x2 patches), its image and text position ids and its ``timestep / 1000`` are made here, as
+``FluxPipeline`` makes them. A Flux network with ``guidance_embeds`` (guidance-distilled, like FLUX.1-dev) takes the
+guidance scale as an input: no classifier-free guidance is run for it.
 """
 
 from __future__ import annotations
@@ -44,11 +44,23 @@ class Conditioning:
         encoder_hidden_states: text embeddings ``[B, L, D]`` (UNet2DConditionModel, SD3).
         pooled_projections: pooled text embeddings ``[B, D]`` (SD3, Flux).
         timestep_cond: guidance-scale embedding ``[B, time_cond_proj_dim]`` (LCM-style UNets).
+        text_embeds: pooled text embeddings ``[B, D]`` of SDXL's second text encoder (the UNet's
+            ``added_cond_kwargs["text_embeds"]``).
+        time_ids: SDXL's size conditioning ``[B, 6]``: original size, crop top-left, target size
+            (``added_cond_kwargs["time_ids"]``).
     """
 
     encoder_hidden_states: torch.Tensor | None = None
     pooled_projections: torch.Tensor | None = None
     timestep_cond: torch.Tensor | None = None
+    text_embeds: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
+
+    def added_cond_kwargs(self) -> dict | None:
+        """SDXL's ``added_cond_kwargs`` of ``UNet2DConditionModel`` (``None`` when this is not SDXL conditioning)."""
+        if self.text_embeds is None and self.time_ids is None:
+            return None
+        return {"text_embeds": self.text_embeds, "time_ids": self.time_ids}
 
     def _map(self, fn) -> "Conditioning":
         return replace(self, **{f.name: (None if getattr(self, f.name) is None else fn(getattr(self, f.name)))
@@ -207,8 +219,12 @@ class Denoiser(nn.Module):
         if self.kind == "unet_cond":
             if cond.encoder_hidden_states is None:
                 raise ValueError("UNet2DConditionModel needs Conditioning.encoder_hidden_states.")
+            added = cond.added_cond_kwargs()
+            if added is None and self.model.config.addition_embed_type == "text_time":
+                raise ValueError("This SDXL UNet (addition_embed_type 'text_time') needs Conditioning.text_embeds and "
+                                 "time_ids (encode prompts with fastgen.pipelines.generate.encode_prompts).")
             return self.model(x_t, t, encoder_hidden_states=cond.encoder_hidden_states,
-                              timestep_cond=cond.timestep_cond).sample
+                              timestep_cond=cond.timestep_cond, added_cond_kwargs=added).sample
         return self.model(hidden_states=x_t, timestep=t, encoder_hidden_states=cond.encoder_hidden_states,
                           pooled_projections=cond.pooled_projections).sample
 

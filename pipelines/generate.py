@@ -46,11 +46,30 @@ def placement(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
     return parameter.device, parameter.dtype
 
 
+def sdxl_time_ids(pipe, batch_size: int, pooled: torch.Tensor) -> torch.Tensor:
+    """SDXL's size conditioning ``[B, 6]`` as its plain call makes it: original size = target size = the default
+    image size (``default_sample_size * vae_scale_factor``), crop top-left ``(0, 0)`` (the negative prompt's too)."""
+    size = pipe.default_sample_size * pipe.vae_scale_factor
+    encoder_2 = getattr(pipe, "text_encoder_2", None)
+    projection = int(pooled.shape[-1]) if encoder_2 is None else encoder_2.config.projection_dim
+    ids = pipe._get_add_time_ids((size, size), (0, 0), (size, size), dtype=pooled.dtype,
+                                 text_encoder_projection_dim=projection)
+    return ids.to(pooled.device).repeat(batch_size, 1)
+
+
 def encode_prompts(pipe, prompts: Sequence[str], negative_prompt: str = "", guidance: bool = True,
                    device: torch.device | None = None) -> tuple[Conditioning, Conditioning | None]:
     """Conditioning of ``prompts`` and of the negative prompt, with the pipeline's own ``encode_prompt``
     (without ``guidance`` the negative prompt is not encoded and ``None`` is returned for it), on ``device``
-    (default: the pipeline's)."""
+    (default: the pipeline's).
+
+    ``encode_prompt`` is called by keyword: its positional order differs between pipelines (SDXL's second
+    argument is ``prompt_2``). The empty negative prompt is passed as ``None``, as the plain call passes it, so
+    that SDXL's ``force_zeros_for_empty_prompt`` gives zero embeddings here as there. SD3 returns pooled
+    embeddings for the transformer's ``pooled_projections``; SDXL for the UNet's ``text_embeds``, with the size
+    ids of :func:`sdxl_time_ids`."""
+    import inspect
+
     if not hasattr(pipe, "encode_prompt"):
         raise TypeError(f"{type(pipe).__name__} is not text-conditional; pass batch_size instead of prompts.")
     device = device if device is not None else pipe.device
@@ -62,13 +81,20 @@ def encode_prompts(pipe, prompts: Sequence[str], negative_prompt: str = "", guid
         neg, neg_pooled, _ = pipe.encode_prompt(prompt=[negative_prompt] * len(prompts), prompt_2=None, device=device,
                                                 num_images_per_prompt=1)
         return Conditioning(embeds, pooled), Conditioning(neg, neg_pooled)
-    if "text_encoder_3" in getattr(pipe, "components", {}):  # SD3: (embeds, neg, pooled, neg_pooled)
-        embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
-            prompt=list(prompts), prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=1,
-            do_classifier_free_guidance=guidance, negative_prompt=[negative_prompt] * len(prompts))
-        return Conditioning(embeds, pooled), Conditioning(neg, neg_pooled) if guidance else None
-    embeds, neg = pipe.encode_prompt(list(prompts), device, 1, guidance, [negative_prompt] * len(prompts))
-    return Conditioning(embeds), Conditioning(neg) if guidance else None
+    accepted = inspect.signature(pipe.encode_prompt).parameters
+    kwargs = dict(prompt=list(prompts), device=device, num_images_per_prompt=1, do_classifier_free_guidance=guidance,
+                  negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None)
+    kwargs.update({name: None for name in ("prompt_2", "prompt_3") if name in accepted})  # SD3 requires them
+    out = pipe.encode_prompt(**kwargs)
+    if len(out) == 2:  # Stable Diffusion 1.x / 2.x: (embeds, negative embeds)
+        embeds, neg = out
+        return Conditioning(embeds), Conditioning(neg) if guidance else None
+    embeds, neg, pooled, neg_pooled = out
+    if hasattr(pipe, "_get_add_time_ids"):  # SDXL: pooled text and size ids are the UNet's added conditioning
+        time_ids = sdxl_time_ids(pipe, len(prompts), pooled)
+        return (Conditioning(embeds, text_embeds=pooled, time_ids=time_ids),
+                Conditioning(neg, text_embeds=neg_pooled, time_ids=time_ids) if guidance else None)
+    return Conditioning(embeds, pooled), Conditioning(neg, neg_pooled) if guidance else None
 
 
 class PipelineSampler:

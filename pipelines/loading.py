@@ -2,13 +2,102 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from fastgen import zoo
+from fastgen.methods.base import option
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+ATTENTION = ("sdpa", "xformers")
+
+
+@dataclass
+class LoadOptions:
+    """How a pipeline is loaded. Recipe: ``[loading]``; commands: ``--dtype``, ``--variant``, ``--revision``,
+    ``--component NAME=none|FOLDER``, ``--single-file-config``, ``--attention``.
+
+    Args:
+        dtype: ``"fp32"`` (default), ``"fp16"`` or ``"bf16"``: ``torch_dtype`` of every network.
+        variant: weight-file variant (``"fp16"`` reads ``*.fp16.safetensors``); ``""``: the default files.
+        revision: hub revision (branch, tag or commit); ``""``: the default branch.
+        components: replaced components: ``{"text_encoder_3": "none"}`` drops one (SD3 without T5), a folder
+            loads that component from it (with the class the pipeline's ``model_index.json`` names).
+        single_file_config: for a single-file checkpoint (``.safetensors`` / ``.ckpt`` as the teacher), the
+            diffusers pipeline folder or hub id whose configs it is converted with (``from_single_file(config=)``;
+            offline, a local folder).
+        attention: ``"sdpa"`` (PyTorch's scaled-dot-product attention, diffusers' default) or ``"xformers"``
+            (memory-efficient attention; CUDA with the xformers package only).
+    """
+
+    dtype: str = option("fp32", "torch dtype of the teacher's networks: fp32, fp16 or bf16")
+    variant: str = option("", "weight-file variant, e.g. 'fp16' (*.fp16.safetensors); '': the default files")
+    revision: str = option("", "hub revision (branch, tag or commit); '': the default branch")
+    components: dict = option({}, "replaced components, e.g. {text_encoder_3 = \"none\"} (drop T5) or "
+                                  "{vae = \"path/to/vae\"}")
+    single_file_config: str = option("", "a single-file checkpoint teacher (.safetensors): the diffusers pipeline "
+                                         "folder whose configs convert it (from_single_file(config=))")
+    attention: str = option("sdpa", "'sdpa' (PyTorch scaled-dot-product attention) or 'xformers' (CUDA + xformers)")
+
+    def validate(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}.")
+        if self.attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, not {self.attention!r}.")
+        bad = [k for k, v in self.components.items() if not isinstance(v, str) or not v]
+        if bad:
+            raise ValueError(f"components: {', '.join(bad)} must be 'none' (drop it) or a component folder.")
+
+    def torch_dtype(self):
+        import torch
+
+        return getattr(torch, DTYPES[self.dtype])
+
+
+def _component_overrides(target: str, components: dict, dtype) -> dict:
+    """``from_pretrained`` keyword arguments for replaced components: ``None`` for ``"none"``, else the component
+    loaded from its folder with the class the pipeline's ``model_index.json`` names for it."""
+    import importlib
+    import json
+
+    out = {}
+    index = Path(target) / "model_index.json"
+    names = json.loads(index.read_text()) if index.is_file() else {}
+    for name, value in components.items():
+        if value.lower() == "none":
+            out[name] = None
+            continue
+        if not Path(value).is_dir():
+            raise FileNotFoundError(f"--component {name}={value}: not a folder (give a component folder or 'none').")
+        library, cls = (names.get(name) or [None, None])[:2]
+        if cls is None:
+            raise ValueError(f"--component {name}: the pipeline has no component {name!r} (its components: "
+                             f"{', '.join(k for k, v in names.items() if isinstance(v, list)) or 'unknown'}).")
+        out[name] = getattr(importlib.import_module(library), cls).from_pretrained(value, dtype=dtype)
+    return out
+
+
+def set_attention(pipe, attention: str) -> None:
+    """``"xformers"``: diffusers' memory-efficient attention (CUDA and the xformers package only: a one-line error
+    otherwise); ``"sdpa"``: PyTorch's scaled-dot-product attention, which diffusers uses by default."""
+    import torch
+
+    if attention == "sdpa":
+        return
+    if not torch.cuda.is_available():
+        raise ValueError("attention 'xformers' needs a CUDA device; on this machine (no CUDA) diffusers uses PyTorch's "
+                         "scaled-dot-product attention (attention 'sdpa').")
+    try:
+        import xformers  # noqa: F401
+    except ImportError:
+        raise ValueError("attention 'xformers' needs the xformers package (pip install xformers); or use "
+                         "attention 'sdpa' (PyTorch's scaled-dot-product attention).") from None
+    pipe.enable_xformers_memory_efficient_attention()
 
 
 def load_pipeline(name_or_path: str, device: str | None = None, what: str = "Pipeline", allow_pickle: bool = False,
-                  **components):
+                  options: LoadOptions | None = None, **components):
     """``DiffusionPipeline.from_pretrained`` on a zoo name, a pipeline folder or a hub id.
 
     Weights are read only from safetensors files (``use_safetensors=True``): a ``.bin`` / ``.ckpt`` weight
@@ -20,6 +109,8 @@ def load_pipeline(name_or_path: str, device: str | None = None, what: str = "Pip
         what: the word used in error messages (``"Teacher"``, ``"Pipeline"``).
         allow_pickle: also load pickled weight files where a component has no safetensors (only for
             folders from a source you trust; diffusers then loads them with ``torch.load``).
+        options: dtype, variant, revision, replaced components, single-file config, attention
+            (:class:`LoadOptions`; default: fp32, the default files).
         components: components passed to ``from_pretrained`` in place of the folder's, e.g.
             ``text_encoder_3=None, tokenizer_3=None`` (SD3 without T5).
     Raises:
@@ -31,8 +122,15 @@ def load_pipeline(name_or_path: str, device: str | None = None, what: str = "Pip
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
+    options = options or LoadOptions()
+    options.validate()
     target = zoo.resolve(name_or_path)
     path = Path(target)
+    if path.is_file() and path.suffix in SINGLE_FILE_SUFFIXES:
+        pipe = _load_single_file(path, what, allow_pickle, options)
+        set_attention(pipe, options.attention)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe.to(device) if device else pipe
     if path.exists() and not (path / "model_index.json").is_file():
         raise FileNotFoundError(f"{what} {name_or_path!r} is not a diffusers pipeline folder (no model_index.json).")
     if not path.exists() and (target.count("/") != 1 or target.startswith((".", "/", "~"))):
@@ -40,9 +138,12 @@ def load_pipeline(name_or_path: str, device: str | None = None, what: str = "Pip
                                 "a diffusers pipeline folder, nor a hub id (owner/name).")
     diffusers_logging.disable_progress_bar()  # loading bars would bury the commands' one-line errors
     transformers_logging.disable_progress_bar()
-    components = {**absent_components(path), **components}
+    dtype = options.torch_dtype()
+    kwargs = {"dtype": dtype, "variant": options.variant or None, "revision": options.revision or None}
+    kwargs.update({**absent_components(path), **_component_overrides(target, options.components, dtype),
+                   **components})
     try:
-        pipe = DiffusionPipeline.from_pretrained(target, use_safetensors=None if allow_pickle else True, **components)
+        pipe = DiffusionPipeline.from_pretrained(target, use_safetensors=None if allow_pickle else True, **kwargs)
     except (OSError, ValueError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         hint = ""
@@ -51,6 +152,7 @@ def load_pipeline(name_or_path: str, device: str | None = None, what: str = "Pip
                     "convert them, or pass --allow-pickle for a folder from a source you trust)")
         raise FileNotFoundError(f"Could not load {what.lower()} {name_or_path!r} as a diffusers pipeline: "
                                 f"{first}{hint}") from None
+    set_attention(pipe, options.attention)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device) if device else pipe
 
@@ -67,6 +169,35 @@ def absent_components(folder: Path) -> dict:
     entries = json.loads(index.read_text())
     return {name: None for name, value in entries.items()
             if not name.startswith("_") and isinstance(value, list) and len(value) == 2 and value[0] is None}
+
+
+def _load_single_file(path: Path, what: str, allow_pickle: bool, options: LoadOptions):
+    """A pipeline from a single-file checkpoint in the original (non-diffusers) layout, converted by diffusers'
+    ``from_single_file`` with the configs of ``options.single_file_config`` (a pipeline folder: its
+    ``model_index.json`` names the pipeline class)."""
+    import diffusers
+
+    if path.suffix != ".safetensors" and not allow_pickle:
+        raise FileNotFoundError(f"{what} {str(path)!r} is a pickled checkpoint ({path.suffix}), which can run code when "
+                                "loaded; convert it to .safetensors, or pass --allow-pickle for a file you trust.")
+    config = options.single_file_config
+    if not config:
+        raise ValueError(f"{what} {str(path)!r} is a single-file checkpoint: give the diffusers pipeline folder (or hub "
+                         "id) of its architecture with --single-file-config (recipe: loading.single_file_config).")
+    index = Path(config) / "model_index.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"--single-file-config {config!r} is not a diffusers pipeline folder (no "
+                                "model_index.json); fastgen converts single files offline, from a local folder.")
+    import json
+
+    cls = getattr(diffusers, json.loads(index.read_text())["_class_name"])
+    try:
+        return cls.from_single_file(str(path), config=str(config), torch_dtype=options.torch_dtype(),
+                                    **_component_overrides(config, options.components, options.torch_dtype()))
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise FileNotFoundError(f"Could not convert {what.lower()} {str(path)!r} with the configs of {config!r}: "
+                                f"{first}") from None
 
 
 def pipeline_fingerprint(pipe) -> dict[str, str]:

@@ -22,6 +22,7 @@ import math
 from typing import Callable, Sequence
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from fastgen.denoiser import Conditioning, Denoiser

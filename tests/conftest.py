@@ -216,3 +216,87 @@ def tiny_flux_pipeline(folder, guidance_embeds: bool = True, dynamic_shift: bool
         if isinstance(module, torch.nn.Module):
             module.eval()
     return pipe
+
+
+def tiny_vae(**kwargs):
+    """A tiny RGB ``AutoencoderKL``: 16x16 images <-> 4x8x8 latents."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, sample_size=16, layers_per_block=1,
+                         block_out_channels=(8, 8), norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, **kwargs)
+
+
+def tiny_clip(tokenizer, projection: bool = False, hidden_size: int = 8):
+    """A tiny CLIP text encoder over ``tokenizer`` (``CLIPTextModelWithProjection`` with ``projection``)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                            projection_dim=8, num_hidden_layers=2, num_attention_heads=2,
+                            max_position_embeddings=tokenizer.model_max_length, bos_token_id=tokenizer.bos_token_id,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+
+
+def _eval(pipe):
+    for module in pipe.components.values():  # eval mode, as from_pretrained loads them
+        if isinstance(module, torch.nn.Module):
+            module.eval()
+    return pipe
+
+
+def tiny_sd_pipeline(folder, prediction_type: str = "epsilon", seed: int = 0):
+    """A tiny ``StableDiffusionPipeline`` (SD1.5-style with ``"epsilon"``; SD2-style with ``"v_prediction"``:
+    trailing timestep spacing and zero terminal SNR, as SD2.x-v fine-tunes use), built from diffusers' classes
+    with the zoo's byte-level tokenizer (written to ``folder/tokenizer``)."""
+    from pathlib import Path
+
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
+
+    from fastgen.train.teachers import build_byte_tokenizer
+
+    torch.manual_seed(seed)
+    tok = build_byte_tokenizer(Path(folder) / "tokenizer")
+    if prediction_type == "epsilon":
+        scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                  clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    else:
+        scheduler = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                           prediction_type=prediction_type, timestep_spacing="trailing",
+                                           steps_offset=1)
+    return _eval(StableDiffusionPipeline(
+        vae=tiny_vae(), text_encoder=tiny_clip(tok, hidden_size=16), tokenizer=tok, unet=tiny_cond_unet(),
+        scheduler=scheduler, safety_checker=None, feature_extractor=None, image_encoder=None,
+        requires_safety_checker=False))
+
+
+def tiny_sdxl_unet():
+    """A tiny SDXL ``UNet2DConditionModel``: text-time added conditioning (pooled text of the second encoder,
+    projection 8, and six size ids embedded with width 8), cross-attention over both encoders (8 + 8)."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(16, 32), cross_attention_dim=16, attention_head_dim=4,
+                                norm_num_groups=8, addition_embed_type="text_time", addition_time_embed_dim=8,
+                                projection_class_embeddings_input_dim=6 * 8 + 8,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+
+
+def tiny_sdxl_pipeline(folder, seed: int = 0):
+    """A tiny ``StableDiffusionXLPipeline`` built from diffusers' and transformers' classes: a ``CLIPTextModel`` and
+    a ``CLIPTextModelWithProjection`` (its pooled output and the size ids are the UNet's added conditioning), the
+    zoo's byte-level tokenizer for both, a tiny VAE and SDXL's ``EulerDiscreteScheduler`` settings."""
+    from pathlib import Path
+
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    from fastgen.train.teachers import build_byte_tokenizer
+
+    torch.manual_seed(seed)
+    tok = build_byte_tokenizer(Path(folder) / "tokenizer")
+    scheduler = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                       steps_offset=1, timestep_spacing="leading")
+    return _eval(StableDiffusionXLPipeline(
+        vae=tiny_vae(), text_encoder=tiny_clip(tok), text_encoder_2=tiny_clip(tok, projection=True), tokenizer=tok,
+        tokenizer_2=tok, unet=tiny_sdxl_unet(), scheduler=scheduler, force_zeros_for_empty_prompt=True))

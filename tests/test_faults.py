@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_cond_unet, tiny_recipe, tiny_unet
+from conftest import tiny_cond_unet, tiny_recipe, tiny_sd_pipeline, tiny_unet
 from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline
 from safetensors.torch import load_file
 
@@ -101,6 +101,7 @@ def files(root, teacher):
     DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(f / "other")
     torch.manual_seed(0)
     DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler()).save_pretrained(f / "pickled", safe_serialization=False)
+    tiny_sd_pipeline(f / "sd").save_pretrained(f / "sd")  # a text-conditional teacher that is not in the zoo
     return f
 
 
@@ -156,6 +157,16 @@ CASES = [
     (TRAIN + ["--set", "student.ema_decay=1.0"], "ema_decay must be in [0, 1)"),
     (TRAIN + ["--set", "student.timesteps=[999.5]"], "must be whole numbers, got 999.5"),
     (TRAIN + ["--set", "student.timesteps=[499, 999]"], "must be strictly descending, got [499, 999]"),
+    (TRAIN + ["--set", "student.num_steps=4", "--set", "student.timesteps=[749]"],
+     "num_steps = 4, but timesteps = [749] are 1; set student.timesteps=[] to let num_steps choose them"),
+    (TRAIN + ["--set", "loading.dtype=fp8"], "[loading] dtype must be one of fp32, fp16, bf16, not 'fp8'"),
+    (TRAIN + ["--set", "train.trained_dtype=fp64"], "trained_dtype must be fp32, bf16 or fp16, not 'fp64'"),
+    (TRAIN + ["--dtype", "bf16", "--set", "train.mixed_precision=no"],
+     "The teacher and the trained copies are in different dtypes (bfloat16, float32"),
+    (TRAIN + ["--component", "vae"], "--component 'vae' must look like NAME=none or NAME=FOLDER"),
+    (["train", "dmd2_1step", "--out", "{new}"], "names no teacher (a recipe for your own teacher): pass --teacher"),
+    (["train", "dmd2_1step", "--teacher", "{f}/sd", "--out", "{new}"],
+     "data.prompts: the teacher '{f}/sd' is text-conditional and not a zoo teacher"),
     (TRAIN + ["--set", "critic.weighting=foo"], "weighting must be 'own' or 'edm', not 'foo'"),
     (TRAIN + ["--set", "sid.alpha=1.0"], "section [sid] holds options of method 'sid'"),
     (TRAIN + ["--set", "method=nope"], "Unknown method 'nope'"),
@@ -274,7 +285,8 @@ CASES = [
     (BENCH + ["--batch-size", "0"], "--batch-size must be a positive integer, got 0"),
     (["bench", "digits-ddpm", "--num-images", "5", "--out", "{new}"], "at least 10 images needed, got --num-images 5"),
     (["bench", "digits-ddpm", "--num-images", "10", "--out", "{f}/file.txt"], "file.txt is an existing file"),
-    (["bench", "{teacher}", "--num-images", "10", "--out", "{new}"], "pass a zoo teacher"),
+    (["bench", "{teacher}", "--num-images", "10", "--metrics", "fd,recall", "--out", "{new}"],
+     "fd, recall use the zoo's data and domain classifiers"),
     # the zoo: never the shipped weights by default, settings checked first
     (["zoo", "train", "digits-ddpm", "--train-steps", "0", "--out", "{new}"], "--train-steps must be >= 1, got 0"),
     (["zoo", "train", "digits-ddpm", "--batch-size", "0", "--out", "{new}"], "--batch-size must be >= 1, got 0"),

@@ -176,7 +176,7 @@ def test_the_student_timesteps_follow_the_teachers_shift(students):
 
 
 BAD_INPUT = [  # (teacher, recipe overrides, the one-line error)
-    ("sd3", ["student.timesteps=[1001, 500]"],
+    ("sd3", ["student.timesteps=[1001, 500]", "student.num_steps=2"],
      "student.timesteps = [1001, 500]: Timesteps [1001.0] are out of range (0, 1000] (flow timesteps t = sigma T"),
     ("sd3", ["student.timesteps=[0.0]"], "Timesteps [0.0] are out of range (0, 1000]"),
     ("sd3", ["method=progressive"], "progressive supports discrete VP teachers (a DDPM-family scheduler; epsilon, "
@@ -194,7 +194,9 @@ def test_bad_input_for_flow_teachers_is_one_line_before_training(students, teach
     from fastgen.cli import main
 
     source = str(students["sd3", "dmd2"][0]) if teacher == "sd3" else teacher
-    (tmp_path / "recipe.toml").write_text('method = "dmd2"\n[train]\nsteps = 1\nbatch_size = 2\nprogress = false\n')
+    (tmp_path / "prompts.txt").write_text("a photo of a bag\n")
+    (tmp_path / "recipe.toml").write_text(f'method = "dmd2"\n[data]\nprompts = "{tmp_path / "prompts.txt"}"\n'
+                                          '[train]\nsteps = 1\nbatch_size = 2\nprogress = false\n')
     argv = ["train", str(tmp_path / "recipe.toml"), "--teacher", source, "--out", str(tmp_path / "run")]
     code = main(argv + [a for o in overrides for a in ("--set", o)])
     err = capsys.readouterr().err

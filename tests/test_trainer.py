@@ -32,6 +32,16 @@ def ddpm_teacher(tmp_path_factory):
     return folder
 
 
+def zoo_prompts(folder):
+    """The zoo's class prompts as a prompt file: the tiny SD teacher is not a zoo teacher, so data.prompts = "zoo" is
+    refused for it."""
+    from fastgen import zoo
+
+    path = folder / "zoo_prompts.txt"
+    path.write_text("\n".join(zoo.prompts()) + "\n")
+    return path
+
+
 @pytest.fixture(scope="module")
 def sd_teacher(tmp_path_factory):
     """A tiny text-to-image StableDiffusionPipeline (byte tokenizer, 1-channel 16x16 images, 4x8x8 latents)."""
@@ -129,7 +139,7 @@ def test_recipe_errors(ddpm_teacher, recipe, tmp_path):
     with pytest.raises(ValueError, match="expects int"):
         recipes.load_recipe(recipe, ["train.steps=many"])
     cfg = recipes.load_recipe(recipe, ["dmd2.guidance_scale=3", "student.timesteps=[999, 499]", "teacher=some/model",
-                                       "optim.critic.lr=3e-4"])
+                                       "optim.critic.lr=3e-4", "student.num_steps=2"])
     assert cfg.options.guidance_scale == 3.0 and cfg.student.timesteps == [999, 499] and cfg.teacher == "some/model"
     assert cfg.optim["critic"].lr == 3e-4 and cfg.optim["generator"].lr == 1e-3
     with pytest.raises(FileNotFoundError, match="dmd2_fmnist_1step"):
@@ -158,7 +168,7 @@ def test_lora_student_export_round_trip(sd_teacher, recipe, tmp_path):
     """A briefly trained 2-step LoRA student: the fused folder loads with plain diffusers and gives
     fastgen's sampler output; the LoRA file on the teacher gives the same images."""
     folder = run_training(recipe, ["student.num_steps=2", "student.lora_rank=4", "critic.lora_rank=4",
-                                   "train.steps=2", "dmd2.ratio=1", "optim.generator.lr=1e-2", "train.checkpoint_every=2"],
+                                   f"data.prompts={zoo_prompts(tmp_path)}", "train.steps=2", "dmd2.ratio=1", "optim.generator.lr=1e-2", "train.checkpoint_every=2"],
                           teacher=str(sd_teacher), out=str(tmp_path / "lora"))
     again = export_checkpoint(tmp_path / "lora", out=tmp_path / "again")  # fastgen export: the same two folders
     a, b = weights(folder), weights(again)
@@ -310,7 +320,8 @@ def test_gan_run_on_an_image_folder_streams_it_and_resumes_exactly(sd_teacher, r
     pipe = StableDiffusionPipeline.from_pretrained(sd_teacher)
     assert RealImageStream(pipe, folder, batch_size=4, num_workers=0).next_batch().shape == (4, 4, 8, 8)
     gan = ["critic.gan_head=true", "dmd2.gan_generator_weight=0.01", "dmd2.gan_critic_weight=0.01",
-           f"data.real={folder}", "data.num_workers=1", "data.prompts=zoo", "train.batch_size=2"]
+           f"data.real={folder}", "data.num_workers=1", f"data.prompts={zoo_prompts(tmp_path)}",
+           "train.batch_size=2"]
     whole = run_training(recipe, gan, teacher=str(sd_teacher), out=str(tmp_path / "whole"))
     run_training(recipe, gan + ["train.steps=3"], teacher=str(sd_teacher), out=str(tmp_path / "part"))
     checkpoint = load_file(str(tmp_path / "part" / "checkpoints" / "checkpoint-0000003" / "trainer_state.safetensors"))

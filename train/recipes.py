@@ -2,7 +2,8 @@
 
 A recipe has top-level keys (``method``, ``teacher``, ``seed``, ``out``, ``name``) and sections:
 
-* ``[student]``, ``[data]``, ``[train]`` -- in every recipe;
+* ``[student]``, ``[data]``, ``[train]``, ``[loading]`` (how the teacher is loaded: dtype, variant, revision,
+  replaced components, single-file config, attention) -- in every recipe;
 * ``[<method>]`` -- the method's own options (``[dmd2]``, ``[sid]``, ...: its ``Options`` dataclass);
 * ``[critic]`` -- for methods with the fake-score critic (DMD, DMD2, SiD);
 * ``[optim.<group>]`` -- the optimizer of each of the method's groups (``generator``, ``critic``, ...),
@@ -34,6 +35,7 @@ except ModuleNotFoundError:  # Python 3.10: the backport has the same API
 from fastgen.critic import CriticOptions
 from fastgen.methods import DistillationMethod, OptimizerOptions, StudentOptions, get_method, method_names
 from fastgen.methods.base import option, option_default
+from fastgen.pipelines.loading import LoadOptions
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 
@@ -83,6 +85,11 @@ class TrainOptions:
     eval_images: int = option(500, "images per evaluation")
     trackers: list = option([], "accelerate trackers, e.g. ['tensorboard'] or ['wandb']")
     progress: bool = option(True, "show a progress bar")
+    trained_dtype: str = option("fp32", "dtype the trained copies (student, critic, their adapters) are kept in: fp32 "
+                                        "(master weights; a teacher loaded in bf16/fp16 then needs mixed precision), "
+                                        "bf16 or fp16")
+    gradient_checkpointing: bool = option(False, "recompute the trained networks' activations in the backward pass "
+                                                 "(diffusers' enable_gradient_checkpointing): less memory, more time")
     export_lora: bool = option(True, "LoRA students: also write the adapter as pytorch_lora_weights.safetensors "
                                      "(for pipelines with a LoRA loader, e.g. StableDiffusionPipeline)")
 
@@ -100,12 +107,14 @@ class TrainOptions:
         if self.mixed_precision not in ("", "no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision must be '' (accelerate's config), 'no', 'bf16' or 'fp16', not "
                              f"{self.mixed_precision!r}.")
+        if self.trained_dtype not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"trained_dtype must be fp32, bf16 or fp16, not {self.trained_dtype!r}.")
         if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
             raise ValueError(f"max_grad_norm must be >= 0 (0: no clipping), got {self.max_grad_norm}.")
 
 
 # Sections every recipe has, and the shared sections a method may declare in its ``sections``.
-COMMON_SECTIONS = {"student": StudentOptions, "data": DataOptions, "train": TrainOptions}
+COMMON_SECTIONS = {"student": StudentOptions, "data": DataOptions, "train": TrainOptions, "loading": LoadOptions}
 SHARED_SECTIONS = {"student": StudentOptions, "critic": CriticOptions}
 TOP_KEYS = {"method": (str, DEFAULT_METHOD, "distillation method: " + "the name of a registered method"),
             "teacher": (str, "fmnist-ldm", "teacher: a zoo name, a diffusers pipeline folder or a hub id"),
@@ -132,6 +141,7 @@ class Recipe:
     optim: dict[str, OptimizerOptions] = field(default_factory=dict)
     data: DataOptions = field(default_factory=DataOptions)
     train: TrainOptions = field(default_factory=TrainOptions)
+    loading: LoadOptions = field(default_factory=LoadOptions)
 
     @property
     def method_class(self) -> type[DistillationMethod]:
@@ -145,7 +155,7 @@ class Recipe:
             out["critic"] = asdict(self.critic)
         out[self.method] = asdict(self.options)
         out["optim"] = {group: asdict(o) for group, o in self.optim.items()}
-        out["data"], out["train"] = asdict(self.data), asdict(self.train)
+        out["data"], out["train"], out["loading"] = asdict(self.data), asdict(self.train), asdict(self.loading)
         return out
 
     def flat(self) -> dict:

@@ -19,6 +19,7 @@ temporary name and renamed into place.
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -31,7 +32,7 @@ from fastgen.lora import AdapterDenoiser
 from fastgen.pipelines.export import export_student, exported_scheduler
 from fastgen.pipelines.generate import denoiser_from_pipeline
 from fastgen.pipelines.folders import check_output_dir, check_replaceable, writing_folder
-from fastgen.pipelines.loading import load_pipeline, pipeline_fingerprint
+from fastgen.pipelines.loading import LoadOptions, load_pipeline, pipeline_fingerprint
 from fastgen.pipelines.lora import fuse_student, save_lora_weights
 from fastgen.pipelines.sampler import student_timesteps
 from fastgen.schedule import VPSchedule, schedule_timesteps
@@ -44,6 +45,7 @@ from .runfolder import (RECIPE_FILE, RESUMES_FILE, TEACHER_FILE, RunFolderLock, 
 from .trainer import STATE_FILE, Trainer, TrainerConfig, latest_checkpoint
 
 OPTIONS_HELP = describe_options
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 # ``evaluate(folder, num_images, device, grid=PNG) -> metrics``: scores an exported student folder and writes its
 # sample grid to ``grid`` (fastgen.eval.evaluate.training_evaluator).
@@ -51,10 +53,11 @@ FolderEvaluator = Callable[..., dict]
 SAMPLES_DIR = "samples"  # the sample grid of each evaluation during training: samples/step-<N>.png
 
 
-def load_teacher(name_or_path: str, allow_pickle: bool = False):
-    """Load a teacher (zoo name, pipeline folder or hub id) with every component frozen; clear errors otherwise.
-    Only safetensors weights are read unless ``allow_pickle`` (see :func:`~fastgen.pipelines.loading.load_pipeline`)."""
-    pipe = load_pipeline(name_or_path, what="Teacher", allow_pickle=allow_pickle)
+def load_teacher(name_or_path: str, allow_pickle: bool = False, options: LoadOptions | None = None):
+    """Load a teacher (zoo name, pipeline folder, hub id or single-file checkpoint) with every component frozen;
+    clear errors otherwise. Only safetensors weights are read unless ``allow_pickle``; ``options``: the recipe's
+    ``[loading]`` (see :func:`~fastgen.pipelines.loading.load_pipeline`)."""
+    pipe = load_pipeline(name_or_path, what="Teacher", allow_pickle=allow_pickle, options=options)
     if getattr(pipe, "unet", None) is None and getattr(pipe, "transformer", None) is None:
         raise TypeError(f"Teacher {name_or_path!r} ({type(pipe).__name__}) has no unet or transformer to distill.")
     for module in pipe.components.values():
@@ -111,6 +114,15 @@ def build_method(recipe: Recipe, pipe, timesteps: list[int]):
                                default_guidance=default_guidance)
 
 
+def check_prompts(recipe: Recipe, text: bool) -> None:
+    """A text-conditional teacher that is not a zoo teacher trains on the user's prompts: ``data.prompts = "zoo"``
+    (the default: the zoo's ten Fashion-MNIST class prompts) is refused for it rather than used silently."""
+    if text and recipe.data.prompts == "zoo" and zoo.name_of(recipe.teacher) is None:
+        raise ValueError(f"data.prompts: the teacher {recipe.teacher!r} is text-conditional and not a zoo teacher, so "
+                         "it needs your prompts: --set data.prompts=FILE (a text file, one prompt per line; the zoo's "
+                         "are ten Fashion-MNIST class names).")
+
+
 def build_data(recipe: Recipe, pipe, method, out_dir: Path, device, num_shards: int = 1, shard: int = 0) -> BatchStream:
     """Exactly the data ``method.data_needs()`` asks for -- prompts (text-conditional teachers), real samples,
     teacher ODE pairs -- as a BatchStream (``shard`` of ``num_shards``: this process's slice of every batch)."""
@@ -147,6 +159,9 @@ def export(method, pipe, folder: Path, lora_folder: Path | None = None, extra: d
             with writing_folder(lora_folder, marker=LORA_WEIGHTS, what="LoRA folder") as tmp:
                 save_lora_weights(type(pipe), model, tmp, method.student_adapter)
         model = fuse_student(model, method.student_adapter)
+    teacher_dtype = next(method.teacher.model.parameters()).dtype
+    if next(model.parameters()).dtype != teacher_dtype:  # fp32 trained copies of a bf16 / fp16 teacher
+        model = copy.deepcopy(model).to(teacher_dtype)  # the folder's networks in one dtype, as its pipeline needs
     # written into a temporary folder and renamed into place: a kill leaves the previous folder or none
     return export_student(pipe, folder, model=model, timesteps=spec.timesteps, sampler=spec.sampler,
                           method=spec.method, guidance_scale=spec.guidance_scale, extra_metadata=extra,
@@ -278,6 +293,9 @@ def run_training(recipe: str, overrides: Sequence[str] = (), teacher: str | None
     cfg = load_recipe(recipe, overrides)
     if teacher is not None:
         cfg.teacher = teacher
+    if not cfg.teacher:
+        raise ValueError(f"Recipe {cfg.name or recipe!r} names no teacher (a recipe for your own teacher): pass "
+                         "--teacher PATH_OR_HUB_ID.")
     if out is None and resume not in (True, False, None) and (Path(resume) / STATE_FILE).is_file():
         out = str(Path(resume).parent.parent)
     out_dir = check_output_dir(out or default_out(recipe, cfg))
@@ -301,7 +319,8 @@ def build_run(cfg: Recipe, out_dir: Path, allow_pickle: bool, resumed: bool, tra
 
     t = cfg.train
     set_seed(cfg.seed)
-    pipe = load_teacher(cfg.teacher, allow_pickle)
+    pipe = load_teacher(cfg.teacher, allow_pickle, cfg.loading)
+    check_prompts(cfg, hasattr(pipe, "encode_prompt"))
     fingerprint = pipeline_fingerprint(pipe)
     if resumed:
         check_resumed_teacher(out_dir, cfg, fingerprint, "--resume" if trackers else "export")
@@ -315,12 +334,52 @@ def build_run(cfg: Recipe, out_dir: Path, allow_pickle: bool, resumed: bool, tra
                                 checkpoint_every=t.checkpoint_every, keep_checkpoints=t.keep_checkpoints,
                                 log_every=t.log_every, eval_every=t.eval_every,
                                 trackers=list(t.trackers) if trackers else [], progress=t.progress, seed=cfg.seed)
+    keep_trained_dtype(method, t.trained_dtype)
+    if t.gradient_checkpointing:
+        enable_gradient_checkpointing(method)
     trainer = Trainer(method, out_dir, trainer_cfg, cfg.optim, tracker_config=cfg.flat())
+    check_precisions(method, trainer.accelerator.mixed_precision)
     if trainer.accelerator.num_processes > 1:  # same initial weights everywhere (above), different noise per process
         set_seed(cfg.seed, device_specific=True)
     method = trainer.accelerator.unwrap_model(trainer.model)
     pipe.to(trainer.device)
     return pipe, fingerprint, method, trainer
+
+
+def keep_trained_dtype(method, trained_dtype: str) -> None:
+    """Keep every trained parameter (student, critic, adapters, heads) in ``trained_dtype``, whatever dtype the
+    teacher was loaded in (``loading.dtype``): fp32 master weights beside a bf16 teacher, as usual."""
+    dtype = DTYPES[trained_dtype]
+    for parameter in method.parameters():
+        if parameter.requires_grad and parameter.dtype != dtype:
+            parameter.data = parameter.data.to(dtype)
+
+
+def check_precisions(method, mixed_precision: str) -> None:
+    """Networks in two dtypes (a bf16 teacher, fp32 trained copies) meet only under autocast: a one-line error when
+    the run has no mixed precision."""
+    dtypes = {p.dtype for p in method.parameters()}
+    if len(dtypes) > 1 and mixed_precision == "no":
+        names = ", ".join(sorted(str(d).replace("torch.", "") for d in dtypes))
+        raise ValueError(f"The teacher and the trained copies are in different dtypes ({names}: loading.dtype and "
+                         "train.trained_dtype), which needs mixed precision: set train.mixed_precision = 'bf16' (or "
+                         "'fp16'; or accelerate's config), or the same dtype for both.")
+
+
+def enable_gradient_checkpointing(method) -> int:
+    """diffusers' gradient checkpointing on every network the method trains (student, critic; a LoRA student's
+    frozen base too, which only affects passes with gradients); returns how many networks."""
+    from diffusers import ModelMixin
+
+    networks: list[str] = []  # the outermost diffusers models (a UNet's Transformer2DModel blocks are inside it)
+    for name, module in method.named_modules():
+        if any(name.startswith(outer + ".") for outer in networks) or not isinstance(module, ModelMixin):
+            continue
+        if getattr(module, "_supports_gradient_checkpointing", False) and any(p.requires_grad
+                                                                                for p in module.parameters()):
+            module.enable_gradient_checkpointing()
+            networks.append(name)
+    return len(networks)
 
 
 def lora_output(cfg: Recipe, pipe, folder: Path) -> Path | None:

@@ -199,8 +199,10 @@ class StudentOptions:
     num_steps: int = option(1, "student sampling steps; timesteps = fastgen.pipelines.sampler.student_timesteps("
                                "schedule, num_steps), e.g. [999, 749, 499, 249] for 4 (VP teachers), the "
                                "teacher's shifted sigmas times T for flow teachers")
-    timesteps: list = option([], "explicit descending timesteps (overrides num_steps): whole numbers in [0, T-1] for "
-                                 "VP teachers, t = sigma T in (0, T] for flow teachers (SD3, Flux)")
+    timesteps: list = option([], "explicit descending timesteps: whole numbers in [0, T-1] for VP teachers, "
+                                 "t = sigma T in (0, T] for flow teachers (SD3, Flux); num_steps must then equal "
+                                 "their number "
+                                 "(set student.timesteps=[] to let num_steps choose them)")
     lora_rank: int = option(0, "0: full copy of the teacher network; > 0: LoRA adapter 'student' of this rank on "
                                "the frozen teacher")
     lora_alpha: float = option(0.0, "LoRA alpha (0: equal to the rank)")
@@ -218,6 +220,10 @@ class StudentOptions:
                 raise ValueError(f"timesteps = {ts}: each must be a number >= 0, got {bad[0]!r}.")
             if any(a <= b for a, b in zip(ts, ts[1:])):
                 raise ValueError(f"timesteps = {ts}: Timesteps must be strictly descending, got {ts}.")
+            if self.num_steps != len(self.timesteps):  # never silently ignore one of the two
+                raise ValueError(f"num_steps = {self.num_steps}, but timesteps = {self.timesteps} are "
+                                 f"{len(self.timesteps)}; set student.timesteps=[] to let num_steps choose them, or "
+                                 f"num_steps = {len(self.timesteps)}.")
         if self.lora_rank < 0 or self.lora_alpha < 0:
             raise ValueError(f"lora_rank and lora_alpha must be >= 0, got {self.lora_rank} and {self.lora_alpha}.")
         if not 0 <= self.ema_decay < 1:

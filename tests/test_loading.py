@@ -1,0 +1,118 @@
+"""Teacher loading options (dtype, variant, replaced components, single-file errors, attention), trained copies in a
+chosen precision, and gradient checkpointing that leaves the loss and gradients unchanged."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import tiny_sd3_pipeline, tiny_sd_pipeline, tiny_vae
+
+from fastgen.pipelines.loading import LoadOptions, load_pipeline
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("loading") / "sd"
+    tiny_sd_pipeline(folder).save_pretrained(folder)
+    return folder
+
+
+def test_dtype_and_variant(sd, tmp_path):
+    pipe = load_pipeline(str(sd), options=LoadOptions(dtype="bf16"))
+    assert {pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} == {torch.bfloat16}
+    variant = tmp_path / "variant"
+    load_pipeline(str(sd)).save_pretrained(variant, variant="fp16")
+    assert list((variant / "unet").glob("*.fp16.safetensors"))
+    loaded = load_pipeline(str(variant), options=LoadOptions(variant="fp16"))
+    assert torch.equal(loaded.unet.conv_out.weight, load_pipeline(str(sd)).unet.conv_out.weight)
+
+
+def test_replaced_and_dropped_components(sd, tmp_path):
+    sd3 = tmp_path / "sd3"
+    tiny_sd3_pipeline(sd3).save_pretrained(sd3)
+    without_t5 = load_pipeline(str(sd3), options=LoadOptions(components={"text_encoder_3": "none"}))
+    assert without_t5.text_encoder_3 is None and without_t5.transformer is not None
+    torch.manual_seed(5)
+    other = tiny_vae()
+    other.save_pretrained(tmp_path / "vae")
+    pipe = load_pipeline(str(sd), options=LoadOptions(components={"vae": str(tmp_path / "vae")}))
+    assert torch.equal(pipe.vae.decoder.conv_out.weight, other.decoder.conv_out.weight)
+    with pytest.raises(ValueError, match="the pipeline has no component 'vea'"):
+        load_pipeline(str(sd), options=LoadOptions(components={"vea": str(tmp_path / "vae")}))
+
+
+@pytest.mark.parametrize("options, file, message", [
+    (LoadOptions(dtype="fp8"), None, "dtype must be one of fp32, fp16, bf16, not 'fp8'"),
+    (LoadOptions(attention="flash"), None, "attention must be one of sdpa, xformers"),
+    (LoadOptions(), "model.safetensors", "is a single-file checkpoint: give the diffusers pipeline folder"),
+    (LoadOptions(), "model.ckpt", "is a pickled checkpoint (.ckpt)"),
+    (LoadOptions(single_file_config="/no/such/folder"), "model.safetensors", "is not a diffusers pipeline folder"),
+])
+def test_bad_options_are_one_line_errors(sd, tmp_path, options, file, message):
+    target = str(sd)
+    if file is not None:
+        (tmp_path / file).write_bytes(b"")
+        target = str(tmp_path / file)
+    with pytest.raises((ValueError, FileNotFoundError), match=message.replace("(", r"\(").replace(")", r"\)")) as err:
+        load_pipeline(target, options=options)
+    assert len(str(err.value).splitlines()) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA, xformers may be available")
+def test_xformers_on_cpu_says_sdpa_is_used(sd):
+    with pytest.raises(ValueError, match="needs a CUDA device; on this machine .* scaled-dot-product attention"):
+        load_pipeline(str(sd), options=LoadOptions(attention="xformers"))
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(sd):
+    from fastgen.methods import Batch
+    from fastgen.pipelines.generate import encode_prompts
+    from fastgen.train.recipes import load_recipe
+    from fastgen.train.runner import build_method, enable_gradient_checkpointing, load_teacher, resolve_timesteps
+
+    pipe = load_teacher(str(sd))
+    results = []
+    for checkpointing in (False, True):
+        cfg = load_recipe("dmd2_4step", ["dmd2.guidance_scale=2.0"])
+        torch.manual_seed(0)
+        method = build_method(cfg, pipe, resolve_timesteps(cfg, pipe, build_method(cfg, pipe, [999]).schedule))
+        if checkpointing:
+            assert enable_gradient_checkpointing(method) == 2  # the student and the critic
+        with torch.no_grad():
+            cond, uncond = encode_prompts(pipe, ["a red dress", "a blue bag"])
+        batch = Batch(2, cond=cond, uncond=uncond)
+        torch.manual_seed(1)
+        losses = method.training_step(batch, 0).losses
+        total = sum(losses.values())
+        total.backward()
+        grads = {n: p.grad.clone() for n, p in method.named_parameters() if p.grad is not None}
+        results.append((float(total), grads))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert loss_a == pytest.approx(loss_b, rel=1e-6) and grads_a.keys() == grads_b.keys() and grads_a
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_teacher_with_fp32_trained_copies_under_mixed_precision(sd, tmp_path):
+    """A fresh process (accelerate's mixed precision is per process): a bf16 teacher, fp32 student and critic under
+    bf16 autocast, gradient checkpointing; the exported folder is in the teacher's dtype and runs."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red dress\n")
+    cmd = [sys.executable, "-m", "fastgen.cli", "train", "dmd2_1step", "--teacher", str(sd), "--out",
+           str(tmp_path / "run"), "--dtype", "bf16", "--prompts", str(prompts), "--set", "train.steps=2", "--set",
+           "train.batch_size=2", "--set", "train.checkpoint_every=0", "--set", "train.mixed_precision=bf16", "--set",
+           "train.gradient_checkpointing=true", "--set", "train.progress=false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    recipe = json.loads((tmp_path / "run" / "recipe.json").read_text())
+    assert recipe["loading"]["dtype"] == "bf16" and recipe["train"]["trained_dtype"] == "fp32"
+    log = json.loads((tmp_path / "run" / "train_log.json").read_text())
+    assert log["mixed_precision"] == "bf16"
+    student = load_pipeline(str(tmp_path / "run" / "student"), options=LoadOptions(dtype="bf16"))
+    assert student.unet.dtype == torch.bfloat16
+    image = student("a red dress", num_inference_steps=1, guidance_scale=0.0, output_type="pt").images
+    assert torch.isfinite(image).all()
