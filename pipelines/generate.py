@@ -17,6 +17,7 @@ from fastgen.denoiser import Conditioning, Denoiser, check_guidance_scale, laten
 from fastgen.guidance_embedding import embedding_dim, with_guidance
 from fastgen.schedule import schedule_from_scheduler_config, schedule_timesteps
 
+from .prompts import prompt_options
 from .sampler import SAMPLERS
 
 
@@ -65,7 +66,8 @@ def encode_prompts(pipe, prompts: Sequence[str], negative_prompt: str = "", guid
     if "text_encoder_3" in getattr(pipe, "components", {}):  # SD3: (embeds, neg, pooled, neg_pooled)
         embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
             prompt=list(prompts), prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=1,
-            do_classifier_free_guidance=guidance, negative_prompt=[negative_prompt] * len(prompts))
+            do_classifier_free_guidance=guidance, negative_prompt=[negative_prompt] * len(prompts),
+            **prompt_options(pipe))
         return Conditioning(embeds, pooled), Conditioning(neg, neg_pooled) if guidance else None
     embeds, neg = pipe.encode_prompt(list(prompts), device, 1, guidance, [negative_prompt] * len(prompts))
     return Conditioning(embeds), Conditioning(neg) if guidance else None
