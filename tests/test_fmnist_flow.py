@@ -75,3 +75,32 @@ def test_eval_and_bench_with_flow_solvers(zoo_dir, tmp_path, monkeypatch, capsys
     assert fd["dpm++2m", 2] != fd["euler", 2]  # a different solver, not Euler again
     assert main(["bench", "fmnist-flow", "--solvers", "nope"]) == 2
     assert "unknown solver" in capsys.readouterr().err
+
+
+def test_scm_student_of_fmnist_flow_exports_the_teachers_prompt_options(zoo_dir, tmp_path, monkeypatch):
+    """The shipped recipe scm_fmnist_flow, 2 steps on the zoo's Fashion-MNIST latents: the student's folder records
+    max_sequence_length=0 and its README call, run in a fresh diffusers-only process, equals fastgen's sampler."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from safetensors.torch import load_file
+    from test_flow_teachers import PLAIN, fastgen_latents
+
+    from fastgen.pipelines.export import read_metadata
+    from fastgen.train.runner import run_training
+
+    monkeypatch.setattr(zoo, "ZOO_DIR", zoo_dir)
+    student = run_training("scm_fmnist_flow", ["train.steps=2", "train.batch_size=4", "data.max_real_images=8",
+                                               "train.checkpoint_every=0", "train.progress=false",
+                                               "data.num_workers=0"], out=str(tmp_path / "run"))
+    meta = read_metadata(student)
+    assert meta["call"] == "sigmas=[1.0, 0.6627], guidance_scale=0.0, max_sequence_length=0"
+    assert prompt_options(load_pipeline(str(student))) == {"max_sequence_length": 0}
+    assert "text_encoder_3=None, tokenizer_3=None" in (student / "README.md").read_text()
+    env = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(PLAIN), str(student)], capture_output=True,
+                            text=True, env=env, cwd="/")
+    assert result.returncode == 0, result.stderr[-3000:]
+    ours, _ = fastgen_latents(student)
+    torch.testing.assert_close(load_file(str(student / "plain.safetensors"))["latents"], ours, atol=1e-5, rtol=0)
