@@ -117,7 +117,8 @@ def _flow_card_parts(log: dict, guidance) -> tuple[str, str, str]:
   `_fastgen_prompt_options`, which fastgen reads and diffusers ignores).
 - Guidance scale: **{guidance}** (fmnist-ldm's; `guidance.png` shows samples at w = 1 to 5).
 """
-    usage = f"""pipe = DiffusionPipeline.from_pretrained(fastgen.zoo.path("fmnist-flow"), text_encoder_3=None, tokenizer_3=None)
+    usage = f"""pipe = DiffusionPipeline.from_pretrained(fastgen.zoo.path("fmnist-flow"),  # or the folder path
+                                         text_encoder_3=None, tokenizer_3=None)  # no T5
 image = pipe("a photo of a sneaker", num_inference_steps=50, guidance_scale={guidance}{call_text(options)},
              generator=torch.Generator().manual_seed(0)).images[0]"""
     return FMNIST_DATA, parts, usage

@@ -395,8 +395,8 @@ def train_fmnist_flow(out: Path, cfg: TeacherConfig) -> dict:
                    pooled_projections=pooled[prompt_idx]).sample
 
     start = time.time()
-    losses = _diffusion_loop(net, list(net.parameters()), batches, flow_noising(pipe.scheduler.config.num_train_timesteps),
-                             predict, cfg, "fmnist-flow transformer")
+    noising = flow_noising(pipe.scheduler.config.num_train_timesteps)
+    losses = _diffusion_loop(net, list(net.parameters()), batches, noising, predict, cfg, "fmnist-flow transformer")
     wall = time.time() - start
     pipe.save_pretrained(out)
     make_portable(pipe, out)
