@@ -170,7 +170,8 @@ def _eval(args) -> int:
 def _bench(args) -> int:
     from fastgen.eval.bench import bench, bench_markdown
 
-    result = bench(args.teacher, students=args.students, solvers=args.solvers.split(","),
+    solvers = args.solvers.split(",") if args.solvers is not None else None
+    result = bench(args.teacher, students=args.students, solvers=solvers,
                    nfes=_ints(args.nfes, "--nfes"), num_images=args.num_images, guidance=args.guidance, out=args.out,
                    seed=args.seed, batch_size=args.batch_size, allow_pickle=args.allow_pickle, device=args.device,
                    prompts=args.prompts, metrics=args.metrics, fid_reference=args.fid_reference,
@@ -294,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("teacher", help="zoo teacher name, pipeline folder or hub id (the domain metrics need a zoo "
                                     "teacher; they are skipped for others)")
     be.add_argument("--students", nargs="*", default=[], help="exported student folders to add")
-    be.add_argument("--solvers", default="ddim,dpm++2m,unipc,euler", help="comma-separated solvers (default: all four)")
+    be.add_argument("--solvers", default=None, help="comma-separated solvers (default: ddim,dpm++2m,unipc,euler; "
+                                                  "flow teachers: dpm++2m,unipc,euler, DDIM being Euler there)")
     be.add_argument("--nfes", default="1,2,4,8,16,50",
                     help="comma-separated inference step counts of the teacher's solvers (default: 1,2,4,8,16,50)")
     be.add_argument("--num-images", type=int, default=1000, help="images per row (default: 1000)")

@@ -19,15 +19,16 @@ from fastgen import zoo
 from fastgen.pipelines.folders import check_output_dir
 from fastgen.pipelines.loading import LoadOptions
 from fastgen.pipelines.prompts import load_prompts
+from fastgen.schedule import is_flow_config
 
 from .evaluate import (DEFAULT_METRICS, available_metrics, check_counts, check_fid_reference, check_prompt_source,
                        fmt, parse_metrics, real_floor, run_one, student_call)
-from .generate import SOLVERS, check_generation, load_pipeline, solver_scheduler, zoo_name_of
+from .generate import SOLVERS, check_generation, default_solvers, load_pipeline, solver_scheduler, zoo_name_of
 
 NFES = (1, 2, 4, 8, 16, 50)
 
 
-def bench(teacher: str, students: list[str] = (), solvers=tuple(SOLVERS), nfes=NFES, num_images: int = 1000,
+def bench(teacher: str, students: list[str] = (), solvers=None, nfes=NFES, num_images: int = 1000,
           guidance: float | None = None, out: str | Path = "bench", seed: int = 0, batch_size: int = 200,
           progress: bool = True, allow_pickle: bool = False, device: str = "cpu", prompts=None, metrics=None,
           fid_reference=None, clip_model: str = "ViT-B-32", clip_pretrained: str | None = "openai",
@@ -42,7 +43,8 @@ def bench(teacher: str, students: list[str] = (), solvers=tuple(SOLVERS), nfes=N
         loading: how the teacher is loaded (:class:`~fastgen.pipelines.loading.LoadOptions`); the students are
             loaded with its dtype and attention.
         students: exported student folders.
-        solvers: training-free solvers to run on the teacher.
+        solvers: training-free solvers to run on the teacher (default: :func:`default_solvers`: all four, or
+            euler, dpm++2m and unipc for a flow teacher, where DDIM is Euler).
         nfes: step counts of the teacher's solvers.
         num_images: images per row (the same prompts and seed for every row).
         guidance: the teacher's guidance scale (default: the zoo's recommended one).
@@ -60,9 +62,9 @@ def bench(teacher: str, students: list[str] = (), solvers=tuple(SOLVERS), nfes=N
     from .metrics import load_clip
 
     # every check before the first image: solvers, step counts, the call, the output folder, the students
-    solvers, nfes = list(solvers), list(nfes)
-    unknown = [s for s in solvers if s not in SOLVERS]
-    if unknown or not solvers:
+    nfes = list(nfes)
+    unknown = [s for s in solvers if s not in SOLVERS] if solvers is not None else []
+    if unknown or solvers is not None and not solvers:
         raise ValueError(f"--solvers: unknown solver(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
                          f"available: {', '.join(SOLVERS)}.")
     if not nfes or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in nfes):
@@ -93,6 +95,8 @@ def bench(teacher: str, students: list[str] = (), solvers=tuple(SOLVERS), nfes=N
     check_counts(metrics, num_images, len(zoo.prompts()) if labels is not None else None)
     guidance = guidance if guidance is not None else zoo.RECOMMENDED_GUIDANCE.get(zoo_name or "")
     base_config = dict(pipe.scheduler.config)
+    solvers = list(solvers) if solvers is not None else default_solvers(base_config)
+    baseline_solver = "euler" if is_flow_config(base_config) else "ddim"  # DDIM-50 (on a flow teacher: Euler)
     rows = []
     jobs = [(s, n) for s in solvers for n in nfes]
     for solver, nfe in tqdm(jobs, desc=f"bench {teacher}", disable=not progress):
@@ -110,7 +114,7 @@ def bench(teacher: str, students: list[str] = (), solvers=tuple(SOLVERS), nfes=N
         meta = pipeline_metadata(student)
         rows.append({"sampler": f"{meta['method']} student ({Path(folder).name})", "kind": "student",
                      "guidance": call.get("guidance"), **row})
-    baseline = next((r["s_per_image"] for r in rows if r["sampler"] == "ddim" and r["nfe"] == 50), None)
+    baseline = next((r["s_per_image"] for r in rows if r["sampler"] == baseline_solver and r["nfe"] == 50), None)
     for r in rows:
         r["speedup"] = baseline / r["s_per_image"] if baseline else None
     # the rows' prompts cycle through the classes (fastgen.eval.generate): the floor has the same classes

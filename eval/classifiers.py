@@ -48,7 +48,7 @@ from fastgen.zoo import USER_DIR, ZOO_DIR
 CLASSIFIER_DIR = ZOO_DIR / "classifiers"
 NAMES = ("digits", "fmnist")
 # Zoo teacher -> the classifier of its domain.
-TEACHER_CLASSIFIER = {"digits-ddpm": "digits", "fmnist-ldm": "fmnist"}
+TEACHER_CLASSIFIER = {"digits-ddpm": "digits", "fmnist-ldm": "fmnist", "fmnist-flow": "fmnist"}
 NUM_CLASSES = 10
 # The feature groups of the FD features (:meth:`DomainClassifier.features`), see the module docstring.
 FD_GROUPS = ("penultimate",)

@@ -16,6 +16,8 @@ from tqdm.auto import tqdm
 
 from fastgen import zoo
 from fastgen.pipelines.loading import load_pipeline  # noqa: F401  (re-exported for eval's users)
+from fastgen.pipelines.prompts import prompt_options
+from fastgen.schedule import is_flow_config
 
 # Training-free solvers of the quality-vs-NFE frontier. Trailing spacing for all: "leading"
 # spacing starts at t = 1 for one step and would make the low-NFE baselines meaninglessly bad.
@@ -28,15 +30,40 @@ SOLVERS = {
 }
 
 
+# The same solvers on flow-matching teachers (SD3, Flux, fmnist-flow), with diffusers' flow sigmas. DDIM on a
+# rectified flow (x0 and noise moved to the next sigma) is its Euler step: both are FlowMatchEulerDiscreteScheduler.
+FLOW_SOLVERS = {
+    "ddim": ("FlowMatchEulerDiscreteScheduler", {}),
+    "dpm++2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
+                                                "use_flow_sigmas": True, "prediction_type": "flow_prediction"}),
+    "unipc": ("UniPCMultistepScheduler", {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}),
+    "euler": ("FlowMatchEulerDiscreteScheduler", {}),
+}
+
+
+def default_solvers(base_config) -> list[str]:
+    """The solvers of a teacher's frontier: all four, or for a flow teacher all but ``ddim`` (its Euler)."""
+    return [name for name in SOLVERS if not (is_flow_config(base_config) and name == "ddim")]
+
+
 def solver_scheduler(name: str, base_config):
-    """A diffusers scheduler for solver ``name`` on the teacher's noise schedule."""
+    """A diffusers scheduler for solver ``name`` on the teacher's noise schedule (flow teachers: its flow sigmas,
+    with the teacher's shift)."""
     import diffusers
 
     if name not in SOLVERS:
         raise ValueError(f"Unknown solver {name!r}; available: {', '.join(SOLVERS)}.")
-    cls_name, options = SOLVERS[name]
     config = {k: v for k, v in dict(base_config).items() if not k.startswith("_") and k != "fastgen"}
-    return getattr(diffusers, cls_name).from_config(config, **options)
+    if not is_flow_config(config):
+        cls_name, options = SOLVERS[name]
+        return getattr(diffusers, cls_name).from_config(config, **options)
+    cls_name, options = FLOW_SOLVERS[name]
+    cls = getattr(diffusers, cls_name)
+    if cls_name.startswith("FlowMatch"):
+        return cls.from_config(config, **options)
+    accepted = set(inspect.signature(cls.__init__).parameters)  # the flow config's keys this solver also takes
+    return cls.from_config({k: v for k, v in config.items() if k in accepted and k != "shift"}, **options,
+                           flow_shift=config.get("shift", 1.0))
 
 
 def tcd_scheduler(scheduler):
@@ -201,6 +228,7 @@ def generate(pipe, num_images: int, num_inference_steps: int | None = None, time
         all_prompts = [prompts[i % len(prompts)] for i in range(num_images)]
         if guidance_scale is not None:
             kwargs["guidance_scale"] = guidance_scale
+        kwargs.update(prompt_options(pipe))  # e.g. fmnist-flow's max_sequence_length=0
     generator = torch.Generator().manual_seed(seed)
     chunks, batch_seconds, batch_sizes = [], [], []
     start = time.perf_counter()

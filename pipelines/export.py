@@ -41,6 +41,7 @@ from fastgen.schedule import check_timesteps, is_flow_config
 
 from .folders import writing_folder
 from .portable import make_portable
+from .prompts import call_text, prompt_options, write_prompt_options
 
 METADATA_FILE = "fastgen.json"
 LEGACY_METADATA_KEY = "fastgen"  # where folders written before fastgen.json kept the metadata (scheduler config)
@@ -429,6 +430,9 @@ def export_student(teacher, out_dir: str | Path, *, model: torch.nn.Module | Non
     if size is not None and getattr(student, "default_sample_size", size) != size:  # ... not the call's default
         pixels = size * student.vae_scale_factor
         meta["call"] = call = f"{call}, height={pixels}, width={pixels}"
+    options = prompt_options(pipe)  # prompt arguments the teacher's call needs (fmnist-flow: max_sequence_length=0)
+    if options:
+        meta["call"] = call = call + call_text(options)
     # components the teacher has none of (SD3 without T5) that the class does not list as optional: diffusers
     # reloads the folder only when they are passed as None again, so the card's load line passes them
     absent = [name for name, value in pipeline_kwargs(pipeline_class, components, dict(pipe.config)).items()
@@ -441,6 +445,7 @@ def export_student(teacher, out_dir: str | Path, *, model: torch.nn.Module | Non
         card += _tcd_note(call, is_text, "eta" in inspect.signature(pipeline_class.__call__).parameters)
     with writing_folder(out_dir, marker="model_index.json", what="Student folder") as tmp:
         student.save_pretrained(tmp)
+        write_prompt_options(tmp, options)
         make_portable(student, tmp)
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         (tmp / "README.md").write_text(card)

@@ -17,6 +17,7 @@ from fastgen.denoiser import Conditioning, Denoiser, check_guidance_scale, laten
 from fastgen.guidance_embedding import embedding_dim, with_guidance
 from fastgen.schedule import schedule_from_scheduler_config, schedule_timesteps
 
+from .prompts import prompt_options
 from .sampler import SAMPLERS
 
 
@@ -85,6 +86,7 @@ def encode_prompts(pipe, prompts: Sequence[str], negative_prompt: str = "", guid
     kwargs = dict(prompt=list(prompts), device=device, num_images_per_prompt=1, do_classifier_free_guidance=guidance,
                   negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None)
     kwargs.update({name: None for name in ("prompt_2", "prompt_3") if name in accepted})  # SD3 requires them
+    kwargs.update(prompt_options(pipe))  # e.g. fmnist-flow's max_sequence_length=0 (no T5)
     out = pipe.encode_prompt(**kwargs)
     if len(out) == 2:  # Stable Diffusion 1.x / 2.x: (embeds, negative embeds)
         embeds, neg = out

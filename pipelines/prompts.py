@@ -3,6 +3,7 @@ for training (``data.prompts``) and for every command that samples (``--prompts`
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Sequence
 
@@ -33,4 +34,34 @@ def load_prompts(source: str | Sequence[str]) -> list[str]:
     return prompts
 
 
-__all__ = ["load_prompts"]
+# The private model_index.json key (diffusers ignores keys that start with "_") under which a pipeline folder records
+# the prompt arguments its call needs, e.g. {"max_sequence_length": 0}: fmnist-flow is an SD3 pipeline without T5
+# trained with no T5 tokens, where SD3's default would append 256 all-zero ones (the card's call passes it).
+PROMPT_OPTIONS_KEY = "_fastgen_prompt_options"
+
+
+def prompt_options(pipe) -> dict:
+    """The prompt arguments the pipeline's folder records for its call (``{}`` for most pipelines, for hub ids and
+    for pipelines built in memory); fastgen passes them wherever it encodes prompts or calls the pipeline."""
+    index = Path(str(getattr(pipe, "name_or_path", "") or "")) / "model_index.json"
+    if not index.is_file():
+        return {}
+    return dict(json.loads(index.read_text()).get(PROMPT_OPTIONS_KEY) or {})
+
+
+def write_prompt_options(folder: str | Path, options: dict) -> None:
+    """Record ``options`` (see :func:`prompt_options`) in the model_index.json of a saved pipeline folder."""
+    if not options:
+        return
+    index = Path(folder) / "model_index.json"
+    entries = json.loads(index.read_text())
+    entries[PROMPT_OPTIONS_KEY] = dict(options)
+    index.write_text(json.dumps(entries, indent=2, sort_keys=True) + "\n")
+
+
+def call_text(options: dict) -> str:
+    """``options`` as the call arguments a model card writes: ``", max_sequence_length=0"`` (``""`` for none)."""
+    return "".join(f", {key}={value!r}" for key, value in options.items())
+
+
+__all__ = ["load_prompts", "prompt_options", "write_prompt_options", "call_text", "PROMPT_OPTIONS_KEY"]

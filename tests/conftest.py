@@ -100,8 +100,9 @@ def assert_resumes_exactly(method_class, recipe, teacher, root, stops, overrides
         assert a.keys() == b.keys() and not any(k.startswith("teacher.") for k in a)
         for key in a:
             assert torch.equal(a[key], b[key]), (stop, key)
-        wa = load_file(str(next((whole / "student" / "unet").glob("*.safetensors"))))
-        wb = load_file(str(next((folder / "student" / "unet").glob("*.safetensors"))))
+        network = "unet" if (whole / "student" / "unet").is_dir() else "transformer"
+        wa = load_file(str(next((whole / "student" / network).glob("*.safetensors"))))
+        wb = load_file(str(next((folder / "student" / network).glob("*.safetensors"))))
         assert all(torch.equal(wa[k], wb[k]) for k in wa)
     return whole
 

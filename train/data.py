@@ -125,8 +125,9 @@ def load_real(pipe, source: str, zoo_name: str | None, max_images: int = 10000, 
         raise ValueError('data.real = "zoo" needs a zoo teacher; give an image folder for other teachers.')
     from fastgen.zoo.data import load_digits, load_fashion_mnist
 
-    images, labels = load_fashion_mnist("train") if zoo_name == "fmnist-ldm" else load_digits("train")
-    prompts = zoo.prompts() if zoo_name == "fmnist-ldm" else None
+    fmnist = zoo_name in zoo.FMNIST_TEACHERS
+    images, labels = load_fashion_mnist("train") if fmnist else load_digits("train")
+    prompts = zoo.prompts() if fmnist else None
     labels = labels if prompts is not None else None
     pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:max_images]
     images = images[pick]

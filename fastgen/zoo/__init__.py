@@ -2,6 +2,8 @@
 
 * ``digits-ddpm`` -- pixel-space ``UNet2DModel`` on scikit-learn's 8x8 digits (``DDPMPipeline``).
 * ``fmnist-ldm`` -- a tiny Stable Diffusion on Fashion-MNIST (``StableDiffusionPipeline``).
+* ``fmnist-flow`` -- a tiny rectified-flow SD3 on the same latents, with fmnist-ldm's frozen VAE and text encoder
+  (``StableDiffusion3Pipeline`` without T5, called with ``max_sequence_length=0``).
 
 ``fastgen.zoo.path(name)`` is the folder that ``DiffusionPipeline.from_pretrained`` loads.
 The builders and training code live in :mod:`fastgen.train.teachers` (``fastgen zoo train``).
@@ -19,6 +21,8 @@ USER_DIR = Path("zoo")
 TEACHERS = {
     "digits-ddpm": "UNet2DModel DDPM on scikit-learn's 8x8 digits (unconditional, 1x8x8 pixels).",
     "fmnist-ldm": "Tiny Stable Diffusion on Fashion-MNIST (text-conditional, 32x32 images, 4x8x8 latents).",
+    "fmnist-flow": "Tiny rectified-flow SD3 on Fashion-MNIST (text-conditional, fmnist-ldm's VAE, text encoder "
+                   "and 4x8x8 latents).",
 }
 
 FMNIST_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
@@ -29,7 +33,11 @@ PROMPT_TEMPLATE = "a photo of a {}"
 # fmnist-ldm: at 50 DDIM steps over w = 1, 1.5, 2, 2.5, 3, 4, the lowest per-class FD among the scales
 # with prompt accuracy >= 90% -- diversity within each prompted class, at a floor on prompt adherence
 # (see its guidance_sweep.md: w = 2, per-class FD 7.03, accuracy 92.4%; w = 3 has 11.55 and 97.0%).
-RECOMMENDED_GUIDANCE = {"digits-ddpm": None, "fmnist-ldm": 2.0}
+# fmnist-flow: 2.0 until its own sweep (the lead's full training run) says otherwise -- the same prompts, latents and
+# dropout of empty prompts as fmnist-ldm.
+RECOMMENDED_GUIDANCE = {"digits-ddpm": None, "fmnist-ldm": 2.0, "fmnist-flow": 2.0}
+# The zoo's Fashion-MNIST teachers (the class prompts, the fmnist classifier, the real images of data.real = "zoo").
+FMNIST_TEACHERS = ("fmnist-ldm", "fmnist-flow")
 
 
 def names() -> list[str]:
@@ -38,7 +46,7 @@ def names() -> list[str]:
 
 
 def prompts() -> list[str]:
-    """The fmnist-ldm prompts, one per class, in label order."""
+    """The Fashion-MNIST teachers' prompts, one per class, in label order."""
     return [PROMPT_TEMPLATE.format(c) for c in FMNIST_CLASSES]
 
 
