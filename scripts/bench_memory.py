@@ -206,7 +206,8 @@ def run_row(row: Row, warmup: int, steps: int, max_rss_gb: float, timeout: float
         lines = out.read().strip().splitlines()
         if status is None and proc.returncode == 0 and lines:
             return {**json.loads(lines[-1]), "wall_s": time.time() - start}
-        status = status or f"failed (exit {proc.returncode}): {err.read().strip().splitlines()[-1:]}"
+        last = (err.read().strip().splitlines() or [""])[-1]
+        status = status or f"failed (exit {proc.returncode}): {last}"
     return {**asdict(row), "status": status, "block_out_channels": list(channels(row.width)),
             "peak_gb": high / GB, "wall_s": time.time() - start}
 
