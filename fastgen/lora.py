@@ -150,7 +150,7 @@ def checkpointing_function(model: nn.Module):
 
     def checkpoint_block(block, *args):
         adapter = active_adapter(model) if tuner_layers(model) else None  # during the block's forward
-        flags = [(p, p.requires_grad) for p in block.parameters()]
+        flags = [(p, p.requires_grad) for p in block.parameters()] if isinstance(block, nn.Module) else []
         return checkpoint(block.__call__, *args, use_reentrant=False,
                           context_fn=lambda: (contextlib.nullcontext(), as_in_forward(adapter, flags)))
 
