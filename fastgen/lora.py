@@ -126,6 +126,37 @@ def use_adapter(model: nn.Module, adapter_name: str | None):
         set_active_adapter(model, previous)
 
 
+def checkpointing_function(model: nn.Module):
+    """A ``gradient_checkpointing_func`` for diffusers' ``enable_gradient_checkpointing(...)`` of ``model`` that
+    recomputes each checkpointed block in the backward pass as its forward ran: with the adapter active then
+    (student, critic and teacher take turns on one base) and with the ``requires_grad`` flags its weights had then
+    (SiD's generator loss, DMD2's GAN term run the critic with its weights frozen). diffusers' default recomputes
+    with the state at ``backward`` time, i.e. another network: a metadata error from torch when the saved tensors
+    differ in shape, silently wrong gradients when they do not. Otherwise diffusers' default,
+    ``torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)``."""
+    from torch.utils.checkpoint import checkpoint
+
+    @contextlib.contextmanager
+    def as_in_forward(adapter: str | None, flags: list):
+        now = [(p, p.requires_grad) for p, _ in flags]
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        try:
+            with use_adapter(model, adapter) if tuner_layers(model) else contextlib.nullcontext():
+                yield
+        finally:
+            for p, flag in now:
+                p.requires_grad_(flag)
+
+    def checkpoint_block(block, *args):
+        adapter = active_adapter(model) if tuner_layers(model) else None  # during the block's forward
+        flags = [(p, p.requires_grad) for p in block.parameters()] if isinstance(block, nn.Module) else []
+        return checkpoint(block.__call__, *args, use_reentrant=False,
+                          context_fn=lambda: (contextlib.nullcontext(), as_in_forward(adapter, flags)))
+
+    return checkpoint_block
+
+
 def base_copy(model: nn.Module) -> nn.Module:
     """A trainable deep copy of the base weights of ``model`` without any adapters (e.g. a full-weight
     critic or student made from a teacher network that already carries adapters)."""

@@ -67,20 +67,32 @@ def test_xformers_on_cpu_says_sdpa_is_used(sd):
         load_pipeline(str(sd), options=LoadOptions(attention="xformers"))
 
 
-def test_gradient_checkpointing_gives_the_same_loss_and_gradients(sd):
+LORA = ["student.lora_rank=4", "critic.lora_rank=4"]  # equal ranks: recomputing the wrong adapter raises nothing
+
+
+@pytest.mark.parametrize("recipe, sets, networks", [
+    ("dmd2_4step", ["dmd2.guidance_scale=2.0"], 2),  # the student and the critic
+    ("dmd2_4step", ["dmd2.guidance_scale=2.0", *LORA], 1),  # the one base under teacher, student and critic
+    ("sid_1step", ["sid.guidance_scale=2.0", *LORA], 1),  # SiD's generator loss backpropagates through all three
+    ("sid_1step", ["sid.guidance_scale=2.0"], 2),  # ... through the critic with its weights frozen
+])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(sd, recipe, sets, networks):
     from fastgen.methods import Batch
-    from fastgen.pipelines.generate import encode_prompts
+    from fastgen.pipelines.generate import denoiser_from_pipeline, encode_prompts
     from fastgen.train.recipes import load_recipe
     from fastgen.train.runner import build_method, enable_gradient_checkpointing, load_teacher, resolve_timesteps
 
-    pipe = load_teacher(str(sd))
     results = []
     for checkpointing in (False, True):
-        cfg = load_recipe("dmd2_4step", ["dmd2.guidance_scale=2.0"])
+        pipe = load_teacher(str(sd))  # fresh: LoRA methods add their adapters to the teacher's network
+        cfg = load_recipe(recipe, sets)
         torch.manual_seed(0)
-        method = build_method(cfg, pipe, resolve_timesteps(cfg, pipe, build_method(cfg, pipe, [999]).schedule))
+        method = build_method(cfg, pipe, resolve_timesteps(cfg, pipe, denoiser_from_pipeline(pipe).schedule))
+        for name, param in method.named_parameters():  # adapters that are not the identity, each its own
+            if "lora_B" in name:
+                param.data.normal_(0, 0.05)
         if checkpointing:
-            assert enable_gradient_checkpointing(method) == 2  # the student and the critic
+            assert enable_gradient_checkpointing(method) == networks
         with torch.no_grad():
             cond, uncond = encode_prompts(pipe, ["a red dress", "a blue bag"])
         batch = Batch(2, cond=cond, uncond=uncond)

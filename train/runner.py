@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 import torch
 
 from fastgen import zoo
-from fastgen.lora import AdapterDenoiser
+from fastgen.lora import AdapterDenoiser, checkpointing_function
 from fastgen.pipelines.export import export_student, exported_scheduler
 from fastgen.pipelines.generate import denoiser_from_pipeline
 from fastgen.pipelines.folders import check_output_dir, check_replaceable, writing_folder
@@ -317,7 +317,6 @@ def build_run(cfg: Recipe, out_dir: Path, allow_pickle: bool, resumed: bool, tra
     unless ``trackers``); nothing is written."""
     from accelerate.utils import set_seed
 
-    t = cfg.train
     set_seed(cfg.seed)
     pipe = load_teacher(cfg.teacher, allow_pickle, cfg.loading)
     check_prompts(cfg, hasattr(pipe, "encode_prompt"))
@@ -329,6 +328,19 @@ def build_run(cfg: Recipe, out_dir: Path, allow_pickle: bool, resumed: bool, tra
     method = build_method(cfg, pipe, timesteps)
     if cfg.student.ema_decay and method.ema_group is None:
         raise ValueError(f"student.ema_decay is set, but method {cfg.method!r} keeps no EMA.")
+    trainer = build_trainer(cfg, method, out_dir, trackers)
+    if trainer.accelerator.num_processes > 1:  # same initial weights everywhere (above), different noise per process
+        set_seed(cfg.seed, device_specific=True)
+    method = trainer.accelerator.unwrap_model(trainer.model)
+    pipe.to(trainer.device)
+    return pipe, fingerprint, method, trainer
+
+
+def build_trainer(cfg: Recipe, method, out_dir: Path, trackers: bool = True) -> Trainer:
+    """The :class:`Trainer` of ``method`` as ``cfg.train`` says: the trained copies in ``train.trained_dtype``,
+    gradient checkpointing when asked, one optimizer per group from ``cfg.optim``, the precisions checked against
+    the mixed precision in force (no trackers unless ``trackers``). scripts/bench_memory.py measures this path."""
+    t = cfg.train
     trainer_cfg = TrainerConfig(steps=t.steps, grad_accum=t.grad_accum, mixed_precision=t.mixed_precision or None,
                                 max_grad_norm=t.max_grad_norm, ema_decay=cfg.student.ema_decay,
                                 checkpoint_every=t.checkpoint_every, keep_checkpoints=t.keep_checkpoints,
@@ -339,11 +351,7 @@ def build_run(cfg: Recipe, out_dir: Path, allow_pickle: bool, resumed: bool, tra
         enable_gradient_checkpointing(method)
     trainer = Trainer(method, out_dir, trainer_cfg, cfg.optim, tracker_config=cfg.flat())
     check_precisions(method, trainer.accelerator.mixed_precision)
-    if trainer.accelerator.num_processes > 1:  # same initial weights everywhere (above), different noise per process
-        set_seed(cfg.seed, device_specific=True)
-    method = trainer.accelerator.unwrap_model(trainer.model)
-    pipe.to(trainer.device)
-    return pipe, fingerprint, method, trainer
+    return trainer
 
 
 def keep_trained_dtype(method, trained_dtype: str) -> None:
@@ -368,7 +376,8 @@ def check_precisions(method, mixed_precision: str) -> None:
 
 def enable_gradient_checkpointing(method) -> int:
     """diffusers' gradient checkpointing on every network the method trains (student, critic; a LoRA student's
-    frozen base too, which only affects passes with gradients); returns how many networks."""
+    frozen base too, which only affects passes with gradients), each block recomputed as its forward ran
+    (:func:`~fastgen.lora.checkpointing_function`); returns how many networks."""
     from diffusers import ModelMixin
 
     networks: list[str] = []  # the outermost diffusers models (a UNet's Transformer2DModel blocks are inside it)
@@ -377,7 +386,7 @@ def enable_gradient_checkpointing(method) -> int:
             continue
         if getattr(module, "_supports_gradient_checkpointing", False) and any(p.requires_grad
                                                                                 for p in module.parameters()):
-            module.enable_gradient_checkpointing()
+            module.enable_gradient_checkpointing(checkpointing_function(module))
             networks.append(name)
     return len(networks)
 
@@ -502,5 +511,5 @@ def export_checkpoint(run_or_checkpoint: str | Path, out: str | Path | None = No
 
 
 __all__ = ["run_training", "export_checkpoint", "load_teacher", "build_method", "build_data", "build_run", "export",
-           "export_trained", "resolve_timesteps", "resume_checkpoint", "locate_checkpoint", "folder_evaluation",
-           "OPTIONS_HELP", "describe_options"]
+           "export_trained", "build_trainer", "resolve_timesteps", "resume_checkpoint", "locate_checkpoint",
+           "folder_evaluation", "OPTIONS_HELP", "describe_options"]
