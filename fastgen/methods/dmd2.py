@@ -1,9 +1,9 @@
 """DMD2: Improved Distribution Matching Distillation (Yin et al. 2024).
 
-DMD without the regression loss (here an option, off by default), plus: the two time-scale update rule (the critic every iteration,
-the generator every ``ratio``), an optional GAN loss whose discriminator is a small head on the
-critic's bottleneck features (fake and real samples, both noised), and multi-step students trained
-with backward simulation. Without the GAN it is data-free: it needs only prompts. The math is in
+DMD without the regression loss (here an option, off by default), plus: the two time-scale update
+rule (the critic every iteration, the generator every ``ratio``), an optional GAN loss whose
+discriminator is a small head on the critic's bottleneck features (fake and real samples, both
+noised), and multi-step students trained with backward simulation. Without the GAN it is data-free: it needs only prompts. The math is in
 shared/METHODS.md.
 """
 
