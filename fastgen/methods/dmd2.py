@@ -3,8 +3,8 @@
 DMD without the regression loss (here an option, off by default), plus: the two time-scale update
 rule (the critic every iteration, the generator every ``ratio``), an optional GAN loss whose
 discriminator is a small head on the critic's bottleneck features (fake and real samples, both
-noised), and multi-step students trained with backward simulation. Without the GAN it is data-free: it needs only prompts. The math is in
-shared/METHODS.md.
+noised), and multi-step students trained with backward simulation. Without the GAN it is data-free:
+it needs only prompts. The math is in shared/METHODS.md.
 """
 
 from __future__ import annotations
