@@ -69,7 +69,7 @@ def test_shipped_teachers_load_with_plain_diffusers():
         z = sd.vae.encode(real).latent_dist.mode() * sd.vae.config.scaling_factor
     assert 0.7 < z.std() < 1.3
     total = sum(f.stat().st_size for name in zoo.names() for f in zoo.path(name, check=False).rglob("*.safetensors"))
-    assert total < 15e6
+    assert total < 25e6  # three teachers (fmnist-flow reuses fmnist-ldm's VAE and text encoder: ~6.6 MB with them)
 
 
 def test_teacher_training_smoke(tmp_path):
