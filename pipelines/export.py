@@ -430,6 +430,7 @@ def export_student(teacher, out_dir: str | Path, *, model: torch.nn.Module | Non
     if size is not None and getattr(student, "default_sample_size", size) != size:  # ... not the call's default
         pixels = size * student.vae_scale_factor
         meta["call"] = call = f"{call}, height={pixels}, width={pixels}"
+        meta["resolution"] = pixels  # what FewStepPipeline and fastgen eval generate at (trained_resolution)
     options = prompt_options(pipe)  # prompt arguments the teacher's call needs (fmnist-flow: max_sequence_length=0)
     if options:
         meta["call"] = call = call + call_text(options)
@@ -467,6 +468,24 @@ def read_metadata(folder: str | Path) -> dict:
     return json.loads(legacy.read_text()).get(LEGACY_METADATA_KEY, {}) if legacy.is_file() else {}
 
 
+def trained_resolution(meta: dict) -> int | None:
+    """The image height = width (pixels) a student was trained at, where its pipeline's call defaults to another
+    (Flux: 128 latents; fastgen's ``data.resolution``): ``fastgen.json``'s ``resolution``, or in folders written
+    before that key the ``height=`` of its call. ``None``: the pipeline's default size is the trained one."""
+    if meta.get("resolution"):
+        return int(meta["resolution"])
+    found = re.search(r"\bheight=(\d+)", str(meta.get("call", "")))
+    return int(found.group(1)) if found else None
+
+
+def use_trained_resolution(pipe, meta: dict) -> None:
+    """Make ``pipe`` (a student's built-in pipeline) generate at its trained resolution by default: its
+    ``default_sample_size`` (latents) from :func:`trained_resolution`; nothing where none is recorded."""
+    pixels = trained_resolution(meta)
+    if pixels is not None and hasattr(pipe, "default_sample_size"):
+        pipe.default_sample_size = pixels // pipe.vae_scale_factor
+
+
 def source_metadata(source: str | Path, **hub_kwargs) -> dict:
     """The fastgen metadata of a pipeline folder or hub id (``fastgen.json`` through the hub cache, with
     ``hub_kwargs`` such as ``revision``); {} where there is none or the hub cannot be reached."""
@@ -491,5 +510,6 @@ def pipeline_metadata(pipe) -> dict:
 
 
 __all__ = ["export_student", "exported_scheduler", "read_metadata", "source_metadata", "pipeline_metadata",
+           "trained_resolution", "use_trained_resolution",
            "pipeline_kwargs", "student_pipeline_class",
            "teacher_reference", "check_student_network", "call_arguments", "METADATA_FILE"]

@@ -139,6 +139,16 @@ def fixed_batch_losses(method, text_pipe=None, lr: float = 2e-4, steps: int = 25
     return before, fixed_loss()
 
 
+def perturbed(network):
+    """A student network: the teacher's, perturbed (a real model that is not the teacher)."""
+    student = type(network).from_config(network.config)
+    student.load_state_dict(network.state_dict())
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return student
+
+
 def save_tiny_ddpm(folder, seed: int = 0):
     """Write a tiny ``DDPMPipeline`` teacher (safetensors) to ``folder`` and return the folder."""
     from diffusers import DDPMPipeline, DDPMScheduler
