@@ -124,6 +124,19 @@ def _cut_schedule(config: dict, num_train_timesteps: int) -> dict:
     return {"num_train_timesteps": num_train_timesteps, "trained_betas": betas.tolist()}
 
 
+def unshifted_flow_scheduler(config: dict, **options):
+    """A ``FlowMatchEulerDiscreteScheduler`` on a flow scheduler ``config`` that runs the sigmas it is passed as
+    given: shift 1, no dynamic shifting, no sigma remapping (it shifts and remaps passed sigmas otherwise). A
+    pipeline called with ``sigmas = t / T`` then runs timesteps ``t`` exactly, at any resolution. ``options``:
+    further config entries (``stochastic_sampling``)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler.from_config(
+        _config_for(FlowMatchEulerDiscreteScheduler, config), shift=1.0, use_dynamic_shifting=False,
+        shift_terminal=None, use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False,
+        invert_sigmas=False, **options)
+
+
 def _lcm_grid(config: dict, timesteps: list[int], min_steps: int, preferred: int | None = None):
     """An ``LCMScheduler`` whose ``set_timesteps(len(timesteps))`` gives ``timesteps``, or ``None``.
 
@@ -180,7 +193,7 @@ def _built_in_scheduler(teacher_config: dict, timesteps: list[int], sampler: str
 
     ``overrides``: config keys of the student's own (``prediction_type``, ``timestep_scaling``,
     ``original_inference_steps``, ...)."""
-    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+    from diffusers import DDIMScheduler
 
     config = {k: v for k, v in teacher_config.items() if not k.startswith("_") and k != LEGACY_METADATA_KEY}
     config.pop("original_inference_steps", None)  # a teacher's own LCM grid says nothing about the student's
@@ -193,10 +206,7 @@ def _built_in_scheduler(teacher_config: dict, timesteps: list[int], sampler: str
         # (the scheduler shifts sigmas it is passed), at any resolution. stochastic_sampling is the multistep
         # sampler (x0 = x_t - sigma v, re-noised with fresh noise to the next sigma; FlowMatchLCMScheduler's step
         # without its scale factors), plain Euler the DDIM one.
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(
-            _config_for(FlowMatchEulerDiscreteScheduler, config), shift=1.0, use_dynamic_shifting=False,
-            shift_terminal=None, use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False,
-            invert_sigmas=False, stochastic_sampling=(sampler == "multistep"))
+        scheduler = unshifted_flow_scheduler(config, stochastic_sampling=(sampler == "multistep"))
         scheduler.set_timesteps(n)
         return scheduler, [float(t) for t in scheduler.timesteps]
     elif sampler == "multistep":
@@ -510,6 +520,6 @@ def pipeline_metadata(pipe) -> dict:
 
 
 __all__ = ["export_student", "exported_scheduler", "read_metadata", "source_metadata", "pipeline_metadata",
-           "trained_resolution", "use_trained_resolution",
+           "trained_resolution", "use_trained_resolution", "unshifted_flow_scheduler",
            "pipeline_kwargs", "student_pipeline_class",
            "teacher_reference", "check_student_network", "call_arguments", "METADATA_FILE"]

@@ -229,6 +229,26 @@ def tiny_flux_pipeline(folder, guidance_embeds: bool = True, dynamic_shift: bool
     return pipe
 
 
+def flow_student(root, family: str, guidance_scale: float):
+    """``(teacher pipeline, student network, student folder)``: a tiny SD3 or Flux teacher (guidance embedding,
+    dynamic shift) in ``root`` and a 2-step multistep student of it (its network perturbed: a real model that is
+    not the teacher) exported to ``root / "student"`` at the teacher's continuous 2-step timesteps, the Flux one
+    trained at 16x16 pixels (latent size 8, not FluxPipeline's default 128: ``data.resolution = 16``)."""
+    from fastgen.pipelines.export import export_student
+    from fastgen.pipelines.generate import PipelineSampler
+    from fastgen.pipelines.sampler import student_timesteps
+
+    torch.manual_seed(0)
+    pipe = tiny_sd3_pipeline(root) if family == "sd3" else tiny_flux_pipeline(root)
+    if family == "flux":
+        pipe.default_sample_size = 8
+    network = perturbed(pipe.transformer)
+    timesteps = student_timesteps(PipelineSampler(pipe).denoiser.schedule, 2)
+    folder = export_student(pipe, root / "student", model=network, timesteps=timesteps, method="dmd2",
+                            guidance_scale=guidance_scale)
+    return pipe, network, folder
+
+
 def tiny_vae(**kwargs):
     """A tiny RGB ``AutoencoderKL``: 16x16 images <-> 4x8x8 latents."""
     from diffusers import AutoencoderKL

@@ -6,13 +6,13 @@ pipeline's timesteps, and the hybrid modes must do on a flow teacher what they d
 
 import pytest
 import torch
-from conftest import perturbed, tiny_flux_pipeline, tiny_sd3_pipeline
+from conftest import flow_student
 from diffusers import DiffusionPipeline
 
 from fastgen.pipelines import FewStepPipeline
-from fastgen.pipelines.export import export_student, read_metadata
+from fastgen.pipelines.export import read_metadata
 from fastgen.pipelines.generate import PipelineSampler
-from fastgen.pipelines.sampler import sample_ddim, student_timesteps
+from fastgen.pipelines.sampler import sample_ddim
 
 PROMPTS = ["a photo of a sneaker", "a photo of a bag"]
 GUIDANCE = {"sd3": 2.0, "flux": 3.5}  # SD3: classifier-free guidance; this Flux embeds its guidance (no CFG)
@@ -21,21 +21,8 @@ FAMILIES = tuple(GUIDANCE)
 
 @pytest.fixture(scope="module")
 def flow(tmp_path_factory):
-    """``{family: (teacher pipeline, student network, student folder)}``: a 2-step multistep student each, the Flux
-    one trained at 16x16 pixels (latent size 8, not FluxPipeline's default 128: ``data.resolution = 16``)."""
-    out = {}
-    for family in FAMILIES:
-        root = tmp_path_factory.mktemp(family)
-        torch.manual_seed(0)
-        pipe = tiny_sd3_pipeline(root) if family == "sd3" else tiny_flux_pipeline(root)
-        if family == "flux":
-            pipe.default_sample_size = 8
-        network = perturbed(pipe.transformer)
-        timesteps = student_timesteps(PipelineSampler(pipe).denoiser.schedule, 2)
-        folder = export_student(pipe, root / "student", model=network, timesteps=timesteps, method="dmd2",
-                                guidance_scale=GUIDANCE[family])
-        out[family] = (pipe, network, folder)
-    return out
+    """``{family: (teacher pipeline, student network, student folder)}`` (:func:`conftest.flow_student`)."""
+    return {family: flow_student(tmp_path_factory.mktemp(family), family, GUIDANCE[family]) for family in FAMILIES}
 
 
 def plain_pipeline(folder):
