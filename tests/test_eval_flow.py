@@ -73,7 +73,8 @@ def test_the_eval_command_takes_float_timesteps_for_flow_and_whole_numbers_for_v
     assert main(["eval", folder, "--timesteps", "1000.0,662.7", "--num-images", "2", "--metrics", "speed",
                  "--prompts", str(prompts), "--out", str(out)]) == 0
     result = json.loads((out / "metrics.json").read_text())
-    assert result["call"]["sigmas"] == pytest.approx([1.0, 0.6627]) and Image.open(out / "samples.png").size == (4 * 35, 4 * 18)
+    assert result["call"]["sigmas"] == pytest.approx([1.0, 0.6627])
+    assert Image.open(out / "samples.png").size == (4 * 35, 4 * 18)  # two 16x16 images, 1-pixel padding, 4x
     capsys.readouterr()
     with pytest.raises(ValueError, match=r"out of range \(0, 1000\] \(flow timesteps t = sigma T"):
         evaluate(folder, timesteps=[1000.5, 500], num_images=2, metrics=["speed"], prompts=PROMPTS, progress=False)
