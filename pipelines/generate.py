@@ -144,13 +144,24 @@ class PipelineSampler:
         return cond, uncond, w
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents (or pixels) to images in [0, 1], as the pipeline's post-processing does."""
+        """Latents (or pixels) to images in [0, 1], as the pipeline's post-processing does: an fp16 VAE whose config
+        says ``force_upcast`` (SDXL's, which overflows in fp16) decodes in fp32, as ``StableDiffusionXLPipeline``
+        decodes (it casts the VAE to fp32 for the decode and back to fp16 after it)."""
         vae = getattr(self.pipe, "vae", None)
         if vae is not None:
+            dtype = placement(vae)[1]
+            upcast = dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+            if upcast:  # the latents too, before they are unscaled (in fp32, as there)
+                dtype, latents = torch.float32, latents.float()
+                vae.to(torch.float32)
             latents = latents / vae.config.scaling_factor
             if getattr(vae.config, "shift_factor", None):
                 latents = latents + vae.config.shift_factor
-            latents = vae.decode(latents.to(placement(vae)[1])).sample
+            try:
+                latents = vae.decode(latents.to(dtype)).sample
+            finally:
+                if upcast:
+                    vae.to(torch.float16)
         return (latents / 2 + 0.5).clamp(0, 1)
 
     @torch.no_grad()
