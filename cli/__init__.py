@@ -133,6 +133,25 @@ def _ints(text: str | None, option: str) -> list[int] | None:
         raise ValueError(f"{option} expects comma-separated whole numbers, got {text!r}.") from None
 
 
+def _timesteps(text: str | None) -> list | None:
+    """``--timesteps``: comma-separated numbers, ints where whole (the pipeline, once loaded, checks its kind: whole
+    numbers in [0, T-1] for DDPM-family pipelines, any t = sigma T in (0, T] for flow ones)."""
+    if text is None:
+        return None
+
+    def number(token: str):
+        try:
+            return int(token)
+        except ValueError:
+            return float(token)
+
+    try:
+        return [number(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise ValueError(f"--timesteps expects comma-separated numbers (e.g. 999,499; flow pipelines: t = sigma T, "
+                         f"e.g. 1000.0,662.7), got {text!r}.") from None
+
+
 def _scoring_options(parser) -> None:
     """The metric options ``eval`` and ``bench`` share."""
     parser.add_argument("--metrics", default=None,
@@ -154,7 +173,7 @@ def _scoring_options(parser) -> None:
 def _eval(args) -> int:
     from fastgen.eval.evaluate import DEFAULT_METRICS, evaluate, metrics_markdown
 
-    result = evaluate(args.target, steps=args.num_inference_steps, timesteps=_ints(args.timesteps, "--timesteps"),
+    result = evaluate(args.target, steps=args.num_inference_steps, timesteps=_timesteps(args.timesteps),
                       guidance=args.guidance,
                       num_images=args.num_images, metrics=args.metrics or DEFAULT_METRICS, out=args.out,
                       solver=args.solver, batch_size=args.batch_size, seed=args.seed, fid_reference=args.fid_reference,
@@ -269,7 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("target", help="zoo teacher name, pipeline folder (e.g. an exported student) or hub id")
     ev.add_argument("--num-inference-steps", "--steps", dest="num_inference_steps", type=int, default=None,
                     help="number of inference (sampling) steps (default: a student's own)")
-    ev.add_argument("--timesteps", default=None, help="explicit comma-separated timesteps, e.g. 999,499")
+    ev.add_argument("--timesteps", default=None,
+                    help="explicit comma-separated timesteps, e.g. 999,499 (flow pipelines, SD3 / Flux: continuous "
+                         "t = sigma T, e.g. 1000.0,662.7)")
     ev.add_argument(*GUIDANCE_OPTIONS, dest="guidance", type=float, default=None,
                     help="classifier-free guidance scale (default: the student's, or the teacher's recommended)")
     ev.add_argument("--solver", default=None, choices=["ddim", "dpm++2m", "unipc", "euler"],

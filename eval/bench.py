@@ -57,7 +57,7 @@ def bench(teacher: str, students: list[str] = (), solvers=None, nfes=NFES, num_i
     """
     from tqdm.auto import tqdm
 
-    from fastgen.pipelines.export import pipeline_metadata, read_metadata
+    from fastgen.pipelines.export import pipeline_metadata, read_metadata, use_trained_resolution
 
     from .metrics import load_clip
 
@@ -107,11 +107,12 @@ def bench(teacher: str, students: list[str] = (), solvers=None, nfes=NFES, num_i
     for folder in students:
         student = load_pipeline(folder, device if device != "cpu" else None, allow_pickle=allow_pickle,
                                 options=student_loading)
+        meta = pipeline_metadata(student)
+        use_trained_resolution(student, meta)  # a Flux student's call defaults to 128 latents otherwise
         call = student_call(student)
         row, _ = run_one(student, zoo_name, metrics, num_images, steps=call.get("steps"),
                          timesteps=call.get("timesteps"), guidance=call.get("guidance"), seed=seed,
                          batch_size=batch_size, device=device, progress=False, prompts=prompt_list, **scoring)
-        meta = pipeline_metadata(student)
         rows.append({"sampler": f"{meta['method']} student ({Path(folder).name})", "kind": "student",
                      "guidance": call.get("guidance"), **row})
     baseline = next((r["s_per_image"] for r in rows if r["sampler"] == baseline_solver and r["nfe"] == 50), None)

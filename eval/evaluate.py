@@ -32,9 +32,9 @@ from fastgen import zoo
 from fastgen.pipelines.folders import check_output_dir
 from fastgen.pipelines.images import save_grid
 from fastgen.pipelines.prompts import load_prompts
-from fastgen.schedule import check_timesteps
-
+from fastgen.pipelines.export import pipeline_metadata, use_trained_resolution
 from fastgen.pipelines.sampler import check_gamma
+from fastgen.schedule import check_timesteps, is_flow_config
 
 from .generate import (SOLVERS, Generated, check_generation, generate, load_pipeline, solver_scheduler,
                        tcd_scheduler, timesteps_scheduler, zoo_name_of)
@@ -249,13 +249,11 @@ def run_one(pipe, zoo_name, metrics, num_images, steps=None, timesteps=None, gui
 
 def student_call(pipe) -> dict:
     """``{"steps"|"timesteps", "guidance"}`` from an exported student's fastgen metadata ({} for others)."""
-    from fastgen.pipelines.export import pipeline_metadata
-
     meta = pipeline_metadata(pipe)
     if not meta:
         return {}
     call = {"guidance": meta.get("guidance_scale")}
-    if "timesteps=" in meta.get("call", ""):
+    if "timesteps=" in meta.get("call", "") or "sigmas=" in meta.get("call", ""):  # flow: sigmas = timesteps / T
         call["timesteps"] = meta["timesteps"]
     else:
         call["steps"] = meta["num_steps"]
@@ -270,7 +268,7 @@ def fmt(value, digits=3) -> str:
     return str(value)
 
 
-def evaluate(target: str, steps: int | None = None, timesteps: list[int] | None = None,
+def evaluate(target: str, steps: int | None = None, timesteps: list | None = None,
              guidance: float | None = None, num_images: int = 1000, metrics=DEFAULT_METRICS,
              out: str | Path | None = None, solver: str | None = None, batch_size: int = 100, seed: int = 0,
              fid_reference=None, clip_model: str = "ViT-B-32", clip_pretrained: str | None = "openai",
@@ -281,7 +279,9 @@ def evaluate(target: str, steps: int | None = None, timesteps: list[int] | None 
     Args:
         target: what to evaluate; an exported student is called as its metadata says unless
             ``steps`` / ``timesteps`` / ``guidance`` override it.
-        steps, timesteps: step count or explicit timesteps (one of them; required for teachers).
+        steps, timesteps: step count or explicit timesteps (one of them; required for teachers). Timesteps are
+            whole numbers in [0, T-1] for DDPM-family (VP) pipelines, ``t = sigma T`` in (0, T] for flow ones
+            (SD3, Flux: any numbers, e.g. ``[1000.0, 662.7]``, passed to their call as ``sigmas = t / T``).
         guidance: classifier-free guidance scale (default: the student's, or the zoo teacher's recommended).
         num_images: images to generate (FD/KID need at least 10, fd_class 10 per class; use >= 1000 for
             stable numbers).
@@ -320,6 +320,8 @@ def evaluate(target: str, steps: int | None = None, timesteps: list[int] | None 
         out = check_output_dir(out)
     check_fid_reference(metrics, fid_reference)
     pipe = load_pipeline(target, device if device != "cpu" else None, allow_pickle=allow_pickle, options=loading)
+    use_trained_resolution(pipe, pipeline_metadata(pipe))  # a Flux student's call defaults to 128 latents otherwise
+    flow = is_flow_config({"_class_name": type(pipe.scheduler).__name__, **dict(pipe.scheduler.config)})
     zoo_name = zoo_name_of(pipe, target)
     metrics = available_metrics(metrics, zoo_name)
     text = hasattr(pipe, "encode_prompt")
@@ -339,11 +341,9 @@ def evaluate(target: str, steps: int | None = None, timesteps: list[int] | None 
         raise ValueError(f"{target} is not a fastgen student: give --steps or --timesteps.")
     if timesteps:
         try:
-            check_timesteps(timesteps, pipe.scheduler.config.get("num_train_timesteps", 1000))
+            check_timesteps(timesteps, pipe.scheduler.config.get("num_train_timesteps", 1000), continuous=flow)
         except ValueError as err:
             raise ValueError(f"--timesteps {list(timesteps)}: {err}") from None
-        if not text:
-            raise ValueError(f"{type(pipe).__name__} cannot be called with explicit timesteps; use --steps.")
         pipe.scheduler = timesteps_scheduler(pipe.scheduler, solver)
     if guidance is None:
         guidance = call.get("guidance", zoo.RECOMMENDED_GUIDANCE.get(zoo_name) if zoo_name else None)

@@ -84,10 +84,20 @@ def timesteps_scheduler(scheduler, solver: str | None = None):
     """The scheduler that runs a pipeline on explicit timesteps: ``scheduler`` itself (or ``solver``'s) when its
     ``set_timesteps`` takes them. DDIM -- the zoo teachers' own ``DDIMScheduler``, or ``solver="ddim"`` -- takes
     none, so it is run as first-order DPM-Solver++, which is DDIM on any timesteps (Lu et al. 2022; the last
-    step returns x0, as fastgen's ``sample_ddim``: tested). A ``ValueError`` names the solvers that take them."""
+    step returns x0, as fastgen's ``sample_ddim``: tested). Flow schedulers (SD3, Flux: their calls take
+    ``sigmas``, :func:`generate` passes ``t / T``) run them with their own Euler scheduler unshifted, so that the
+    given timesteps are the ones run (an exported student's already is). A ``ValueError`` names the solvers that
+    take them."""
     import diffusers
 
+    from fastgen.pipelines.export import unshifted_flow_scheduler
+
     current = type(scheduler).__name__
+    if is_flow_config({"_class_name": current, **dict(scheduler.config)}) or scheduler.config.get("use_flow_sigmas"):
+        if solver not in (None, "ddim", "euler"):
+            raise ValueError(f"--timesteps: a flow pipeline runs explicit timesteps (as sigmas = t / T) with its "
+                             f"Euler scheduler; give --solver euler (or none), or --steps with {solver}.")
+        return unshifted_flow_scheduler(dict(scheduler.config))
     if solver is not None:
         scheduler = solver_scheduler(solver, scheduler.config)
     if "timesteps" in inspect.signature(scheduler.set_timesteps).parameters:
@@ -103,8 +113,10 @@ def timesteps_scheduler(scheduler, solver: str | None = None):
 
 
 def check_generation(num_images: int, steps: int | None = None, timesteps=None, guidance: float | None = None,
-                     batch_size: int = 100) -> None:
-    """One-line ``ValueError`` for a generation request that cannot run, before anything is loaded."""
+                     batch_size: int = 100, flow: bool | None = None) -> None:
+    """One-line ``ValueError`` for a generation request that cannot run, before anything is loaded. ``flow``:
+    whether the pipeline is a flow one (timesteps ``t = sigma T`` in (0, T], any numbers), a VP one (whole numbers
+    from 0), or unknown (``None``: either kind is accepted here; the pipeline's own is checked once loaded)."""
     from fastgen.denoiser import check_guidance_scale
     from fastgen.schedule import check_timesteps
 
@@ -112,10 +124,15 @@ def check_generation(num_images: int, steps: int | None = None, timesteps=None, 
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     if timesteps:
-        try:
-            check_timesteps(timesteps)
-        except ValueError as err:
-            raise ValueError(f"--timesteps {list(timesteps)}: {err}") from None
+        errors = []
+        for continuous in ((False, True) if flow is None else (flow,)):
+            try:
+                check_timesteps(timesteps, continuous=continuous)
+                break
+            except ValueError as err:
+                errors.append(err)
+        else:
+            raise ValueError(f"--timesteps {list(timesteps)}: {errors[0]}") from None
     check_guidance_scale(guidance, "--guidance")
 
 
@@ -184,7 +201,7 @@ class Generated:
         return sum(self.batch_sizes[1:]), sum(self.batch_seconds[1:])
 
 
-def generate(pipe, num_images: int, num_inference_steps: int | None = None, timesteps: list[int] | None = None,
+def generate(pipe, num_images: int, num_inference_steps: int | None = None, timesteps: list | None = None,
              guidance_scale: float | None = None, prompts: list[str] | None = None, batch_size: int = 100,
              seed: int = 0, progress: bool = True, eta: float | None = None) -> Generated:
     """Generate ``num_images`` images with the pipeline's own ``__call__``.
@@ -192,7 +209,9 @@ def generate(pipe, num_images: int, num_inference_steps: int | None = None, time
     Args:
         pipe: a loaded diffusers pipeline (teacher with any scheduler, or an exported student).
         num_images: how many images.
-        num_inference_steps / timesteps: the step count or explicit timesteps (one of them).
+        num_inference_steps / timesteps: the step count or explicit timesteps (one of them). SD3 and Flux calls
+            take no timesteps: they are passed as ``sigmas = t / T`` (flow timesteps ``t = sigma T``; run as given
+            by an unshifted scheduler, :func:`timesteps_scheduler`).
         guidance_scale: classifier-free guidance (text pipelines; ``<= 1`` disables it).
         prompts: prompts to cycle through; default for text pipelines: the zoo's class prompts, so
             image ``i`` shows class ``i % 10`` (its label).
@@ -202,14 +221,18 @@ def generate(pipe, num_images: int, num_inference_steps: int | None = None, time
     Returns:
         :class:`Generated`; ``nfe`` counts network evaluations per image (a CFG pair counts once).
     """
-    check_generation(num_images, num_inference_steps, timesteps, guidance_scale, batch_size)
+    flow = is_flow_config({"_class_name": type(pipe.scheduler).__name__, **dict(pipe.scheduler.config)})
+    check_generation(num_images, num_inference_steps, timesteps, guidance_scale, batch_size, flow)
     text = hasattr(pipe, "encode_prompt")
     params = inspect.signature(type(pipe).__call__).parameters
     kwargs: dict = {}
     if timesteps:
-        if "timesteps" not in params:
+        if text and "timesteps" not in params and "sigmas" in params and flow:  # SD3, Flux
+            kwargs["sigmas"] = [float(t) / pipe.scheduler.config.num_train_timesteps for t in timesteps]
+        elif text and "timesteps" not in params:
             raise ValueError(f"{type(pipe).__name__} cannot be called with explicit timesteps; use --steps.")
-        kwargs["timesteps"] = list(timesteps)
+        else:  # unconditional pipelines: unconditional_call sets them on the scheduler
+            kwargs["timesteps"] = list(timesteps)
         nfe = len(timesteps)
     else:
         if not num_inference_steps or num_inference_steps < 1:

@@ -124,6 +124,19 @@ def _cut_schedule(config: dict, num_train_timesteps: int) -> dict:
     return {"num_train_timesteps": num_train_timesteps, "trained_betas": betas.tolist()}
 
 
+def unshifted_flow_scheduler(config: dict, **options):
+    """A ``FlowMatchEulerDiscreteScheduler`` on a flow scheduler ``config`` that runs the sigmas it is passed as
+    given: shift 1, no dynamic shifting, no sigma remapping (it shifts and remaps passed sigmas otherwise). A
+    pipeline called with ``sigmas = t / T`` then runs timesteps ``t`` exactly, at any resolution. ``options``:
+    further config entries (``stochastic_sampling``)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler.from_config(
+        _config_for(FlowMatchEulerDiscreteScheduler, config), shift=1.0, use_dynamic_shifting=False,
+        shift_terminal=None, use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False,
+        invert_sigmas=False, **options)
+
+
 def _lcm_grid(config: dict, timesteps: list[int], min_steps: int, preferred: int | None = None):
     """An ``LCMScheduler`` whose ``set_timesteps(len(timesteps))`` gives ``timesteps``, or ``None``.
 
@@ -180,7 +193,7 @@ def _built_in_scheduler(teacher_config: dict, timesteps: list[int], sampler: str
 
     ``overrides``: config keys of the student's own (``prediction_type``, ``timestep_scaling``,
     ``original_inference_steps``, ...)."""
-    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+    from diffusers import DDIMScheduler
 
     config = {k: v for k, v in teacher_config.items() if not k.startswith("_") and k != LEGACY_METADATA_KEY}
     config.pop("original_inference_steps", None)  # a teacher's own LCM grid says nothing about the student's
@@ -193,10 +206,7 @@ def _built_in_scheduler(teacher_config: dict, timesteps: list[int], sampler: str
         # (the scheduler shifts sigmas it is passed), at any resolution. stochastic_sampling is the multistep
         # sampler (x0 = x_t - sigma v, re-noised with fresh noise to the next sigma; FlowMatchLCMScheduler's step
         # without its scale factors), plain Euler the DDIM one.
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(
-            _config_for(FlowMatchEulerDiscreteScheduler, config), shift=1.0, use_dynamic_shifting=False,
-            shift_terminal=None, use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False,
-            invert_sigmas=False, stochastic_sampling=(sampler == "multistep"))
+        scheduler = unshifted_flow_scheduler(config, stochastic_sampling=(sampler == "multistep"))
         scheduler.set_timesteps(n)
         return scheduler, [float(t) for t in scheduler.timesteps]
     elif sampler == "multistep":
@@ -430,6 +440,7 @@ def export_student(teacher, out_dir: str | Path, *, model: torch.nn.Module | Non
     if size is not None and getattr(student, "default_sample_size", size) != size:  # ... not the call's default
         pixels = size * student.vae_scale_factor
         meta["call"] = call = f"{call}, height={pixels}, width={pixels}"
+        meta["resolution"] = pixels  # what FewStepPipeline and fastgen eval generate at (trained_resolution)
     options = prompt_options(pipe)  # prompt arguments the teacher's call needs (fmnist-flow: max_sequence_length=0)
     if options:
         meta["call"] = call = call + call_text(options)
@@ -467,6 +478,24 @@ def read_metadata(folder: str | Path) -> dict:
     return json.loads(legacy.read_text()).get(LEGACY_METADATA_KEY, {}) if legacy.is_file() else {}
 
 
+def trained_resolution(meta: dict) -> int | None:
+    """The image height = width (pixels) a student was trained at, where its pipeline's call defaults to another
+    (Flux: 128 latents; fastgen's ``data.resolution``): ``fastgen.json``'s ``resolution``, or in folders written
+    before that key the ``height=`` of its call. ``None``: the pipeline's default size is the trained one."""
+    if meta.get("resolution"):
+        return int(meta["resolution"])
+    found = re.search(r"\bheight=(\d+)", str(meta.get("call", "")))
+    return int(found.group(1)) if found else None
+
+
+def use_trained_resolution(pipe, meta: dict) -> None:
+    """Make ``pipe`` (a student's built-in pipeline) generate at its trained resolution by default: its
+    ``default_sample_size`` (latents) from :func:`trained_resolution`; nothing where none is recorded."""
+    pixels = trained_resolution(meta)
+    if pixels is not None and hasattr(pipe, "default_sample_size"):
+        pipe.default_sample_size = pixels // pipe.vae_scale_factor
+
+
 def source_metadata(source: str | Path, **hub_kwargs) -> dict:
     """The fastgen metadata of a pipeline folder or hub id (``fastgen.json`` through the hub cache, with
     ``hub_kwargs`` such as ``revision``); {} where there is none or the hub cannot be reached."""
@@ -491,5 +520,6 @@ def pipeline_metadata(pipe) -> dict:
 
 
 __all__ = ["export_student", "exported_scheduler", "read_metadata", "source_metadata", "pipeline_metadata",
+           "trained_resolution", "use_trained_resolution", "unshifted_flow_scheduler",
            "pipeline_kwargs", "student_pipeline_class",
            "teacher_reference", "check_student_network", "call_arguments", "METADATA_FILE"]

@@ -2,14 +2,17 @@
 
 ``FewStepPipeline.from_pretrained(folder)`` loads any folder fastgen exported (UNet and transformer students,
 text-conditional or not) and reads its ``fastgen.json``: the call with no other argument then runs the
-student's trained timesteps with its sampler and guidance -- fastgen's own sampler
-(:mod:`fastgen.pipelines.sampler`), which the exported folder's built-in scheduler reproduces. Beside the
-plain call it offers two hybrid modes that use the teacher network at inference (pass ``teacher=``):
+student's trained timesteps with its sampler and guidance, at its trained resolution -- fastgen's own sampler
+(:mod:`fastgen.pipelines.sampler`), which the exported folder's built-in scheduler reproduces. Timesteps are the
+network's: whole numbers in [0, T-1] for DDPM-family (VP) students, continuous ``t = sigma T`` in (0, T] for flow
+students (SD3, Flux: floats such as ``[1000.0, 750.0]``). Beside the plain call it offers two hybrid modes that use
+the teacher network at inference (pass ``teacher=``):
 
 * ``teacher_steps=k`` -- the teacher takes the first k steps (its deterministic DDIM), the student the rest
   ("diversity distillation", Gandikota & Bau 2025: the base model sets the composition, the distilled one
-  the details). A student whose first trained timestep t_s is below T-1 keeps all its steps and the teacher
-  goes from T-1 down to t_s in k even steps; a student that starts at T-1 hands its first k steps to the teacher.
+  the details). A student whose first trained timestep t_s is below the top (T-1; flow: T, sigma 1) keeps all its
+  steps and the teacher goes from the top down to t_s in k even steps; a student that starts at the top hands its
+  first k steps to the teacher.
 * ``teacher_refine=lambda`` -- teacher guidance at inference ("Distillation++", Park et al. 2024): the x0 the
   student predicts at each of its first ``refine_steps`` steps is moved toward the teacher's x0 (with the
   teacher's classifier-free guidance) at ``refine_timestep``, ``x0 <- x0 + lambda (x0_teacher - x0)``: the
@@ -29,10 +32,10 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from fastgen.denoiser import Denoiser, check_guidance_scale
-from fastgen.schedule import check_timesteps, schedule_from_scheduler_config
+from fastgen.schedule import FlowSchedule, schedule_timesteps
 
-from .export import METADATA_FILE, pipeline_kwargs, source_metadata
-from .generate import PipelineSampler, placement
+from .export import METADATA_FILE, pipeline_kwargs, source_metadata, use_trained_resolution
+from .generate import PipelineSampler, is_flux, network_denoiser, placement
 from .sampler import SAMPLERS, check_gamma, sample_ddim, sample_tcd
 
 COMPONENTS = ("unet", "transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
@@ -141,32 +144,43 @@ class FewStepPipeline(DiffusionPipeline):
             cls = getattr(diffusers, self.config.base_pipeline)
             own = {k: v for k, v in components.items() if k not in ("teacher", "teacher_scheduler")}
             base = cls(**pipeline_kwargs(cls, own, dict(self.config.base_config)))
+            use_trained_resolution(base, self.config.student)  # Flux's call defaults to 128 latents otherwise
             base.set_progress_bar_config(disable=True)
             sampler = PipelineSampler(base, self.unet if self.unet is not None else self.transformer)
             teacher = None
             cut = self.scheduler.config.get("trained_betas") is not None  # the export cut the betas below t0 + 1
             if self.teacher is not None and (self.teacher_scheduler is not None or not cut):
                 scheduler = self.teacher_scheduler if self.teacher_scheduler is not None else self.scheduler
-                teacher = Denoiser(self.teacher, schedule_from_scheduler_config(scheduler.config))
+                teacher = network_denoiser(self.teacher, scheduler.config, getattr(base, "default_sample_size", None))
             self._cache = (key, (base, sampler, teacher))
         return self._cache[1]
 
     # --- sampling ---------------------------------------------------------------------------------------------
-    def _student_timesteps(self, num_inference_steps, timesteps) -> list[int]:
+    def _student_timesteps(self, num_inference_steps, timesteps, schedule) -> list:
+        """The student's timesteps: ``timesteps`` checked for ``schedule`` (floats for flow), the trained ones, or
+        those the plain pipeline runs for ``num_inference_steps``."""
         if timesteps is not None:
-            return check_timesteps(timesteps, self.scheduler.config.num_train_timesteps)
+            return schedule_timesteps(schedule, timesteps)
         if num_inference_steps is None or num_inference_steps == len(self.config.student["timesteps"]):
             return list(self.config.student["timesteps"])
+        if isinstance(schedule, FlowSchedule):  # FluxPipeline passes the sigmas 1, ..., 1/N; SD3's call none
+            n = num_inference_steps
+            self.scheduler.set_timesteps(n, sigmas=[1 - i / n for i in range(n)] if is_flux(self.transformer) else None)
+            return [float(t) for t in self.scheduler.timesteps.double()]
         self.scheduler.set_timesteps(num_inference_steps)  # what the plain pipeline runs for N steps
         return [int(round(float(t))) for t in self.scheduler.timesteps]
 
-    def _teacher_part(self, student_ts: list[int], teacher_steps: int, schedule) -> tuple[list[int], list[int]]:
-        """``(teacher timesteps, student timesteps)`` of a hybrid run (see the module docstring)."""
+    def _teacher_part(self, student_ts: list, teacher_steps: int, schedule) -> tuple[list, list]:
+        """``(teacher timesteps, student timesteps)`` of a hybrid run (see the module docstring); flow schedules
+        (continuous time) split the span above the student evenly in t = sigma T."""
         if teacher_steps < 1:
             return [], student_ts
-        top = schedule.num_train_timesteps - 1
+        flow = isinstance(schedule, FlowSchedule)
+        top = schedule.num_train_timesteps if flow else schedule.num_train_timesteps - 1
         if student_ts[0] < top:
             span = top - student_ts[0]
+            if flow:
+                return [top - i * span / teacher_steps for i in range(teacher_steps)], student_ts
             if teacher_steps > span:
                 raise ValueError(f"teacher_steps={teacher_steps}: only {span} timesteps lie above the student's "
                                  f"first ({student_ts[0]}).")
@@ -178,18 +192,19 @@ class FewStepPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str] | None = None, num_inference_steps: int | None = None,
-                 timesteps: list[int] | None = None, guidance_scale: float | None = None, negative_prompt: str = "",
+                 timesteps: list[float] | None = None, guidance_scale: float | None = None, negative_prompt: str = "",
                  num_images_per_prompt: int = 1, batch_size: int = 1, generator: torch.Generator | None = None,
                  latents: torch.Tensor | None = None, output_type: str = "pil", return_dict: bool = True,
                  teacher_steps: int = 0, teacher_guidance_scale: float | None = None, teacher_refine: float = 0.0,
-                 refine_steps: int = 1, refine_timestep: int | None = None, gamma: float | None = None):
+                 refine_steps: int = 1, refine_timestep: float | None = None, gamma: float | None = None):
         """Generate images with the student's trained call unless told otherwise.
 
         Args:
             prompt: a prompt or a list (text-conditional students); unconditional ones take ``batch_size``.
             num_inference_steps: N steps as the exported scheduler spreads them (default: the trained N, whose
                 timesteps are the trained ones).
-            timesteps: explicit student timesteps (instead of N).
+            timesteps: explicit student timesteps (instead of N): whole numbers in [0, T-1] (VP), or for flow
+                students continuous ``t = sigma T`` in (0, T], e.g. ``[1000.0, 662.7]``.
             guidance_scale: the student's classifier-free guidance (default: the trained one; <= 1: none).
             negative_prompt: the prompt guidance pushes away from.
             num_images_per_prompt: images per prompt.
@@ -218,7 +233,7 @@ class FewStepPipeline(DiffusionPipeline):
         guidance = student.get("guidance_scale") if guidance_scale is None else guidance_scale
         check_guidance_scale(guidance)
         base, sampler, teacher = self._parts()
-        ts = self._student_timesteps(num_inference_steps, timesteps)
+        ts = self._student_timesteps(num_inference_steps, timesteps, sampler.denoiser.schedule)
         hybrid = teacher_steps > 0 or teacher_refine > 0
         if gamma is not None:
             check_gamma(gamma)
@@ -272,7 +287,7 @@ class FewStepPipeline(DiffusionPipeline):
 
     @staticmethod
     def _refinement(teacher: Denoiser, cond, uncond, w, student: Denoiser, strength: float, steps: int,
-                    timestep: int | None):
+                    timestep: float | None):
         """The ``refine`` hook of the student's sampler: Distillation++'s move of x0 toward the teacher's."""
         if not 0 < strength <= 1:
             raise ValueError(f"teacher_refine must lie in (0, 1], got {strength}.")

@@ -33,11 +33,17 @@ def denoiser_from_pipeline(pipe, model: torch.nn.Module | None = None) -> Denois
     network = model if model is not None else getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
     if network is None:
         raise TypeError(f"{type(pipe).__name__} has no `unet` or `transformer` component.")
-    size = getattr(pipe, "default_sample_size", None)
-    _, height, width = latent_shape(network, size)
+    return network_denoiser(network, pipe.scheduler.config, getattr(pipe, "default_sample_size", None))
+
+
+def network_denoiser(network: torch.nn.Module, scheduler_config, sample_size: int | None = None) -> Denoiser:
+    """A :class:`Denoiser` for ``network`` with the schedule of ``scheduler_config`` at latent size ``sample_size``
+    (default: the network's): :func:`denoiser_from_pipeline` for a network outside a pipeline (a hybrid run's
+    teacher)."""
+    _, height, width = latent_shape(network, sample_size)
     patch = 2 if is_flux(network) else (getattr(network.config, "patch_size", None) or 1)
-    schedule = schedule_from_scheduler_config(pipe.scheduler.config, image_seq_len=(height // patch) * (width // patch))
-    return Denoiser(network, schedule, size)
+    schedule = schedule_from_scheduler_config(scheduler_config, image_seq_len=(height // patch) * (width // patch))
+    return Denoiser(network, schedule, sample_size)
 
 
 def placement(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -138,13 +144,24 @@ class PipelineSampler:
         return cond, uncond, w
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents (or pixels) to images in [0, 1], as the pipeline's post-processing does."""
+        """Latents (or pixels) to images in [0, 1], as the pipeline's post-processing does: an fp16 VAE whose config
+        says ``force_upcast`` (SDXL's, which overflows in fp16) decodes in fp32, as ``StableDiffusionXLPipeline``
+        decodes (it casts the VAE to fp32 for the decode and back to fp16 after it)."""
         vae = getattr(self.pipe, "vae", None)
         if vae is not None:
+            dtype = placement(vae)[1]
+            upcast = dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+            if upcast:  # the latents too, before they are unscaled (in fp32, as there)
+                dtype, latents = torch.float32, latents.float()
+                vae.to(torch.float32)
             latents = latents / vae.config.scaling_factor
             if getattr(vae.config, "shift_factor", None):
                 latents = latents + vae.config.shift_factor
-            latents = vae.decode(latents.to(placement(vae)[1])).sample
+            try:
+                latents = vae.decode(latents.to(dtype)).sample
+            finally:
+                if upcast:
+                    vae.to(torch.float16)
         return (latents / 2 + 0.5).clamp(0, 1)
 
     @torch.no_grad()

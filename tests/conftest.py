@@ -139,6 +139,16 @@ def fixed_batch_losses(method, text_pipe=None, lr: float = 2e-4, steps: int = 25
     return before, fixed_loss()
 
 
+def perturbed(network):
+    """A student network: the teacher's, perturbed (a real model that is not the teacher)."""
+    student = type(network).from_config(network.config)
+    student.load_state_dict(network.state_dict())
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return student
+
+
 def save_tiny_ddpm(folder, seed: int = 0):
     """Write a tiny ``DDPMPipeline`` teacher (safetensors) to ``folder`` and return the folder."""
     from diffusers import DDPMPipeline, DDPMScheduler
@@ -217,6 +227,26 @@ def tiny_flux_pipeline(folder, guidance_embeds: bool = True, dynamic_shift: bool
         if isinstance(module, torch.nn.Module):
             module.eval()
     return pipe
+
+
+def flow_student(root, family: str, guidance_scale: float):
+    """``(teacher pipeline, student network, student folder)``: a tiny SD3 or Flux teacher (guidance embedding,
+    dynamic shift) in ``root`` and a 2-step multistep student of it (its network perturbed: a real model that is
+    not the teacher) exported to ``root / "student"`` at the teacher's continuous 2-step timesteps, the Flux one
+    trained at 16x16 pixels (latent size 8, not FluxPipeline's default 128: ``data.resolution = 16``)."""
+    from fastgen.pipelines.export import export_student
+    from fastgen.pipelines.generate import PipelineSampler
+    from fastgen.pipelines.sampler import student_timesteps
+
+    torch.manual_seed(0)
+    pipe = tiny_sd3_pipeline(root) if family == "sd3" else tiny_flux_pipeline(root)
+    if family == "flux":
+        pipe.default_sample_size = 8
+    network = perturbed(pipe.transformer)
+    timesteps = student_timesteps(PipelineSampler(pipe).denoiser.schedule, 2)
+    folder = export_student(pipe, root / "student", model=network, timesteps=timesteps, method="dmd2",
+                            guidance_scale=guidance_scale)
+    return pipe, network, folder
 
 
 def tiny_vae(**kwargs):

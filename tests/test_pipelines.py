@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_sd3_pipeline
+from conftest import perturbed, tiny_sd3_pipeline
 from diffusers import DiffusionPipeline
 
 from fastgen import zoo
@@ -22,16 +22,6 @@ def teachers(tmp_path_factory):
     sd3 = tiny_sd3_pipeline(tmp_path_factory.mktemp("sd3"))
     return {"fmnist-ldm": DiffusionPipeline.from_pretrained(zoo.path("fmnist-ldm")),
             "digits-ddpm": DiffusionPipeline.from_pretrained(zoo.path("digits-ddpm")), "sd3": sd3}
-
-
-def perturbed(network):
-    """A student network: the teacher's, perturbed (a real model that is not the teacher)."""
-    student = type(network).from_config(network.config)
-    student.load_state_dict(network.state_dict())
-    with torch.no_grad():
-        for p in student.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    return student
 
 
 def plain_images(folder, seed, **kwargs):

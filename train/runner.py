@@ -132,8 +132,9 @@ def build_data(recipe: Recipe, pipe, method, out_dir: Path, device, num_shards: 
     real = real_bank = None
     if needs.real:
         if not recipe.data.real:
-            raise ValueError(f"{needs.why_real or recipe.method} needs real images: set data.real to 'zoo' or an image "
-                             "folder.")
+            off = f", or train without them: {needs.without_real}" if needs.without_real else ""
+            raise ValueError(f"{needs.why_real or recipe.method} needs real images: set data.real to an image folder "
+                             f"(or 'zoo': a zoo teacher's dataset){off}.")
         if recipe.data.real == "zoo":
             real = load_real(pipe, recipe.data.real, zoo.name_of(recipe.teacher), recipe.data.max_real_images,
                              out_dir / "cache" / "real.safetensors", recipe.seed)

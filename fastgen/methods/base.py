@@ -128,11 +128,13 @@ class DataNeeds:
         real: real samples (an image folder or the zoo's dataset, set by ``data.real``).
         teacher_pairs: cached teacher ODE pairs, or ``None``.
         why_real: what needs the real images (said in the error when ``data.real`` is missing).
+        without_real: the recipe setting that trains without them, where one does (said in that error too).
     """
 
     real: bool = False
     teacher_pairs: TeacherPairs | None = None
     why_real: str = ""
+    without_real: str = ""
 
 
 @dataclass

@@ -70,6 +70,8 @@ class DMD2(DistributionMatchingMethod):
     def data_needs(self) -> DataNeeds:
         gan = self.critic.head is not None and (self.gan_generator_weight > 0 or self.gan_critic_weight > 0)
         return DataNeeds(real=gan, why_real="dmd2's GAN loss (critic.gan_head with dmd2.gan_*_weight > 0)",
+                         without_real="dmd2.gan_generator_weight = 0, dmd2.gan_critic_weight = 0 and critic.gan_head "
+                                      "= false (data-free DMD2: the distribution-matching loss only)",
                          teacher_pairs=self.options.teacher_pairs(self.guidance_scale))
 
     def generator_loss(self, x: torch.Tensor, batch: Batch) -> dict:
