@@ -10,8 +10,13 @@ from typing import Sequence
 from fastgen import zoo
 
 
-def load_prompts(source: str | Sequence[str]) -> list[str]:
-    """Prompts from ``"zoo"`` (the zoo's class prompts), a text file (one per line), or a list."""
+def load_prompts(source: str | Sequence[str], setting: str = "--prompts") -> list[str]:
+    """Prompts from ``"zoo"`` (the zoo's class prompts), a text file (one per line), or a list.
+
+    Args:
+        source: ``"zoo"``, a text file's path, or the prompts themselves.
+        setting: the option or recipe key ``source`` came from, named in the errors (e.g. ``data.prompts``).
+    """
     if not isinstance(source, str):
         prompts = [str(p) for p in source]
     elif source == "zoo":
@@ -19,18 +24,19 @@ def load_prompts(source: str | Sequence[str]) -> list[str]:
     else:
         path = Path(source)
         if not path.is_file():
-            raise FileNotFoundError(f"Prompt file {source!r} not found (give a text file with one prompt per line, "
-                                    "or \"zoo\" for the zoo's class prompts).")
+            raise FileNotFoundError(f"{setting}: Prompt file {source!r} not found (give a text file with one prompt "
+                                    "per line, or \"zoo\" for the zoo's class prompts).")
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
-            raise ValueError(f"Prompt file {source!r} is not UTF-8 text (give a text file with one prompt per "
-                             "line).") from None
+            raise ValueError(f"{setting}: Prompt file {source!r} is not UTF-8 text (give a text file with one "
+                             "prompt per line).") from None
         if "\x00" in text:
-            raise ValueError(f"Prompt file {source!r} is binary, not text (give a text file with one prompt per line).")
+            raise ValueError(f"{setting}: Prompt file {source!r} is binary, not text (give a text file with one "
+                             "prompt per line).")
         prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
-        raise ValueError(f"No prompts in {source!r}.")
+        raise ValueError(f"{setting}: No prompts in {source!r}.")
     return prompts
 
 

@@ -16,9 +16,6 @@ from fastgen.train.runner import build_data, build_run
 
 TEMPLATES = sorted(name for name in recipes.available_recipes() if name.endswith("_template"))
 STAND_INS = {"sd15": tiny_sd_pipeline, "sdxl": tiny_sdxl_pipeline}  # the family in the template's name
-# Templates whose header does not yet document every key they need (left to the recipes' owner; strict: this
-# fails as soon as the header is fixed, so that the mark is removed)
-UNDOCUMENTED = {"dmd2_sdxl_template": "uses the GAN head (critic.gan_head = true) without data.real in its header"}
 
 
 def header_keys(name: str) -> list[str]:
@@ -52,8 +49,7 @@ def check(name, teachers, overrides, out):
     build_data(cfg, pipe, method, out, trainer.device).close()
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(reason=UNDOCUMENTED[n], strict=True))
-                                  if n in UNDOCUMENTED else n for n in TEMPLATES])
+@pytest.mark.parametrize("name", TEMPLATES)
 def test_each_template_passes_the_runners_checks_with_the_keys_its_header_sets(stand_ins, name, tmp_path):
     teachers, values = stand_ins
     keys = header_keys(name)

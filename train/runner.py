@@ -128,7 +128,7 @@ def build_data(recipe: Recipe, pipe, method, out_dir: Path, device, num_shards: 
     teacher ODE pairs -- as a BatchStream (``shard`` of ``num_shards``: this process's slice of every batch)."""
     needs = method.data_needs()
     text = hasattr(pipe, "encode_prompt")
-    bank = PromptBank(pipe, load_prompts(recipe.data.prompts), device) if text else None
+    bank = PromptBank(pipe, load_prompts(recipe.data.prompts, "data.prompts"), device) if text else None
     real = real_bank = None
     if needs.real:
         if not recipe.data.real:
