@@ -52,8 +52,8 @@ class GANOptions:
 
     def validate(self) -> None:
         if self.gan_generator_weight < 0 or self.gan_critic_weight < 0:
-            raise ValueError(f"gan_generator_weight and gan_critic_weight must be >= 0, got {self.gan_generator_weight} "
-                             f"and {self.gan_critic_weight}.")
+            raise ValueError(f"gan_generator_weight and gan_critic_weight must be >= 0, got "
+                             f"{self.gan_generator_weight} and {self.gan_critic_weight}.")
 
 
 class DistributionMatchingLoss:
@@ -140,7 +140,8 @@ class DistributionMatchingMethod(DistillationMethod):
     gan_critic_weight: float = 0.0
 
     def init_gan(self) -> None:
-        """Read :class:`GANOptions` from the options; one-line errors when the weights and the critic's head disagree."""
+        """Read :class:`GANOptions` from the options; one-line errors when the weights and the critic's head
+        disagree."""
         o, name = self.options, self.name
         if (o.gan_generator_weight or o.gan_critic_weight) and self.critic.head is None:
             raise ValueError(f"{name}.gan_generator_weight / gan_critic_weight need the critic's GAN head: "
