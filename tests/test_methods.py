@@ -361,7 +361,7 @@ def test_sid_bad_options_are_one_line_errors():
                              (SiDOptions(ratio=0), "ratio must be")]:
         with pytest.raises(ValueError, match=message):
             SiD(teacher, (999,), options)
-    with pytest.raises(ValueError, match="no GAN term"):
+    with pytest.raises(ValueError, match="trains a GAN head only with sid.gan_generator_weight"):  # tests/test_sida.py
         SiD(teacher, (999,), critic=CriticOptions(gan_head=True))
     learned_variance = tiny_unet()
     learned_variance = type(learned_variance)(**{**learned_variance.config, "out_channels": 2})

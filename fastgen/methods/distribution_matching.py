@@ -4,7 +4,9 @@ Each of them has a generator ``G`` (the student: a copy of the teacher or a LoRA
 :class:`~fastgen.critic.FakeScoreCritic` ``mu_fake``, trained online on the generator's own samples
 with the teacher's denoising loss. The generator's loss compares the teacher's x0 (``mu_real``, with
 guidance) and the critic's x0 at a noisy version of each sample; the methods differ in that loss and in
-their update schedule (see :mod:`.dmd`, :mod:`.dmd2`, :mod:`.sid`). The math is in shared/METHODS.md.
+their update schedule (see :mod:`.dmd`, :mod:`.dmd2`, :mod:`.sid`). DMD2 and SiD (as SiDA) may add a GAN
+term on real images whose discriminator is the critic's GAN head; its checks, data needs and critic calls
+live here. The math is in shared/METHODS.md.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from fastgen.critic import CriticOptions, FakeScoreCritic
-from fastgen.denoiser import check_guidance_scale
+from fastgen.denoiser import Conditioning, check_guidance_scale
 
-from .base import Batch, DistillationMethod, OptimizerOptions, StepOutput, option, student_parameters
+from .base import Batch, DataNeeds, DistillationMethod, OptimizerOptions, StepOutput, frozen, option, student_parameters
 from .common import check_t_range, guided_x0, noised
 
 
@@ -33,6 +35,25 @@ class DistributionMatchingOptions:
     def validate(self) -> None:
         check_guidance_scale(self.guidance_scale)
         check_t_range((self.dm_t_min, self.dm_t_max), "dm_t_min, dm_t_max")
+
+
+@dataclass
+class GANOptions:
+    """The GAN term on real images (DMD2, SiDA): weights of the generator's and the discriminator's losses.
+
+    The discriminator is the critic's GAN head (``critic.gan_head``); both weights 0 and no head: data-free.
+    A method whose generator term is weighted differently redefines ``gan_generator_weight``'s help.
+    """
+
+    gan_generator_weight: float = option(0.0, "lambda_G of the generator's GAN loss softplus(-D(fake)) "
+                                              "(needs critic.gan_head and data.real; 1e-3 SD1.5, 5e-3 SDXL)")
+    gan_critic_weight: float = option(0.0, "lambda_D of the discriminator loss softplus(D(fake)) + softplus(-D(real)) "
+                                           "(needs critic.gan_head and data.real; 1e-2 in the paper)")
+
+    def validate(self) -> None:
+        if self.gan_generator_weight < 0 or self.gan_critic_weight < 0:
+            raise ValueError(f"gan_generator_weight and gan_critic_weight must be >= 0, got "
+                             f"{self.gan_generator_weight} and {self.gan_critic_weight}.")
 
 
 class DistributionMatchingLoss:
@@ -114,6 +135,45 @@ class DistributionMatchingMethod(DistillationMethod):
         """The critic's denoising loss on ``sg(fake)`` (+ the GAN discriminator loss with real data)."""
         return self.critic.loss(fake.detach(), batch.cond, batch.real, batch.real_cond)
 
+    # --- the GAN term of DMD2 and SiD (SiDA): the critic's head as discriminator, on real images -----
+    gan_generator_weight: float = 0.0
+    gan_critic_weight: float = 0.0
+
+    def init_gan(self) -> None:
+        """Read :class:`GANOptions` from the options; one-line errors when the weights and the critic's head
+        disagree."""
+        o, name = self.options, self.name
+        if (o.gan_generator_weight or o.gan_critic_weight) and self.critic.head is None:
+            raise ValueError(f"{name}.gan_generator_weight / gan_critic_weight need the critic's GAN head: "
+                             "set critic.gan_head = true.")
+        if self.critic.head is not None and not (o.gan_generator_weight or o.gan_critic_weight):
+            raise ValueError(f"critic.gan_head = true trains a GAN head only with {name}.gan_generator_weight or "
+                             f"{name}.gan_critic_weight > 0 (and data.real); set a weight, or critic.gan_head = false.")
+        self.gan_generator_weight, self.gan_critic_weight = o.gan_generator_weight, o.gan_critic_weight
+
+    def gan_data_needs(self, data_free: str, **needs) -> DataNeeds:
+        """The data needs with the GAN term: real images when it is on. ``data_free`` names what the method
+        trains without them; ``needs``: the method's other :class:`~.base.DataNeeds`."""
+        gan = self.critic.head is not None and (self.gan_generator_weight > 0 or self.gan_critic_weight > 0)
+        n = self.name
+        return DataNeeds(real=gan, why_real=f"{n}'s GAN loss (critic.gan_head with {n}.gan_*_weight > 0)",
+                         without_real=f"{n}.gan_generator_weight = 0, {n}.gan_critic_weight = 0 and critic.gan_head "
+                                      f"= false ({data_free})", **needs)
+
+    def fake_x0_and_logits(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning | None,
+                           uncond: Conditioning | None = None, guidance_scale: float | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The critic's x0 at ``(x_t, t)`` and, with the generator's GAN term, its GAN logits (else ``None``),
+        its weights frozen so that gradients reach only ``x_t``. One critic call gives both, unless the
+        prediction is guided (SiD-LSG, Anti-CFG): the GAN features are then taken in a second, unguided call."""
+        with frozen(self.critic.trainable_parameters()):
+            if not self.gan_generator_weight:
+                return self.critic.x0(x_t, t, cond, uncond, guidance_scale), None
+            if guidance_scale is None:
+                pred, logits = self.critic(x_t, t, cond, features=True)
+                return pred.x0, logits
+            return self.critic.x0(x_t, t, cond, uncond, guidance_scale), self.critic(x_t, t, cond, features=True)[1]
+
     # --- the alternation of DMD2 and SiD ------------------------------------------------------
     ratio: int = 1  # critic updates per generator update
 
@@ -149,4 +209,4 @@ class DistributionMatchingMethod(DistillationMethod):
         return StepOutput(losses, {k: v.detach() for k, v in logs.items()})
 
 
-__all__ = ["DistributionMatchingMethod", "DistributionMatchingOptions", "DistributionMatchingLoss"]
+__all__ = ["DistributionMatchingMethod", "DistributionMatchingOptions", "DistributionMatchingLoss", "GANOptions"]

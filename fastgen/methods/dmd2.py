@@ -15,32 +15,27 @@ import torch
 
 from fastgen.critic import gan_generator_loss
 
-from .base import Batch, DataNeeds, frozen, option, register
-from .distribution_matching import DistributionMatchingLoss, DistributionMatchingMethod, DistributionMatchingOptions
+from .base import Batch, DataNeeds, option, register
+from .distribution_matching import (DistributionMatchingLoss, DistributionMatchingMethod, DistributionMatchingOptions,
+                                    GANOptions)
 from .dmd import RegressionLoss, RegressionOptions
 
 
 @dataclass
-class DMD2Options(RegressionOptions, DistributionMatchingOptions):
+class DMD2Options(GANOptions, RegressionOptions, DistributionMatchingOptions):
     """DMD2. Recipe: ``[dmd2]``."""
 
     regression_weight: float = option(0.0, "lambda_reg of DMD's regression loss on teacher ODE pairs, on the "
                                            "first step's x0 (0: none, as in the DMD2 paper; it keeps diversity)")
 
     ratio: int = option(5, "critic updates per generator update (two time-scale rule; 5 ImageNet/SDXL, 10 SD1.5)")
-    gan_generator_weight: float = option(0.0, "lambda_G of the generator's GAN loss softplus(-D(fake)) "
-                                              "(needs critic.gan_head and data.real; 1e-3 SD1.5, 5e-3 SDXL)")
-    gan_critic_weight: float = option(0.0, "lambda_D of the discriminator loss softplus(D(fake)) + softplus(-D(real)) "
-                                           "(needs critic.gan_head and data.real; 1e-2 in the paper)")
 
     def validate(self) -> None:
         DistributionMatchingOptions.validate(self)
         RegressionOptions.validate(self)
         if self.ratio < 1:
             raise ValueError(f"ratio must be >= 1, got {self.ratio}.")
-        if self.gan_generator_weight < 0 or self.gan_critic_weight < 0:
-            raise ValueError(f"gan_generator_weight and gan_critic_weight must be >= 0, got {self.gan_generator_weight} "
-                             f"and {self.gan_critic_weight}.")
+        GANOptions.validate(self)
 
 
 @register
@@ -56,23 +51,14 @@ class DMD2(DistributionMatchingMethod):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         o = self.options
-        if (o.gan_generator_weight or o.gan_critic_weight) and self.critic.head is None:
-            raise ValueError("dmd2.gan_generator_weight / gan_critic_weight need the critic's GAN head: "
-                             "set critic.gan_head = true.")
-        if self.critic.head is not None and not (o.gan_generator_weight or o.gan_critic_weight):
-            raise ValueError("critic.gan_head = true trains a GAN head only with dmd2.gan_generator_weight or "
-                             "dmd2.gan_critic_weight > 0 (and data.real); set a weight, or critic.gan_head = false.")
+        self.init_gan()
         self.ratio = o.ratio
-        self.gan_generator_weight, self.gan_critic_weight = o.gan_generator_weight, o.gan_critic_weight
         self.regression_weight = o.regression_weight
         self.dm_loss, self.reg_loss = DistributionMatchingLoss(), RegressionLoss()
 
     def data_needs(self) -> DataNeeds:
-        gan = self.critic.head is not None and (self.gan_generator_weight > 0 or self.gan_critic_weight > 0)
-        return DataNeeds(real=gan, why_real="dmd2's GAN loss (critic.gan_head with dmd2.gan_*_weight > 0)",
-                         without_real="dmd2.gan_generator_weight = 0, dmd2.gan_critic_weight = 0 and critic.gan_head "
-                                      "= false (data-free DMD2: the distribution-matching loss only)",
-                         teacher_pairs=self.options.teacher_pairs(self.guidance_scale))
+        return self.gan_data_needs("data-free DMD2: the distribution-matching loss only",
+                                   teacher_pairs=self.options.teacher_pairs(self.guidance_scale))
 
     def generator_loss(self, x: torch.Tensor, batch: Batch) -> dict:
         """``{"dm": L_DM}`` on ``x = G(z)``, + ``"gan_g"`` = ``softplus(-D(x_t))`` with the GAN term.
@@ -88,9 +74,8 @@ class DMD2(DistributionMatchingMethod):
         x_t, t = self.noised(x)
         with torch.no_grad():
             x0_real = self.x0_real(x_t.detach(), t, batch)
-        with frozen(self.critic.trainable_parameters()):
-            pred, logits = self.critic(x_t, t, batch.cond, features=True)
-        return {"dm": self.dm_loss(x, x0_real, pred.x0.detach()), "gan_g": gan_generator_loss(logits)}
+        x0_fake, logits = self.fake_x0_and_logits(x_t, t, batch.cond)
+        return {"dm": self.dm_loss(x, x0_real, x0_fake.detach()), "gan_g": gan_generator_loss(logits)}
 
     def regression_loss(self, batch: Batch) -> torch.Tensor:
         """DMD's ``L_reg``: the first step's x0 from the pairs' noise against the teacher's ODE samples."""
