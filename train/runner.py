@@ -29,7 +29,7 @@ import torch
 
 from fastgen import zoo
 from fastgen.lora import AdapterDenoiser, checkpointing_function
-from fastgen.pipelines.export import export_student, exported_scheduler
+from fastgen.pipelines.export import export_student, exported_scheduler, set_default_resolution
 from fastgen.pipelines.generate import denoiser_from_pipeline
 from fastgen.pipelines.folders import check_output_dir, check_replaceable, writing_folder
 from fastgen.pipelines.loading import LoadOptions, load_pipeline, pipeline_fingerprint
@@ -90,20 +90,14 @@ def resolve_timesteps(recipe: Recipe, pipe, schedule) -> list:
 
 def set_resolution(pipe, resolution: int) -> None:
     """Train at ``resolution`` pixels (``data.resolution``; 0: the pipeline's default): sets the pipeline's
-    ``default_sample_size`` (the latent size its call defaults to), which pipelines with a transformer have (SD3,
-    Flux); a one-line ``ValueError`` for other pipelines or a size the latents cannot take."""
+    ``default_sample_size`` (:func:`~fastgen.pipelines.export.set_default_resolution`) for pipelines with a
+    transformer (SD3, Flux); a one-line ``ValueError`` for other pipelines or a size the latents cannot take."""
     if not resolution:
         return
-    network = getattr(pipe, "transformer", None)
-    factor = getattr(pipe, "vae_scale_factor", None) or 1
-    if network is None or not hasattr(pipe, "default_sample_size"):
+    if getattr(pipe, "transformer", None) is None or not hasattr(pipe, "default_sample_size"):
         raise ValueError(f"data.resolution applies to transformer pipelines (SD3, Flux); {type(pipe).__name__} "
                          "generates at its network's sample_size: leave data.resolution = 0.")
-    patch = 2 * (getattr(network.config, "patch_size", None) or 1)
-    if resolution % (factor * patch):
-        raise ValueError(f"data.resolution = {resolution} must be a multiple of {factor * patch} (the VAE's factor "
-                         f"{factor} times the network's patch {patch}) for {type(pipe).__name__}.")
-    pipe.default_sample_size = resolution // factor
+    set_default_resolution(pipe, resolution, "data.resolution")
 
 
 def build_method(recipe: Recipe, pipe, timesteps: list[int], student_init=None):
