@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_resumes_exactly, perturbed, save_tiny_ddpm, tiny_recipe, tiny_sd_pipeline, tiny_unet
+from conftest import (assert_resumes_exactly, perturbed, save_tiny_ddpm, snapshot, tiny_recipe, tiny_sd_pipeline,
+                      tiny_unet)
 from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline
 from safetensors.torch import load_file
 
@@ -28,19 +29,6 @@ from fastgen.train.runner import build_run, run_training
 
 def folder_weights(folder: Path, network: str = "unet") -> dict:
     return load_file(str(next((folder / network).glob("*.safetensors"))))
-
-
-def snapshot(*paths) -> dict:
-    """Every file under ``paths`` with its size and modification time (``None``: the path does not exist)."""
-    state = {}
-    for root in map(Path, paths):
-        if not root.exists():
-            state[str(root)] = None
-            continue
-        for p in [root, *sorted(root.rglob("*"))]:
-            st = p.stat()
-            state[str(p)] = ("dir", 0) if p.is_dir() else (st.st_size, st.st_mtime_ns)
-    return state
 
 
 @pytest.fixture(scope="module")
