@@ -194,7 +194,8 @@ def _bench(args) -> int:
                    nfes=_ints(args.nfes, "--nfes"), num_images=args.num_images, guidance=args.guidance, out=args.out,
                    seed=args.seed, batch_size=args.batch_size, allow_pickle=args.allow_pickle, device=args.device,
                    prompts=args.prompts, metrics=args.metrics, fid_reference=args.fid_reference,
-                   clip_model=args.clip_model, clip_pretrained=args.clip_pretrained, loading=_load_options(args))
+                   clip_model=args.clip_model, clip_pretrained=args.clip_pretrained, loading=_load_options(args),
+                   resolution=args.resolution)
     print(bench_markdown(result))
     print(f"wrote {args.out}/bench.md, bench.json and bench.png")
     return 0
@@ -325,6 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="teacher guidance (default: the recommended one)")
     be.add_argument("--out", default="bench", help="output folder (default: bench)")
     be.add_argument("--batch-size", type=int, default=200, help="images per pipeline call (default: 200)")
+    be.add_argument("--resolution", type=int, default=None, metavar="PIXELS",
+                    help="image height = width of every row, for pipelines whose call defaults to "
+                         "default_sample_size (SDXL, SD3, Flux; FluxPipeline's default is 1024); default: the "
+                         "students' trained resolution (fastgen.json), else the teacher pipeline's default")
     _sampling_options(be)
     _scoring_options(be)
     _loading_options(be)

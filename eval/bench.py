@@ -32,7 +32,7 @@ def bench(teacher: str, students: list[str] = (), solvers=None, nfes=NFES, num_i
           guidance: float | None = None, out: str | Path = "bench", seed: int = 0, batch_size: int = 200,
           progress: bool = True, allow_pickle: bool = False, device: str = "cpu", prompts=None, metrics=None,
           fid_reference=None, clip_model: str = "ViT-B-32", clip_pretrained: str | None = "openai",
-          loading=None) -> dict:
+          loading=None, resolution: int | None = None) -> dict:
     """Run the frontier and write its table and plot.
 
     Args:
@@ -52,12 +52,17 @@ def bench(teacher: str, students: list[str] = (), solvers=None, nfes=NFES, num_i
         device: torch device of the pipelines (``"cpu"``, ``"cuda"``, ...).
         prompts: ``None`` or ``"zoo"`` (the zoo's class prompts), a text file or a list (text-to-image teachers;
             the class metrics are then left out).
+        resolution: image height = width in pixels of every row, for pipelines whose call defaults to
+            ``default_sample_size`` (SDXL, SD3, Flux; others refuse it). Default: the students' trained resolution
+            (``fastgen.json``), so the teacher's solvers run at the students' size; without students, the
+            teacher pipeline's default.
 
     Bad input is a one-line error raised before the first image is generated.
     """
     from tqdm.auto import tqdm
 
-    from fastgen.pipelines.export import pipeline_metadata, read_metadata, use_trained_resolution
+    from fastgen.pipelines.export import (pipeline_metadata, read_metadata, set_default_resolution,
+                                          use_trained_resolution)
 
     from .metrics import load_clip
 
@@ -79,7 +84,10 @@ def bench(teacher: str, students: list[str] = (), solvers=None, nfes=NFES, num_i
     for folder in students:
         if not read_metadata(folder):
             raise ValueError(f"--students {folder} has no fastgen metadata: is it an exported student?")
+    resolution = bench_resolution(resolution, {folder: read_metadata(folder) for folder in students})
     pipe = load_pipeline(teacher, device if device != "cpu" else None, allow_pickle=allow_pickle, options=loading)
+    if resolution is not None:  # the teacher's rows at the students' size (Flux's call defaults to 128 latents)
+        set_default_resolution(pipe, resolution, "--resolution")
     student_loading = LoadOptions(dtype=loading.dtype, attention=loading.attention) if loading else None
     zoo_name = zoo_name_of(pipe, teacher)
     metrics = available_metrics(metrics, zoo_name)
@@ -109,6 +117,8 @@ def bench(teacher: str, students: list[str] = (), solvers=None, nfes=NFES, num_i
                                 options=student_loading)
         meta = pipeline_metadata(student)
         use_trained_resolution(student, meta)  # a Flux student's call defaults to 128 latents otherwise
+        if resolution is not None:  # the rows' size (a student's recorded one is that size: bench_resolution)
+            set_default_resolution(student, resolution, "--resolution")
         call = student_call(student)
         row, _ = run_one(student, zoo_name, metrics, num_images, steps=call.get("steps"),
                          timesteps=call.get("timesteps"), guidance=call.get("guidance"), seed=seed,
@@ -121,12 +131,36 @@ def bench(teacher: str, students: list[str] = (), solvers=None, nfes=NFES, num_i
     # the rows' prompts cycle through the classes (fastgen.eval.generate): the floor has the same classes
     floor = real_floor(zoo_name, num_images, metrics, labels) if zoo_name is not None else {}
     result = {"teacher": teacher, "zoo": zoo_name, "num_images": num_images, "seed": seed, "guidance": guidance,
-              "threads": torch.get_num_threads(), "floor": floor, "rows": rows}
+              "resolution": resolution, "threads": torch.get_num_threads(), "floor": floor, "rows": rows}
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(result, indent=1))
     (out / "bench.md").write_text(bench_markdown(result))
     plot_frontier(result, out / "bench.png")
     return result
+
+
+def bench_resolution(resolution: int | None, students: dict[str, dict]) -> int | None:
+    """The image size (pixels) every row runs at: ``resolution`` (``--resolution``), else the trained resolution
+    the students' metadata record (``students``: folder -> its ``fastgen.json``), else ``None`` (the teacher
+    pipeline's default). A one-line ``ValueError`` when students were trained at other sizes than the rows',
+    which the table could not compare."""
+    from fastgen.pipelines.export import trained_resolution
+
+    if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, int)
+                                   or resolution < 1):
+        raise ValueError(f"--resolution must be a positive whole number of pixels, got {resolution!r}.")
+    trained = {folder: trained_resolution(meta) for folder, meta in students.items()}
+    sizes = sorted({size for size in trained.values() if size is not None})
+    if resolution is None and len(sizes) > 1:
+        raise ValueError(f"--students were trained at different resolutions ({', '.join(map(str, sizes))} pixels): "
+                         "bench compares rows at one size; bench them separately.")
+    chosen = resolution if resolution is not None else (sizes[0] if sizes else None)
+    other = [f"{folder} ({size})" for folder, size in trained.items() if size is not None and size != chosen]
+    if other:
+        raise ValueError(f"--resolution {chosen}: student(s) {', '.join(other)} were trained at another resolution; "
+                         "bench compares rows at one size: leave --resolution out (the students' size) or bench "
+                         "them separately.")
+    return chosen
 
 
 # Columns of the bench table: (result key, header, digits); a column shows only when some row has it.

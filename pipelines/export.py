@@ -488,6 +488,27 @@ def trained_resolution(meta: dict) -> int | None:
     return int(found.group(1)) if found else None
 
 
+def set_default_resolution(pipe, pixels: int, what: str) -> None:
+    """Make ``pipe``'s call default to ``pixels`` x ``pixels`` images: its ``default_sample_size`` (latents), which
+    the SDXL, SD3 and Flux pipelines read (SD3 and Flux also their resolution-dependent shift). A one-line
+    ``ValueError`` naming ``what`` (the setting) for pipelines that generate at their network's ``sample_size``
+    (``DDPMPipeline``, ``StableDiffusionPipeline``) or a size the latents cannot take (the VAE's factor times the
+    transformer's patch -- Flux packs 2x2 -- or the UNet's downsampling)."""
+    network = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
+    if network is None or not hasattr(pipe, "default_sample_size"):
+        raise ValueError(f"{what} applies to pipelines whose call defaults to default_sample_size (SDXL, SD3, Flux); "
+                         f"{type(pipe).__name__} generates at its network's sample_size: leave {what} out.")
+    factor = getattr(pipe, "vae_scale_factor", None) or 1
+    if getattr(pipe, "transformer", None) is not None:
+        patch, unit = 2 * (getattr(network.config, "patch_size", None) or 1), "patch"
+    else:
+        patch, unit = 2 ** (len(network.config.block_out_channels) - 1), "downsampling"
+    if pixels < 1 or pixels % (factor * patch):
+        raise ValueError(f"{what} = {pixels} must be a multiple of {factor * patch} (the VAE's factor "
+                         f"{factor} times the network's {unit} {patch}) for {type(pipe).__name__}.")
+    pipe.default_sample_size = pixels // factor
+
+
 def use_trained_resolution(pipe, meta: dict) -> None:
     """Make ``pipe`` (a student's built-in pipeline) generate at its trained resolution by default: its
     ``default_sample_size`` (latents) from :func:`trained_resolution`; nothing where none is recorded."""

@@ -331,3 +331,20 @@ def tiny_sdxl_pipeline(folder, seed: int = 0):
     return _eval(StableDiffusionXLPipeline(
         vae=tiny_vae(), text_encoder=tiny_clip(tok), text_encoder_2=tiny_clip(tok, projection=True), tokenizer=tok,
         tokenizer_2=tok, unet=tiny_sdxl_unet(), scheduler=scheduler, force_zeros_for_empty_prompt=True))
+
+
+def snapshot(*paths) -> dict:
+    """Every file and folder under ``paths`` with size and modification time (``None``: the path does not exist)."""
+    from pathlib import Path
+
+    state = {}
+    for root in map(Path, paths):
+        if not root.exists():
+            state[str(root)] = None
+            continue
+        for p in [root, *sorted(root.rglob("*"))] if root.is_dir() else [root]:
+            if "__pycache__" in p.parts:
+                continue
+            st = p.stat()
+            state[str(p)] = ("dir", 0, 0) if p.is_dir() else ("file", st.st_size, st.st_mtime_ns)
+    return state

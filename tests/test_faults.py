@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_cond_unet, tiny_recipe, tiny_sd_pipeline, tiny_unet
+from conftest import snapshot, tiny_cond_unet, tiny_recipe, tiny_sd_pipeline, tiny_unet
 from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline
 from safetensors.torch import load_file
 
@@ -103,21 +103,6 @@ def files(root, teacher):
     DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler()).save_pretrained(f / "pickled", safe_serialization=False)
     tiny_sd_pipeline(f / "sd").save_pretrained(f / "sd")  # a text-conditional teacher that is not in the zoo
     return f
-
-
-def snapshot(*paths) -> dict:
-    """Every file and folder under ``paths`` with size and modification time (``None``: the path does not exist)."""
-    state = {}
-    for root in map(Path, paths):
-        if not root.exists():
-            state[str(root)] = None
-            continue
-        for p in [root, *sorted(root.rglob("*"))] if root.is_dir() else [root]:
-            if "__pycache__" in p.parts:
-                continue
-            st = p.stat()
-            state[str(p)] = ("dir", 0, 0) if p.is_dir() else ("file", st.st_size, st.st_mtime_ns)
-    return state
 
 
 # --- bad input through the command ------------------------------------------------------------------

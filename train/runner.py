@@ -8,10 +8,10 @@ through :mod:`fastgen.pipelines`, as a plain diffusers folder (``<out>/student``
 ``<out>/student_lora/pytorch_lora_weights.safetensors``). Nothing here names a method.
 
 Run folder layout: ``recipe.json`` (the resolved recipe; ``fastgen train <out>/recipe.json`` runs it
-again), ``teacher.json`` (the teacher's fingerprint, checked by ``--resume``), ``checkpoints/``, ``logs/``
-(trackers; ``trackers.json``: the tracker run a resume continues), ``cache/`` (encoded real images, teacher
-ODE pairs; safetensors), ``eval.jsonl``, ``samples/`` (the sample grid of each evaluation),
-``train_log.json``, ``resumes.jsonl`` (each ``--resume`` and the recipe keys it changed), ``student/``; for
+again), ``teacher.json`` (the teacher's fingerprint, and the ``student.init`` folder's, checked by ``--resume``),
+``checkpoints/``, ``logs/`` (trackers; ``trackers.json``: the tracker run a resume continues), ``cache/``
+(encoded real images, teacher ODE pairs; safetensors), ``eval.jsonl``, ``samples/`` (the sample grid of each
+evaluation), ``train_log.json``, ``resumes.jsonl`` (each ``--resume`` and the recipe keys it changed), ``student/``; for
 methods with several rounds also ``rounds/round-<r>/`` (each round's student, exported when the round ends);
 ``.lock`` (held by the running process, see :class:`~.runfolder.RunFolderLock`). Folders are written to a
 temporary name and renamed into place.
@@ -29,7 +29,7 @@ import torch
 
 from fastgen import zoo
 from fastgen.lora import AdapterDenoiser, checkpointing_function
-from fastgen.pipelines.export import export_student, exported_scheduler
+from fastgen.pipelines.export import export_student, exported_scheduler, set_default_resolution
 from fastgen.pipelines.generate import denoiser_from_pipeline
 from fastgen.pipelines.folders import check_output_dir, check_replaceable, writing_folder
 from fastgen.pipelines.loading import LoadOptions, load_pipeline, pipeline_fingerprint
@@ -42,6 +42,7 @@ from .real_images import RealImageStream
 from .recipes import Recipe, build_recipe, describe_options, flatten, load_recipe
 from .runfolder import (RECIPE_FILE, RESUMES_FILE, TEACHER_FILE, RunFolderLock, launch_rank, read_json,
                         recipe_differences, teacher_differences, write_json)
+from .student_init import check_resumed_init, init_folder, init_record, load_student_init
 from .trainer import STATE_FILE, Trainer, TrainerConfig, latest_checkpoint
 
 OPTIONS_HELP = describe_options
@@ -89,29 +90,25 @@ def resolve_timesteps(recipe: Recipe, pipe, schedule) -> list:
 
 def set_resolution(pipe, resolution: int) -> None:
     """Train at ``resolution`` pixels (``data.resolution``; 0: the pipeline's default): sets the pipeline's
-    ``default_sample_size`` (the latent size its call defaults to), which pipelines with a transformer have (SD3,
-    Flux); a one-line ``ValueError`` for other pipelines or a size the latents cannot take."""
+    ``default_sample_size`` (:func:`~fastgen.pipelines.export.set_default_resolution`) for pipelines with a
+    transformer (SD3, Flux); a one-line ``ValueError`` for other pipelines or a size the latents cannot take."""
     if not resolution:
         return
-    network = getattr(pipe, "transformer", None)
-    factor = getattr(pipe, "vae_scale_factor", None) or 1
-    if network is None or not hasattr(pipe, "default_sample_size"):
+    if getattr(pipe, "transformer", None) is None or not hasattr(pipe, "default_sample_size"):
         raise ValueError(f"data.resolution applies to transformer pipelines (SD3, Flux); {type(pipe).__name__} "
                          "generates at its network's sample_size: leave data.resolution = 0.")
-    patch = 2 * (getattr(network.config, "patch_size", None) or 1)
-    if resolution % (factor * patch):
-        raise ValueError(f"data.resolution = {resolution} must be a multiple of {factor * patch} (the VAE's factor "
-                         f"{factor} times the network's patch {patch}) for {type(pipe).__name__}.")
-    pipe.default_sample_size = resolution // factor
+    set_default_resolution(pipe, resolution, "data.resolution")
 
 
-def build_method(recipe: Recipe, pipe, timesteps: list[int]):
-    """The recipe's method over the teacher network of ``pipe`` (its students and critics built by the method)."""
+def build_method(recipe: Recipe, pipe, timesteps: list[int], student_init=None):
+    """The recipe's method over the teacher network of ``pipe`` (its students and critics built by the method);
+    ``student_init``: the trained student the student starts from (``student.init``,
+    :func:`~.student_init.load_student_init`), else the teacher."""
     base = denoiser_from_pipeline(pipe)  # the schedule (with its shift at the training resolution) and latent size
     teacher = AdapterDenoiser(base.model, base.schedule, None, base.sample_size)
     default_guidance = zoo.RECOMMENDED_GUIDANCE.get(zoo.name_of(recipe.teacher) or "", None)
     return recipe.method_class(teacher, timesteps, recipe.options, student=recipe.student, critic=recipe.critic,
-                               default_guidance=default_guidance)
+                               default_guidance=default_guidance, student_init=student_init)
 
 
 def check_prompts(recipe: Recipe, text: bool) -> None:
@@ -300,6 +297,8 @@ def run_training(recipe: str, overrides: Sequence[str] = (), teacher: str | None
     if out is None and resume not in (True, False, None) and (Path(resume) / STATE_FILE).is_file():
         out = str(Path(resume).parent.parent)
     out_dir = check_output_dir(out or default_out(recipe, cfg))
+    if cfg.student.init:
+        init_folder(cfg.student.init)  # a missing folder is refused before the teacher loads
     if cfg.train.eval_every and evaluate_folder is None:
         raise ValueError("train.eval_every needs an evaluator (the fastgen command passes one; from Python, pass "
                          "evaluate_folder=fastgen.eval.evaluate.training_evaluator).")
@@ -312,21 +311,33 @@ def run_training(recipe: str, overrides: Sequence[str] = (), teacher: str | None
         return _run(cfg, out_dir, checkpoint, evaluate_folder, allow_pickle, saved)
 
 
-def build_run(cfg: Recipe, out_dir: Path, allow_pickle: bool, resumed: bool, trackers: bool = True):
-    """``(pipe, fingerprint, method, trainer)`` of a run of ``cfg`` in ``out_dir``: the teacher (checked against
+def build_run(cfg: Recipe, out_dir: Path, allow_pickle: bool, resumed: bool, trackers: bool = True,
+              student_init: bool = True):
+    """``(pipe, identity, method, trainer)`` of a run of ``cfg`` in ``out_dir``: the teacher (checked against
     the run's when ``resumed``), the student's timesteps, the method and the :class:`Trainer` (no trackers
-    unless ``trackers``); nothing is written."""
+    unless ``trackers``); nothing is written. ``identity`` is what ``teacher.json`` holds: the teacher's
+    fingerprint and, with ``student.init``, its folder's digest. ``student_init``: read the ``student.init`` folder
+    (a new run starts from it; a resumed one checks it but takes the student from its checkpoint); ``False``
+    (an export of a checkpoint, which holds the whole student): leave it alone."""
     from accelerate.utils import set_seed
 
     set_seed(cfg.seed)
     pipe = load_teacher(cfg.teacher, allow_pickle, cfg.loading)
     check_prompts(cfg, hasattr(pipe, "encode_prompt"))
     fingerprint = pipeline_fingerprint(pipe)
+    identity = {"teacher": cfg.teacher, "components": fingerprint}
     if resumed:
         check_resumed_teacher(out_dir, cfg, fingerprint, "--resume" if trackers else "export")
     set_resolution(pipe, cfg.data.resolution)
+    init = None
+    if cfg.student.init and student_init:
+        init = load_student_init(cfg.student.init, pipe)
+        identity["student_init"] = init_record(cfg.student.init, init)
+        if resumed:
+            check_resumed_init(out_dir, identity["student_init"])
+            init = None  # the checkpoint holds the student (and everything copied from it)
     timesteps = resolve_timesteps(cfg, pipe, denoiser_from_pipeline(pipe).schedule)
-    method = build_method(cfg, pipe, timesteps)
+    method = build_method(cfg, pipe, timesteps, init)
     if cfg.student.ema_decay and method.ema_group is None:
         raise ValueError(f"student.ema_decay is set, but method {cfg.method!r} keeps no EMA.")
     trainer = build_trainer(cfg, method, out_dir, trackers)
@@ -334,7 +345,7 @@ def build_run(cfg: Recipe, out_dir: Path, allow_pickle: bool, resumed: bool, tra
         set_seed(cfg.seed, device_specific=True)
     method = trainer.accelerator.unwrap_model(trainer.model)
     pipe.to(trainer.device)
-    return pipe, fingerprint, method, trainer
+    return pipe, identity, method, trainer
 
 
 def build_trainer(cfg: Recipe, method, out_dir: Path, trackers: bool = True) -> Trainer:
@@ -416,7 +427,7 @@ def _run(cfg: Recipe, out_dir: Path, checkpoint: Path | None, evaluate_folder, a
          saved: dict | None) -> Path:
     """The body of :func:`run_training`, inside the run folder's lock (``saved``: the run's recipe on resume)."""
     t = cfg.train
-    pipe, fingerprint, method, trainer = build_run(cfg, out_dir, allow_pickle, resumed=checkpoint is not None)
+    pipe, identity, method, trainer = build_run(cfg, out_dir, allow_pickle, resumed=checkpoint is not None)
     saved_steps = (saved or {}).get("train", {}).get("steps")
     if checkpoint is not None and saved_steps != t.steps and len(method.rounds(t.steps)) > 1:
         raise ValueError(f"--resume: method {cfg.method!r} trains in rounds whose lengths follow train.steps, so it "
@@ -434,7 +445,7 @@ def _run(cfg: Recipe, out_dir: Path, checkpoint: Path | None, evaluate_folder, a
         if checkpoint is not None:
             record_resume(out_dir, saved, cfg.to_dict(), checkpoint)
         write_json(out_dir / RECIPE_FILE, cfg.to_dict())
-        write_json(out_dir / TEACHER_FILE, {"teacher": cfg.teacher, "components": fingerprint})
+        write_json(out_dir / TEACHER_FILE, identity)
     try:
         summary = trainer.train(batches, resume=checkpoint is not None, checkpoint=checkpoint)
     finally:
@@ -502,7 +513,7 @@ def export_checkpoint(run_or_checkpoint: str | Path, out: str | Path | None = No
     step = checkpoint_step(checkpoint)
     folder = check_output_dir(out if out is not None else run_dir / f"student-step-{step:07d}")
     check_replaceable(folder, "model_index.json", "--out")
-    pipe, _, method, trainer = build_run(cfg, run_dir, allow_pickle, resumed=True, trackers=False)
+    pipe, _, method, trainer = build_run(cfg, run_dir, allow_pickle, resumed=True, trackers=False, student_init=False)
     trainer.load_checkpoint(checkpoint)
     lora_folder = lora_output(cfg, pipe, folder.with_name(folder.name + "_lora"))
     export_trained(cfg, method, pipe, trainer, folder, lora_folder, step)

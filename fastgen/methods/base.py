@@ -210,6 +210,10 @@ class StudentOptions:
     lora_alpha: float = option(0.0, "LoRA alpha (0: equal to the rank)")
     ema_decay: float = option(0.0, "EMA decay of the student's weights per update (0: no EMA); the EMA is evaluated "
                                    "and exported")
+    init: str = option("", "'' (the teacher's network), or an exported student folder (a run's student/, or a run "
+                           "folder: its student/) whose network the student starts from, e.g. a SiD student for "
+                           "SiDA fine-tuning (SiD^2A); same network class and config as the student; the critic "
+                           "still starts from the teacher; full-weight students only")
 
     def validate(self) -> None:
         if self.num_steps < 1:
@@ -230,6 +234,10 @@ class StudentOptions:
             raise ValueError(f"lora_rank and lora_alpha must be >= 0, got {self.lora_rank} and {self.lora_alpha}.")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}.")
+        if self.init and self.lora_rank:
+            raise ValueError(f"init = {self.init!r} starts a full-weight student; a LoRA student (lora_rank = "
+                             f"{self.lora_rank}) cannot start from it, as an exported folder holds the fused network, "
+                             "which cannot be split into the teacher's base and an adapter: set lora_rank = 0.")
 
 
 # --- shared helpers ---------------------------------------------------------------------------
@@ -266,6 +274,45 @@ def make_student(teacher: Denoiser, lora_rank: int = 0, lora_alpha: float | None
         add_lora(teacher.model, adapter_name, rank=lora_rank, alpha=lora_alpha, target_modules=lora_targets)
         return AdapterDenoiser(teacher.model, teacher.schedule, adapter_name, teacher.sample_size)
     return Denoiser(base_copy(teacher.model), teacher.schedule, teacher.sample_size)
+
+
+def network_config(network: nn.Module) -> dict:
+    """A diffusers network's config as saved in its ``config.json`` (without the ``_`` bookkeeping keys)."""
+    import json
+
+    config = {k: v for k, v in dict(network.config).items() if not k.startswith("_")}
+    return json.loads(json.dumps(config, default=str))  # tuples as lists, as a saved and reloaded config has them
+
+
+def start_student_from(student: Denoiser, init: Denoiser, what: str = "student.init") -> None:
+    """Copy the weights of ``init`` (a trained student: its network and the schedule it was exported with) into
+    ``student``'s network.
+
+    Both networks must be the same diffusers class with the same config (a guidance-conditioned student's embedding
+    included) and output the same parameterisation (``prediction_type``); a one-line ``ValueError`` naming both
+    otherwise. ``what`` names the setting in that error.
+    """
+    network = student.model
+    mine, theirs = type(network).__name__, type(init.model).__name__
+    if mine != theirs:
+        raise ValueError(f"{what}: its network is a {theirs}, but this run's student is a {mine} (the teacher's "
+                         "network); start from a student of this teacher.")
+    a, b = network_config(network), network_config(init.model)
+    differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    if differ:
+        shown = ", ".join(f"{k} = {b.get(k)!r} (the student's: {a.get(k)!r})" for k in differ[:3])
+        more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
+        hint = (" A guidance-conditioned student (LCM, guided PD) starts only from a student with the same guidance "
+                "embedding, and other students only from students without one." if "time_cond_proj_dim" in differ
+                else "")
+        raise ValueError(f"{what}: its {theirs} has another config than this run's student {mine}: {shown}{more}."
+                         + hint)
+    kinds = init.schedule.prediction_type, student.schedule.prediction_type
+    if kinds[0] != kinds[1]:
+        raise ValueError(f"{what}: its network outputs {kinds[0]!r} (its scheduler's prediction_type), but this run's "
+                         f"student outputs {kinds[1]!r}.")
+    with torch.no_grad():
+        network.load_state_dict(init.model.state_dict())  # strict: every weight of the student comes from init
 
 
 def student_parameters(student: Denoiser) -> list[nn.Parameter]:
@@ -307,6 +354,9 @@ class DistillationMethod(nn.Module):
         student: the shared student options (network copy or LoRA).
         critic: the shared critic options, for methods whose ``sections`` include ``"critic"``.
         default_guidance: the teacher's recommended guidance, used where an option leaves it unset.
+        student_init: a trained student (``student.init``: its network with its exported schedule) whose weights
+            the student starts from instead of the teacher's (:func:`start_student_from`), before any other
+            network (a target, an EMA) copies it; ``None``: the teacher's.
     """
 
     name: ClassVar[str] = "base"
@@ -317,7 +367,7 @@ class DistillationMethod(nn.Module):
     sampler: ClassVar[str] = "multistep"  # x0 then re-noise with fresh noise; exported as LCMScheduler
 
     def __init__(self, teacher: Denoiser, timesteps: Sequence[int], options=None, student: StudentOptions | None = None,
-                 critic=None, default_guidance: float | None = None):
+                 critic=None, default_guidance: float | None = None, student_init: Denoiser | None = None):
         super().__init__()
         self.options = options if options is not None else self.Options()
         self.student_options = student or StudentOptions()
@@ -329,6 +379,8 @@ class DistillationMethod(nn.Module):
         self.timesteps = self.check_timesteps(schedule_timesteps(teacher.schedule, timesteps))
         self.default_guidance = default_guidance
         self.student = self.build_student(teacher, self.student_options)
+        if student_init is not None:
+            start_student_from(self.student, student_init)
         for name, p in teacher.model.named_parameters():  # the teacher is frozen; adapters on it may train
             if "lora_" not in name:
                 p.requires_grad_(False)
@@ -440,4 +492,4 @@ class DistillationMethod(nn.Module):
 
 __all__ = ["Batch", "StepOutput", "DataNeeds", "TeacherPairs", "ExportSpec", "OptimizerOptions", "StudentOptions",
            "DistillationMethod", "METHODS", "register", "option", "option_default", "frozen", "make_student",
-           "student_parameters", "LR_DECAYS"]
+           "student_parameters", "start_student_from", "network_config", "LR_DECAYS"]

@@ -86,8 +86,8 @@ class DistributionMatchingMethod(DistillationMethod):
     optimizer_defaults = {"generator": OptimizerOptions(), "critic": OptimizerOptions()}
 
     def __init__(self, teacher, timesteps, options=None, student=None, critic: CriticOptions | None = None,
-                 default_guidance: float | None = None):
-        super().__init__(teacher, timesteps, options, student, critic, default_guidance)
+                 default_guidance: float | None = None, student_init=None):
+        super().__init__(teacher, timesteps, options, student, critic, default_guidance, student_init)
         self.check_teacher_output()
         self.critic = FakeScoreCritic.from_options(teacher, critic or CriticOptions())
         self.guidance_scale = self.resolve_guidance(self.options.guidance_scale)
