@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -24,22 +25,31 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def fail(message: str) -> None:
+    """Bad input: one line on stderr, exit status 2, nothing written."""
+    print(f"which_method.py: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def parse_row(spec: str, literal: bool = False) -> tuple[str, dict[int, dict]]:
-    """``LABEL:NFE=PATH:...`` -> ``(label, {nfe: metrics})`` (``literal``: cells may be ``FD/RECALL/IMAGES``); a
-    one-line ``SystemExit`` for a bad spec."""
+    """``LABEL:NFE=PATH:...`` -> ``(label, {nfe: metrics})`` (``literal``: cells may be ``FD/RECALL/IMAGES``);
+    :func:`fail` on a bad spec."""
     label, *cells = spec.split(":")
     if not label or not cells:
-        raise SystemExit(f"--row {spec!r}: expected LABEL:NFE=FOLDER[:NFE=FOLDER...]")
+        fail(f"{spec!r}: expected LABEL:NFE=FOLDER[:NFE=FOLDER...]")
     points = {}
     for cell in cells:
         nfe, _, path = cell.partition("=")
         values = path.split("/")
+        if not nfe.isdigit() or int(nfe) < 1:
+            fail(f"{label!r}: {cell!r} does not start with a positive NFE (NFE=FOLDER)")
         if literal and len(values) == 3 and all(v.replace(".", "", 1).isdigit() for v in values):
             points[int(nfe)] = {"fd": float(values[0]), "recall": float(values[1]), "num_images": int(values[2])}
             continue
         file = Path(path) / "metrics.json" if Path(path).is_dir() else Path(path)
-        if not nfe.isdigit() or not file.is_file():
-            raise SystemExit(f"--row {label!r}: {cell!r} is not NFE=FOLDER with a metrics.json")
+        if not file.is_file():
+            fail(f"{label!r}: {path!r} is not a folder with a metrics.json (NFE=FOLDER"
+                 + (" or NFE=FD/RECALL/IMAGES)" if literal else ")"))
         data = json.loads(file.read_text())
         points[int(nfe)] = {**data.get("metrics", data), "num_images": data.get("num_images")}
     return label, points
@@ -61,6 +71,7 @@ def main() -> None:
         cells = [f"{points[n]['fd']:.2f} / {points[n]['recall']:.3f} ({points[n]['num_images']})" if n in points
                  else "-" for n in nfes]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".md").write_text("\n".join(lines) + "\n\n(images per cell in brackets)\n")
 
     fig, (ax_fd, ax_recall) = plt.subplots(1, 2, figsize=(10, 4))
