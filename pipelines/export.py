@@ -248,6 +248,11 @@ def exported_scheduler(pipe, timesteps: Sequence[int], sampler: str = "multistep
     return scheduler, custom
 
 
+def network_component(pipe) -> str:
+    """The component of ``pipe`` that is distilled and replaced by the student: ``unet`` or ``transformer``."""
+    return "unet" if "unet" in pipe.components else "transformer"
+
+
 def check_student_network(pipe, network_name: str, model: torch.nn.Module) -> None:
     """Raise a one-line ``ValueError`` when ``model`` cannot stand in for the pipeline's ``network_name``:
     another class, or another interface (channels, size, conditioning width: :data:`INTERFACE_KEYS`)."""
@@ -415,7 +420,7 @@ def export_student(teacher, out_dir: str | Path, *, model: torch.nn.Module | Non
 
     check_guidance_scale(guidance_scale)
     pipe = load_pipeline(str(teacher), what="Teacher") if isinstance(teacher, (str, Path)) else teacher
-    network_name = "unet" if "unet" in pipe.components else "transformer"
+    network_name = network_component(pipe)
     teacher_config = {"_class_name": type(pipe.scheduler).__name__, **dict(pipe.scheduler.config)}
     timesteps = check_timesteps(timesteps, teacher_config.get("num_train_timesteps", 1000),
                                 continuous=is_flow_config(teacher_config))

@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 from fastgen.denoiser import Denoiser
+from fastgen.pipelines.export import network_component
 from fastgen.pipelines.generate import network_denoiser
 from fastgen.pipelines.loading import module_digest
 
@@ -41,11 +42,6 @@ def init_folder(path: str) -> Path:
                             "its run folder.")
 
 
-def network_name(pipe) -> str:
-    """The component of ``pipe`` that is distilled: ``unet`` or ``transformer``."""
-    return "unet" if getattr(pipe, "unet", None) is not None else "transformer"
-
-
 def load_student_init(path: str, pipe) -> Denoiser:
     """The trained student in ``path`` (see :func:`init_folder`) as a :class:`Denoiser`: its network (the component
     the teacher ``pipe`` distils, safetensors weights only) with the schedule of its exported scheduler, at the
@@ -53,7 +49,7 @@ def load_student_init(path: str, pipe) -> Denoiser:
     import diffusers
 
     folder = init_folder(path)
-    name = network_name(pipe)
+    name = network_component(pipe)
     entry = json.loads((folder / "model_index.json").read_text()).get(name)
     if not (isinstance(entry, list) and len(entry) == 2 and entry[1]):
         raise ValueError(f"{WHAT} = {path!r}: {folder} has no {name} (the network the teacher "
@@ -88,4 +84,4 @@ def check_resumed_init(out_dir: Path, record: dict | None, what: str = "--resume
                      "--out.")
 
 
-__all__ = ["init_folder", "load_student_init", "init_record", "check_resumed_init", "network_name"]
+__all__ = ["init_folder", "load_student_init", "init_record", "check_resumed_init"]
