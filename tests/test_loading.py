@@ -71,10 +71,10 @@ LORA = ["student.lora_rank=4", "critic.lora_rank=4"]  # equal ranks: recomputing
 
 
 @pytest.mark.parametrize("recipe, sets, networks", [
-    ("dmd2_4step", ["dmd2.guidance_scale=2.0"], 2),  # the student and the critic
+    ("dmd2_4step", ["dmd2.guidance_scale=2.0"], 3),  # the frozen teacher (run without gradients), student, critic
     ("dmd2_4step", ["dmd2.guidance_scale=2.0", *LORA], 1),  # the one base under teacher, student and critic
     ("sid_1step", ["sid.guidance_scale=2.0", *LORA], 1),  # SiD's generator loss backpropagates through all three
-    ("sid_1step", ["sid.guidance_scale=2.0"], 2),  # ... through the critic with its weights frozen
+    ("sid_1step", ["sid.guidance_scale=2.0"], 3),  # ... through the frozen teacher and the critic with its weights frozen
 ])
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(sd, recipe, sets, networks):
     from fastgen.methods import Batch

@@ -88,8 +88,9 @@ class TrainOptions:
     trained_dtype: str = option("fp32", "dtype the trained copies (student, critic, their adapters) are kept in: fp32 "
                                         "(master weights; a teacher loaded in bf16/fp16 then needs mixed precision), "
                                         "bf16 or fp16")
-    gradient_checkpointing: bool = option(False, "recompute the trained networks' activations in the backward pass "
-                                                 "(diffusers' enable_gradient_checkpointing): less memory, more time")
+    gradient_checkpointing: bool = option(False, "recompute the networks' activations in the backward pass (student, "
+                                                 "critic, and the frozen teacher where gradients flow through it; "
+                                                 "diffusers' enable_gradient_checkpointing): less memory, more time")
     export_lora: bool = option(True, "LoRA students: also write the adapter as pytorch_lora_weights.safetensors "
                                      "(for pipelines with a LoRA loader, e.g. StableDiffusionPipeline)")
 

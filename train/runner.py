@@ -387,17 +387,18 @@ def check_precisions(method, mixed_precision: str) -> None:
 
 
 def enable_gradient_checkpointing(method) -> int:
-    """diffusers' gradient checkpointing on every network the method trains (student, critic; a LoRA student's
-    frozen base too, which only affects passes with gradients), each block recomputed as its forward ran
-    (:func:`~fastgen.lora.checkpointing_function`); returns how many networks."""
+    """diffusers' gradient checkpointing on every network of the method: student and critic, and the frozen teacher
+    too (SiD's generator loss backpropagates through it; diffusers checkpoints only passes that record gradients, so
+    a teacher run without them is unaffected), each block recomputed as its forward ran
+    (:func:`~fastgen.lora.checkpointing_function`); returns how many networks (a LoRA base under teacher, student
+    and critic is one)."""
     from diffusers import ModelMixin
 
     networks: list[str] = []  # the outermost diffusers models (a UNet's Transformer2DModel blocks are inside it)
     for name, module in method.named_modules():
         if any(name.startswith(outer + ".") for outer in networks) or not isinstance(module, ModelMixin):
             continue
-        if getattr(module, "_supports_gradient_checkpointing", False) and any(p.requires_grad
-                                                                                for p in module.parameters()):
+        if getattr(module, "_supports_gradient_checkpointing", False):
             module.enable_gradient_checkpointing(checkpointing_function(module))
             networks.append(name)
     return len(networks)
