@@ -104,3 +104,33 @@ def test_scm_student_of_fmnist_flow_exports_the_teachers_prompt_options(zoo_dir,
     assert result.returncode == 0, result.stderr[-3000:]
     ours, _ = fastgen_latents(student)
     torch.testing.assert_close(load_file(str(student / "plain.safetensors"))["latents"], ours, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("recipe", ["dmd2_fmnist_flow_1step", "sid_fmnist_flow_1step"])
+def test_one_step_students_of_fmnist_flow_start_from_pure_noise_and_load_in_plain_diffusers(recipe, zoo_dir, tmp_path,
+                                                                                             monkeypatch):
+    """The shipped 1-step DMD2 and SiD recipes of the flow teacher, 2 steps: the student runs at sigma 1 (timestep
+    1000.0, not an integer below 1000), and its README call in a fresh diffusers-only process equals fastgen's
+    sampler."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from safetensors.torch import load_file
+    from test_flow_teachers import PLAIN, fastgen_latents
+
+    from fastgen.pipelines.export import read_metadata
+    from fastgen.train.runner import run_training
+
+    monkeypatch.setattr(zoo, "ZOO_DIR", zoo_dir)
+    student = run_training(recipe, ["train.steps=2", "train.batch_size=4", "train.checkpoint_every=0",
+                                    "train.progress=false"], out=str(tmp_path / "run"))
+    meta = read_metadata(student)
+    assert meta["timesteps"] == [1000.0]
+    assert meta["call"] == "sigmas=[1.0], guidance_scale=0.0, max_sequence_length=0"
+    env = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(PLAIN), str(student)], capture_output=True,
+                            text=True, env=env, cwd="/")
+    assert result.returncode == 0, result.stderr[-3000:]
+    ours, _ = fastgen_latents(student)
+    torch.testing.assert_close(load_file(str(student / "plain.safetensors"))["latents"], ours, atol=1e-5, rtol=0)
