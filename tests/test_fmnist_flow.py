@@ -80,13 +80,6 @@ def test_eval_and_bench_with_flow_solvers(zoo_dir, tmp_path, monkeypatch, capsys
 def test_scm_student_of_fmnist_flow_exports_the_teachers_prompt_options(zoo_dir, tmp_path, monkeypatch):
     """The shipped recipe scm_fmnist_flow, 2 steps on the zoo's Fashion-MNIST latents: the student's folder records
     max_sequence_length=0 and its README call, run in a fresh diffusers-only process, equals fastgen's sampler."""
-    import subprocess
-    import sys
-    import textwrap
-
-    from safetensors.torch import load_file
-    from test_flow_teachers import PLAIN, fastgen_latents
-
     from fastgen.pipelines.export import read_metadata
     from fastgen.train.runner import run_training
 
@@ -98,12 +91,7 @@ def test_scm_student_of_fmnist_flow_exports_the_teachers_prompt_options(zoo_dir,
     assert meta["call"] == "sigmas=[1.0, 0.6627], guidance_scale=0.0, max_sequence_length=0"
     assert prompt_options(load_pipeline(str(student))) == {"max_sequence_length": 0}
     assert "text_encoder_3=None, tokenizer_3=None" in (student / "README.md").read_text()
-    env = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(PLAIN), str(student)], capture_output=True,
-                            text=True, env=env, cwd="/")
-    assert result.returncode == 0, result.stderr[-3000:]
-    ours, _ = fastgen_latents(student)
-    torch.testing.assert_close(load_file(str(student / "plain.safetensors"))["latents"], ours, atol=1e-5, rtol=0)
+    assert_plain_call_matches_fastgen(student)
 
 
 @pytest.mark.parametrize("recipe", ["dmd2_fmnist_flow_1step", "sid_fmnist_flow_1step"])
@@ -112,13 +100,6 @@ def test_one_step_students_of_fmnist_flow_start_from_pure_noise_and_load_in_plai
     """The shipped 1-step DMD2 and SiD recipes of the flow teacher, 2 steps: the student runs at sigma 1 (timestep
     1000.0, not an integer below 1000), and its README call in a fresh diffusers-only process equals fastgen's
     sampler."""
-    import subprocess
-    import sys
-    import textwrap
-
-    from safetensors.torch import load_file
-    from test_flow_teachers import PLAIN, fastgen_latents
-
     from fastgen.pipelines.export import read_metadata
     from fastgen.train.runner import run_training
 
@@ -128,6 +109,18 @@ def test_one_step_students_of_fmnist_flow_start_from_pure_noise_and_load_in_plai
     meta = read_metadata(student)
     assert meta["timesteps"] == [1000.0]
     assert meta["call"] == "sigmas=[1.0], guidance_scale=0.0, max_sequence_length=0"
+    assert_plain_call_matches_fastgen(student)
+
+
+def assert_plain_call_matches_fastgen(student):
+    """The student folder's README call, run in a fresh process with only diffusers, equals fastgen's sampler."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from safetensors.torch import load_file
+    from test_flow_teachers import PLAIN, fastgen_latents
+
     env = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(PLAIN), str(student)], capture_output=True,
                             text=True, env=env, cwd="/")
