@@ -40,6 +40,7 @@ from fastgen.denoiser import check_guidance_scale
 from fastgen.schedule import check_timesteps, is_flow_config
 
 from .folders import writing_folder
+from .generate import network_component
 from .portable import make_portable
 from .prompts import call_text, prompt_options, write_prompt_options
 
@@ -246,11 +247,6 @@ def exported_scheduler(pipe, timesteps: Sequence[int], sampler: str = "multistep
             f"set_timesteps({len(ts)}) gives {default}, not {ts}. Train with student.num_steps "
             f"(fastgen.pipelines.sampler.student_timesteps) or timesteps that set_timesteps(N) gives.")
     return scheduler, custom
-
-
-def network_component(pipe) -> str:
-    """The component of ``pipe`` that is distilled and replaced by the student: ``unet`` or ``transformer``."""
-    return "unet" if "unet" in pipe.components else "transformer"
 
 
 def check_student_network(pipe, network_name: str, model: torch.nn.Module) -> None:
@@ -499,7 +495,7 @@ def set_default_resolution(pipe, pixels: int, what: str) -> None:
     ``ValueError`` naming ``what`` (the setting) for pipelines that generate at their network's ``sample_size``
     (``DDPMPipeline``, ``StableDiffusionPipeline``) or a size the latents cannot take (the VAE's factor times the
     transformer's patch -- Flux packs 2x2 -- or the UNet's downsampling)."""
-    network = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
+    network = getattr(pipe, network_component(pipe), None)
     if network is None or not hasattr(pipe, "default_sample_size"):
         raise ValueError(f"{what} applies to pipelines whose call defaults to default_sample_size (SDXL, SD3, Flux); "
                          f"{type(pipe).__name__} generates at its network's sample_size: leave {what} out.")

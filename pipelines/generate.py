@@ -25,12 +25,17 @@ def is_flux(network: torch.nn.Module) -> bool:
     return type(network).__name__ == "FluxTransformer2DModel"
 
 
+def network_component(pipe) -> str:
+    """The component of ``pipe`` that is distilled and that a student replaces: ``unet`` or ``transformer``."""
+    return "unet" if getattr(pipe, "unet", None) is not None else "transformer"
+
+
 def denoiser_from_pipeline(pipe, model: torch.nn.Module | None = None) -> Denoiser:
     """A :class:`Denoiser` for the pipeline's network (or ``model``) with the pipeline's schedule, at the latent
     size the pipeline generates by default (its ``default_sample_size`` where it has one: SD3, SDXL, Flux; else the
     network's ``sample_size``). A flow schedule with dynamic shifting gets its ``mu`` from that size's image
     sequence length, as the SD3 and Flux pipelines compute it (patches of ``patch_size``; Flux: packed 2x2)."""
-    network = model if model is not None else getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    network = model if model is not None else getattr(pipe, network_component(pipe), None)
     if network is None:
         raise TypeError(f"{type(pipe).__name__} has no `unet` or `transformer` component.")
     return network_denoiser(network, pipe.scheduler.config, getattr(pipe, "default_sample_size", None))

@@ -28,8 +28,9 @@ def teacher_image_shape(pipe) -> tuple[int, tuple[int, int]]:
     latent size (the pipeline's ``default_sample_size``, else the network's) times the VAE's scale factor, or the
     pixel network's own input."""
     from fastgen.denoiser import latent_shape
+    from fastgen.pipelines.generate import network_component
 
-    network = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
+    network = getattr(pipe, network_component(pipe))
     channels, height, width = latent_shape(network, getattr(pipe, "default_sample_size", None))
     vae = getattr(pipe, "vae", None)
     if vae is None:

@@ -18,8 +18,7 @@ import json
 from pathlib import Path
 
 from fastgen.denoiser import Denoiser
-from fastgen.pipelines.export import network_component
-from fastgen.pipelines.generate import network_denoiser
+from fastgen.pipelines.generate import network_component, network_denoiser
 from fastgen.pipelines.loading import module_digest
 
 from .runfolder import TEACHER_FILE, read_json
