@@ -76,7 +76,7 @@ def test_export_a_run_or_a_checkpoint_without_training(teacher, recipe, tmp_path
     assert "exported" in capsys.readouterr().out
 
 
-def test_resume_from_a_checkpoint_with_the_runs_recipe_json(teacher, recipe, tmp_path):
+def test_resume_from_a_checkpoint_with_the_runs_recipe_json(teacher, recipe, tmp_path, capsys):
     """`fastgen train RUN/recipe.json --resume RUN/checkpoints/checkpoint-N` (the run folder is the default --out)
     ends as the uninterrupted run; the change of train.steps is recorded and the log keeps the first part."""
     whole = tmp_path / "whole"
@@ -93,6 +93,7 @@ def test_resume_from_a_checkpoint_with_the_runs_recipe_json(teacher, recipe, tmp
     assert [(r["checkpoint"], r["step"], r["changed"]) for r in resumes] == [
         ("checkpoint-0000003", 3, {"train.steps": [3, 6]})]
     assert json.loads(saved.read_text())["train"]["steps"] == 6
+    assert "train.steps 3 -> 6" in capsys.readouterr().out  # the changed key is said, not only recorded
     log = json.loads((part / "train_log.json").read_text())
     assert [r["step"] for r in log["history"]] == [2, 4, 6] and log["start_step"] == 3
 

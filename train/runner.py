@@ -472,6 +472,12 @@ def record_resume(out_dir: Path, saved: dict | None, now: dict, checkpoint: Path
               "step": checkpoint_step(checkpoint), "changed": changed, "command": " ".join(sys.argv)}
     with open(out_dir / RESUMES_FILE, "a") as f:
         f.write(json.dumps(record) + "\n")
+    # Resuming by a recipe's name takes that recipe's values of the resumable keys, not the run's: say which moved.
+    moved = {k: v for k, v in changed.items() if k not in ("out", "name")}
+    if moved:
+        print("note: this resume changes " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in moved.items())
+              + f" (recorded in {out_dir / RESUMES_FILE}; to keep a run's value, resume with its {RECIPE_FILE} "
+              "or --set the key)")
 
 
 def locate_checkpoint(run_or_checkpoint: str | Path) -> tuple[Path, Path]:
