@@ -28,7 +28,7 @@ class LoadOptions:
             diffusers pipeline folder or hub id whose configs it is converted with (``from_single_file(config=)``;
             offline, a local folder).
         attention: ``"sdpa"`` (PyTorch's scaled-dot-product attention, diffusers' default) or ``"xformers"``
-            (memory-efficient attention; CUDA with the xformers package only).
+            (memory-efficient attention where CUDA and the xformers package are there; SDPA with a note elsewhere).
     """
 
     dtype: str = option("fp32", "torch dtype of the teacher's networks: fp32, fp16 or bf16")
@@ -38,7 +38,7 @@ class LoadOptions:
                                   "{vae = \"path/to/vae\"}")
     single_file_config: str = option("", "a single-file checkpoint teacher (.safetensors): the diffusers pipeline "
                                          "folder whose configs convert it (from_single_file(config=))")
-    attention: str = option("sdpa", "'sdpa' (PyTorch scaled-dot-product attention) or 'xformers' (CUDA + xformers)")
+    attention: str = option("sdpa", "'sdpa' (PyTorch scaled-dot-product attention) or 'xformers' (CUDA + xformers; else SDPA, with a note)")
 
     def validate(self) -> None:
         if self.dtype not in DTYPES:
@@ -79,21 +79,27 @@ def _component_overrides(target: str, components: dict, dtype) -> dict:
 
 
 def set_attention(pipe, attention: str) -> None:
-    """``"xformers"``: diffusers' memory-efficient attention (CUDA and the xformers package only: a one-line error
-    otherwise); ``"sdpa"``: PyTorch's scaled-dot-product attention, which diffusers uses by default."""
+    """``"xformers"``: diffusers' memory-efficient attention where it is available (CUDA and the xformers package);
+    elsewhere PyTorch's scaled-dot-product attention stays, with a one-line note saying why. ``"sdpa"``: PyTorch's
+    scaled-dot-product attention, which diffusers uses by default."""
+    import sys
+
     import torch
 
     if attention == "sdpa":
         return
     if not torch.cuda.is_available():
-        raise ValueError("attention 'xformers' needs a CUDA device; on this machine (no CUDA) diffusers uses PyTorch's "
-                         "scaled-dot-product attention (attention 'sdpa').")
-    try:
-        import xformers  # noqa: F401
-    except ImportError:
-        raise ValueError("attention 'xformers' needs the xformers package (pip install xformers); or use "
-                         "attention 'sdpa' (PyTorch's scaled-dot-product attention).") from None
-    pipe.enable_xformers_memory_efficient_attention()
+        missing = "a CUDA device (this machine has none)"
+    else:
+        try:
+            import xformers  # noqa: F401
+        except ImportError:
+            missing = "the xformers package (pip install xformers)"
+        else:
+            pipe.enable_xformers_memory_efficient_attention()
+            return
+    print(f"note: attention 'xformers' needs {missing}; using PyTorch's scaled-dot-product attention (attention "
+          "'sdpa') instead.", file=sys.stderr)
 
 
 def load_pipeline(name_or_path: str, device: str | None = None, what: str = "Pipeline", allow_pickle: bool = False,

@@ -62,9 +62,15 @@ def test_bad_options_are_one_line_errors(sd, tmp_path, options, file, message):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA, xformers may be available")
-def test_xformers_on_cpu_says_sdpa_is_used(sd):
-    with pytest.raises(ValueError, match="needs a CUDA device; on this machine .* scaled-dot-product attention"):
-        load_pipeline(str(sd), options=LoadOptions(attention="xformers"))
+def test_xformers_on_cpu_falls_back_to_sdpa_and_says_so(sd, capsys):
+    default = load_pipeline(str(sd))
+    pipe = load_pipeline(str(sd), options=LoadOptions(attention="xformers"))
+    err = capsys.readouterr().err
+    assert "attention 'xformers' needs a CUDA device" in err and "scaled-dot-product attention" in err
+    assert len(err.strip().splitlines()) == 1
+    processors = {k: type(v).__name__ for k, v in pipe.unet.attn_processors.items()}
+    assert processors == {k: type(v).__name__ for k, v in default.unet.attn_processors.items()}
+    assert "XFormersAttnProcessor" not in processors.values()
 
 
 LORA = ["student.lora_rank=4", "critic.lora_rank=4"]  # equal ranks: recomputing the wrong adapter raises nothing
