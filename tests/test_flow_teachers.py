@@ -1,7 +1,8 @@
 """Flow-matching teachers end to end (issue 12): tiny pipelines built from diffusers' own classes and saved with
 ``save_pretrained`` -- SD3 with T5, SD3 saved without T5, Flux guidance-distilled (guidance embedding) with dynamic
 shifting, Flux without the embedding (classifier-free guidance) with a static shift. Each is distilled for a few steps
-with DMD2, SiD and CD through ``run_training``, exported, and a fresh process that imports only diffusers loads every
+with DMD2, SiD and CD through ``run_training`` -- the generic recipes a user runs on their own teacher
+(``dmd2_4step``, ``sid_1step``, ``cd_4step``), told the number of steps --, exported, and a fresh process that imports only diffusers loads every
 folder as its README states and runs the README's call: it must equal fastgen's sampler on the same noise."""
 
 import json
@@ -25,10 +26,10 @@ from fastgen.train.runner import run_training
 PROMPT = "a photo of a sneaker"  # the README's prompt
 RNG_SEED = 0  # the README seeds torch's global generator and the call's generator with 0
 TEACHERS = ("sd3", "sd3-no-t5", "flux-guidance-dynamic", "flux-cfg-static")
-METHODS = {  # method -> its recipe lines (a 2-step multistep student for DMD2 and CD, one step for SiD)
-    "dmd2": "[student]\nnum_steps = 2\n[dmd2]\nratio = 1\nguidance_scale = 2.0\n",
-    "sid": "[student]\nnum_steps = 1\n[sid]\nguidance_scale = 2.0\n",
-    "cd": "[student]\nnum_steps = 2\n[cd]\nguidance_scale = 2.0\n",
+METHODS = {  # method -> (the generic recipe it runs, its overrides): a 2-step student for DMD2 and CD, one step for SiD
+    "dmd2": ("dmd2_4step", ["student.num_steps=2", "dmd2.ratio=1", "dmd2.guidance_scale=2.0"]),
+    "sid": ("sid_1step", ["sid.guidance_scale=2.0"]),
+    "cd": ("cd_4step", ["student.num_steps=2", "cd.guidance_scale=2.0"]),
 }
 CASES = [(teacher, method) for teacher in TEACHERS for method in METHODS]
 
@@ -46,27 +47,14 @@ def save_teacher(name, folder):
     return pipe
 
 
-def recipe(folder, method, prompts, images, flux):
-    text = f"""method = "{method}"
-{METHODS[method]}[optim.generator]
-lr = 1e-3
-warmup_steps = 0
-[train]
-steps = 2
-batch_size = 2
-checkpoint_every = 0
-log_every = 1
-progress = false
-[data]
-prompts = "{prompts}"
-real = "{images if method == 'cd' else ''}"
-num_workers = 0
-resolution = {16 if flux else 0}
-"""
-    if method != "cd":
-        text += "[optim.critic]\nlr = 1e-3\nwarmup_steps = 0\n"
-    folder.write_text(text)
-    return str(folder)
+def overrides(method, prompts, images, flux):
+    """The generic recipe's settings for a 2-step run on the tiny teacher (learning rates large enough to move it)."""
+    sets = [*METHODS[method][1], "optim.generator.lr=1e-3", "optim.generator.warmup_steps=0", "train.steps=2",
+            "train.batch_size=2", "train.checkpoint_every=0", "train.log_every=1", "train.progress=false",
+            f"data.prompts={prompts}", "data.num_workers=0", f"data.resolution={16 if flux else 0}"]
+    if method == "cd":
+        return sets + [f"data.real={images}"]
+    return sets + ["optim.critic.lr=1e-3", "optim.critic.warmup_steps=0"]
 
 
 @pytest.fixture(scope="module")
@@ -86,9 +74,8 @@ def students(tmp_path_factory):
         teachers[name] = root / name
     out = {}
     for teacher, method in CASES:
-        path = recipe(root / f"{teacher}-{method}.toml", method, root / "prompts.txt", root / "images",
-                      teacher.startswith("flux"))
-        out[teacher, method] = (teachers[teacher], run_training(path, teacher=str(teachers[teacher]),
+        sets = overrides(method, root / "prompts.txt", root / "images", teacher.startswith("flux"))
+        out[teacher, method] = (teachers[teacher], run_training(METHODS[method][0], sets, teacher=str(teachers[teacher]),
                                                                  out=str(root / f"run-{teacher}-{method}")))
     return out
 
