@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from conftest import tiny_sd_pipeline, tiny_sdxl_pipeline
+from conftest import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
 from PIL import Image
 
 from fastgen.train import recipes
@@ -15,7 +15,8 @@ from fastgen.train.recipes import load_recipe
 from fastgen.train.runner import build_data, build_run
 
 TEMPLATES = sorted(name for name in recipes.available_recipes() if name.endswith("_template"))
-STAND_INS = {"sd15": tiny_sd_pipeline, "sdxl": tiny_sdxl_pipeline}  # the family in the template's name
+STAND_INS = {"sd15": tiny_sd_pipeline, "sdxl": tiny_sdxl_pipeline, "sd3": tiny_sd3_pipeline,  # the family in the
+             "flux": tiny_flux_pipeline}  # template's name
 
 
 def header_keys(name: str) -> list[str]:
@@ -43,7 +44,8 @@ def stand_ins(tmp_path_factory):
 def check(name, teachers, overrides, out):
     """The runner's checks on template ``name``: teacher, method, trainer and data built (small batches: the
     stand-in's prompts and images are few; no DataLoader workers on this machine)."""
-    cfg = load_recipe(name, [*overrides, "train.batch_size=2", "data.num_workers=0", "train.mixed_precision=no"])
+    cfg = load_recipe(name, [*overrides, "train.batch_size=2", "data.num_workers=0",
+                             "train.mixed_precision=bf16"])  # the headers' `accelerate launch --mixed_precision bf16`
     cfg.teacher = str(teachers[next(family for family in STAND_INS if family in name)])
     pipe, _, method, trainer = build_run(cfg, out, allow_pickle=False, resumed=False, trackers=False)
     build_data(cfg, pipe, method, out, trainer.device).close()
