@@ -56,7 +56,8 @@ def _loading_options(parser: argparse.ArgumentParser) -> None:
                         help="for a single-file checkpoint (.safetensors) as the pipeline: the diffusers pipeline "
                              "folder whose configs convert it (loading.single_file_config)")
     parser.add_argument("--attention", default=None, choices=["sdpa", "xformers"],
-                        help="attention: sdpa (PyTorch, default) or xformers (CUDA + xformers; else sdpa with a note; loading.attention)")
+                        help="attention: sdpa (PyTorch, default) or xformers (CUDA + xformers; else sdpa with a "
+                             "note; loading.attention)")
 
 
 def _loading_values(args) -> dict:

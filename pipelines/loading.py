@@ -38,7 +38,8 @@ class LoadOptions:
                                   "{vae = \"path/to/vae\"}")
     single_file_config: str = option("", "a single-file checkpoint teacher (.safetensors): the diffusers pipeline "
                                          "folder whose configs convert it (from_single_file(config=))")
-    attention: str = option("sdpa", "'sdpa' (PyTorch scaled-dot-product attention) or 'xformers' (CUDA + xformers; else SDPA, with a note)")
+    attention: str = option("sdpa", "'sdpa' (PyTorch scaled-dot-product attention) or 'xformers' (CUDA + xformers; "
+                                    "else SDPA, with a note)")
 
     def validate(self) -> None:
         if self.dtype not in DTYPES:

@@ -2,8 +2,9 @@
 ``save_pretrained`` -- SD3 with T5, SD3 saved without T5, Flux guidance-distilled (guidance embedding) with dynamic
 shifting, Flux without the embedding (classifier-free guidance) with a static shift. Each is distilled for a few steps
 with DMD2, SiD and CD through ``run_training`` -- the generic recipes a user runs on their own teacher
-(``dmd2_4step``, ``sid_1step``, ``cd_4step``), told the number of steps --, exported, and a fresh process that imports only diffusers loads every
-folder as its README states and runs the README's call: it must equal fastgen's sampler on the same noise."""
+(``dmd2_4step``, ``sid_1step``, ``cd_4step``), told the number of steps --, exported, and a fresh process that
+imports only diffusers loads every folder as its README states and runs the README's call: it must equal fastgen's
+sampler on the same noise."""
 
 import json
 import re
@@ -75,8 +76,9 @@ def students(tmp_path_factory):
     out = {}
     for teacher, method in CASES:
         sets = overrides(method, root / "prompts.txt", root / "images", teacher.startswith("flux"))
-        out[teacher, method] = (teachers[teacher], run_training(METHODS[method][0], sets, teacher=str(teachers[teacher]),
-                                                                 out=str(root / f"run-{teacher}-{method}")))
+        folder = run_training(METHODS[method][0], sets, teacher=str(teachers[teacher]),
+                              out=str(root / f"run-{teacher}-{method}"))
+        out[teacher, method] = (teachers[teacher], folder)
     return out
 
 
