@@ -44,8 +44,10 @@ def stand_ins(tmp_path_factory):
 def check(name, teachers, overrides, out):
     """The runner's checks on template ``name``: teacher, method, trainer and data built (small batches: the
     stand-in's prompts and images are few; no DataLoader workers on this machine)."""
-    cfg = load_recipe(name, [*overrides, "train.batch_size=2", "data.num_workers=0",
-                             "train.mixed_precision=bf16"])  # the headers' `accelerate launch --mixed_precision bf16`
+    # fp32 throughout: the bf16 teacher under bf16 autocast (the headers' `accelerate launch --mixed_precision bf16`)
+    # needs accelerate's state made with it, which one pytest process shares (tests/test_loading.py runs that path)
+    cfg = load_recipe(name, [*overrides, "train.batch_size=2", "data.num_workers=0", "train.mixed_precision=no",
+                             "loading.dtype=fp32"])
     cfg.teacher = str(teachers[next(family for family in STAND_INS if family in name)])
     pipe, _, method, trainer = build_run(cfg, out, allow_pickle=False, resumed=False, trackers=False)
     build_data(cfg, pipe, method, out, trainer.device).close()
