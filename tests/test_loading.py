@@ -134,3 +134,30 @@ def test_bf16_teacher_with_fp32_trained_copies_under_mixed_precision(sd, tmp_pat
     assert student.unet.dtype == torch.bfloat16
     image = student("a red dress", num_inference_steps=1, guidance_scale=0.0, output_type="pt").images
     assert torch.isfinite(image).all()
+
+
+def test_revision_picks_that_snapshot_of_a_hub_id_from_the_offline_cache(sd, tmp_path, monkeypatch):
+    """``revision`` reaches the hub loader: a hub cache laid out as huggingface_hub writes it (refs/<revision> naming
+    a snapshot) holds two revisions of one repository, and offline each revision loads its own weights."""
+    import shutil
+
+    import huggingface_hub.constants as hub_constants
+
+    repo = tmp_path / "hub" / "models--someone--tiny-sd"
+    other = load_pipeline(str(sd))
+    with torch.no_grad():
+        other.unet.conv_out.weight.add_(1.0)
+    for revision, commit, source in (("main", "a" * 40, None), ("v2", "b" * 40, other)):
+        snapshot = repo / "snapshots" / commit
+        if source is None:
+            shutil.copytree(sd, snapshot)
+        else:
+            source.save_pretrained(snapshot)
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / revision).write_text(commit)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    main = load_pipeline("someone/tiny-sd")
+    v2 = load_pipeline("someone/tiny-sd", options=LoadOptions(revision="v2"))
+    assert torch.equal(main.unet.conv_out.weight, load_pipeline(str(sd)).unet.conv_out.weight)
+    assert torch.equal(v2.unet.conv_out.weight, other.unet.conv_out.weight)
