@@ -500,7 +500,7 @@ def set_default_resolution(pipe, pixels: int, what: str) -> None:
         raise ValueError(f"{what} applies to pipelines whose call defaults to default_sample_size (SDXL, SD3, Flux); "
                          f"{type(pipe).__name__} generates at its network's sample_size: leave {what} out.")
     factor = getattr(pipe, "vae_scale_factor", None) or 1
-    if getattr(pipe, "transformer", None) is not None:
+    if network_component(pipe) == "transformer":
         patch, unit = 2 * (getattr(network.config, "patch_size", None) or 1), "patch"
     else:
         patch, unit = 2 ** (len(network.config.block_out_channels) - 1), "downsampling"

@@ -30,7 +30,7 @@ import torch
 from fastgen import zoo
 from fastgen.lora import AdapterDenoiser, checkpointing_function
 from fastgen.pipelines.export import export_student, exported_scheduler, set_default_resolution
-from fastgen.pipelines.generate import denoiser_from_pipeline
+from fastgen.pipelines.generate import denoiser_from_pipeline, network_component
 from fastgen.pipelines.folders import check_output_dir, check_replaceable, writing_folder
 from fastgen.pipelines.loading import LoadOptions, load_pipeline, pipeline_fingerprint
 from fastgen.pipelines.lora import fuse_student, save_lora_weights
@@ -59,7 +59,7 @@ def load_teacher(name_or_path: str, allow_pickle: bool = False, options: LoadOpt
     clear errors otherwise. Only safetensors weights are read unless ``allow_pickle``; ``options``: the recipe's
     ``[loading]`` (see :func:`~fastgen.pipelines.loading.load_pipeline`)."""
     pipe = load_pipeline(name_or_path, what="Teacher", allow_pickle=allow_pickle, options=options)
-    if getattr(pipe, "unet", None) is None and getattr(pipe, "transformer", None) is None:
+    if getattr(pipe, network_component(pipe), None) is None:
         raise TypeError(f"Teacher {name_or_path!r} ({type(pipe).__name__}) has no unet or transformer to distill.")
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
