@@ -12,6 +12,7 @@ from fastgen.methods import Batch, ExportSpec, StudentOptions
 from fastgen.methods.distribution_matching import DistributionMatchingLoss
 from fastgen.methods.dmd import DMD, DMDOptions
 from fastgen.methods.dmd2 import DMD2, DMD2Options
+from fastgen.methods.sid import SiD, SiDLoss, SiDOptions
 from fastgen.pipelines.sampler import sample_multistep
 from fastgen.schedule import VPSchedule, edm_sigma
 
@@ -130,10 +131,11 @@ def test_two_time_scale_update_rule():
     assert set(out.losses) == {"generator", "critic"}  # DMD: both, every iteration
 
 
-@pytest.mark.parametrize("method_class, options_class, ratio", [(DMD, DMDOptions, {}), (DMD2, DMD2Options, {"ratio": 2})])
+@pytest.mark.parametrize("method_class, options_class, ratio", [(DMD, DMDOptions, {}), (DMD2, DMD2Options, {"ratio": 2}),
+                                                                (SiD, SiDOptions, {})])
 def test_regression_loss_pulls_the_first_step_towards_the_teachers_ode_pairs(method_class, options_class, ratio):
-    """DMD's regression term (DMD2: the same option): declared as teacher-pair data, logged as ``reg``, and
-    generator updates on a fixed pair batch pull ``G(z_pair)`` towards the pairs' targets."""
+    """DMD's regression term (DMD2 and SiD: the same option): declared as teacher-pair data, logged as ``reg``,
+    and generator updates on a fixed pair batch pull ``G(z_pair)`` towards the pairs' targets."""
     teacher = Denoiser(tiny_unet(), schedule())
     method = method_class(teacher, (999, 499)[:1 if method_class is DMD else 2],
                           options_class(regression_weight=1.0, ode_pairs=8, ode_steps=5, **ratio))
@@ -150,7 +152,7 @@ def test_regression_loss_pulls_the_first_step_towards_the_teachers_ode_pairs(met
         out.losses["generator"].backward()
         opt.step()
     assert regs[-1] < 0.7 * regs[0]
-    assert options_class().regression_weight == (0.25 if method_class is DMD else 0.0)  # DMD2: off by default
+    assert options_class().regression_weight == (0.25 if method_class is DMD else 0.0)  # DMD2, SiD: off by default
     with pytest.raises(ValueError, match="regression_weight must be >= 0"):
         options_class(regression_weight=-1.0).validate()
 
@@ -258,8 +260,6 @@ def test_lora_roles_share_one_frozen_base():
 
 
 # --- SiD ----------------------------------------------------------------------------------------
-from fastgen.methods.sid import SiD, SiDLoss, SiDOptions  # noqa: E402
-
 
 def test_sid_loss_is_the_papers_formula():
     x_g, y_r, y_f = torch.randn(3, 1, 8, 8), torch.randn(3, 1, 8, 8), torch.randn(3, 1, 8, 8)

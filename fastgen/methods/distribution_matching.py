@@ -131,6 +131,13 @@ class DistributionMatchingMethod(DistillationMethod):
         """The teacher's x0 at ``(x_t, t)`` with classifier-free guidance ``guidance_scale``."""
         return guided_x0(self.teacher, x_t, t, batch.cond, batch.uncond, self.guidance_scale)
 
+    def regression_loss(self, batch: Batch) -> torch.Tensor:
+        """DMD's ``L_reg`` as DMD2 and SiD add it (``self.reg_loss``): the first step's x0 from the pairs' noise
+        against the teacher's ODE samples."""
+        if batch.pair_noise is None:
+            raise ValueError(f"{self.name}.regression_weight > 0 needs teacher ODE pairs in every batch.")
+        return self.reg_loss(self.student_x0(batch.pair_noise, self.timesteps[0], batch.pair_cond), batch.pair_target)
+
     def critic_loss(self, fake: torch.Tensor, batch: Batch) -> dict:
         """The critic's denoising loss on ``sg(fake)`` (+ the GAN discriminator loss with real data)."""
         return self.critic.loss(fake.detach(), batch.cond, batch.real, batch.real_cond)

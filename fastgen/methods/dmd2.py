@@ -77,12 +77,6 @@ class DMD2(DistributionMatchingMethod):
         x0_fake, logits = self.fake_x0_and_logits(x_t, t, batch.cond)
         return {"dm": self.dm_loss(x, x0_real, x0_fake.detach()), "gan_g": gan_generator_loss(logits)}
 
-    def regression_loss(self, batch: Batch) -> torch.Tensor:
-        """DMD's ``L_reg``: the first step's x0 from the pairs' noise against the teacher's ODE samples."""
-        if batch.pair_noise is None:
-            raise ValueError("dmd2.regression_weight > 0 needs teacher ODE pairs in every batch.")
-        return self.reg_loss(self.student_x0(batch.pair_noise, self.timesteps[0], batch.pair_cond), batch.pair_target)
-
     def generator_update(self, x: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict]:
         g = self.generator_loss(x, batch)
         if self.regression_weight:

@@ -35,6 +35,13 @@ both noised (DMD2's head and losses, :mod:`fastgen.critic`). The generator adds 
 
 The critic adds ``lambda_D`` times the discriminator loss. Under SiD-LSG the critic trains with guidance but
 its head reads unguided features, so the GAN term goes with the other guidance modes.
+
+DMD's regression loss (``regression_weight``, off by default; not in the SiD papers): the first step's x0 from
+cached teacher ODE pairs' noise against the teacher's ODE samples, as DMD2 adds it, on ``L_G``'s pixel-summed
+scale (``CHW`` times the mean squared error) so that a weight weighs it against ``L_G`` as it does against
+DMD's pixel-mean ``L_DM``:
+
+    L_G + lambda_reg * CHW * mean ||G(z_pair) - y_pair||^2
 """
 
 from __future__ import annotations
@@ -49,13 +56,17 @@ from fastgen.critic import gan_generator_loss
 from .base import Batch, DataNeeds, OptimizerOptions, option, register
 from .common import guided_x0
 from .distribution_matching import DistributionMatchingMethod, DistributionMatchingOptions, GANOptions
+from .dmd import RegressionLoss, RegressionOptions
 
 GUIDANCE_MODES = ("teacher", "lsg", "zero", "anti")
 
 
 @dataclass
-class SiDOptions(GANOptions, DistributionMatchingOptions):
+class SiDOptions(GANOptions, RegressionOptions, DistributionMatchingOptions):
     """SiD (SiDA with the GAN weights). Recipe: ``[sid]``."""
+
+    regression_weight: float = option(0.0, "lambda_reg of DMD's regression loss on teacher ODE pairs, on the first "
+                                           "step's x0, on L_G's pixel-summed scale (0: none, as in the SiD papers)")
 
     alpha: float = option(1.2, "alpha of the generator loss, in [0, 2] (1.2 in the SiD paper, 1 in SiD-LSG)")
     guidance: str = option("teacher", "where classifier-free guidance goes: 'teacher' (the teacher only), 'lsg' "
@@ -79,6 +90,7 @@ class SiDOptions(GANOptions, DistributionMatchingOptions):
             raise ValueError(f"guidance = 'zero' uses no guidance scale; remove guidance_scale ({self.guidance_scale}).")
         if self.ratio < 1:
             raise ValueError(f"ratio must be >= 1, got {self.ratio}.")
+        RegressionOptions.validate(self)
         GANOptions.validate(self)
 
 
@@ -151,10 +163,11 @@ class SiD(DistributionMatchingMethod):
             raise ValueError("critic.gan_head: sid.guidance = 'lsg' trains the critic with guidance, but its GAN head "
                              "reads unguided features; use the GAN with guidance 'teacher', 'zero' or 'anti'.")
         self.ratio = o.ratio
-        self.sid_loss = SiDLoss(o.alpha)
+        self.regression_weight = o.regression_weight
+        self.sid_loss, self.reg_loss = SiDLoss(o.alpha), RegressionLoss()
 
     def data_needs(self) -> DataNeeds:
-        return self.gan_data_needs("data-free SiD")
+        return self.gan_data_needs("data-free SiD", teacher_pairs=self.options.teacher_pairs(self.guidance_scale))
 
     def resolve_guidance(self, value):
         if self.options.guidance == "zero":
@@ -183,12 +196,15 @@ class SiD(DistributionMatchingMethod):
             return loss, {"sid": loss, "masked_g": (~keep).sum().float()}
         x_g, y_real, y_fake = x_g[keep], y_real[keep], y_fake[keep]
         sid = self.sid_loss(x_g, y_real, y_fake).mean()
-        logs = {"sid": sid, "masked_g": (~keep).sum().float()}
-        if logits is None:
-            return sid, logs
-        logs["gan_g"] = gan_generator_loss(logits[keep])
-        gan = sida_gan_loss(logits[keep], SiDLoss.normaliser(x_g, y_real), x_g[0].numel())
-        return sid + self.gan_generator_weight * gan, logs
+        logs, loss = {"sid": sid, "masked_g": (~keep).sum().float()}, sid
+        if self.regression_weight:
+            logs["reg"] = self.regression_loss(batch)
+            loss = loss + self.regression_weight * x_g[0].numel() * logs["reg"]
+        if logits is not None:
+            logs["gan_g"] = gan_generator_loss(logits[keep])
+            gan = sida_gan_loss(logits[keep], SiDLoss.normaliser(x_g, y_real), x_g[0].numel())
+            loss = loss + self.gan_generator_weight * gan
+        return loss, logs
 
     def critic_update(self, fake: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict]:
         """The critic's denoising loss (with kappa_1 guidance under LSG), non-finite samples masked; with the
