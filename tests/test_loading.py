@@ -1,5 +1,6 @@
-"""Teacher loading options (dtype, variant, replaced components, single-file errors, attention), trained copies in a
-chosen precision, and gradient checkpointing that leaves the loss and gradients unchanged."""
+"""Teacher loading options (dtype, variant, replaced components, single-file checkpoints and their errors,
+attention), trained copies in a chosen precision, and gradient checkpointing that leaves the loss and gradients
+unchanged."""
 
 import json
 import os
@@ -9,6 +10,7 @@ import sys
 import pytest
 import torch
 from conftest import tiny_sd3_pipeline, tiny_sd_pipeline, tiny_vae
+from original_layout import save_original_sd_checkpoint
 
 from fastgen.pipelines.loading import LoadOptions, load_pipeline
 
@@ -59,6 +61,42 @@ def test_bad_options_are_one_line_errors(sd, tmp_path, options, file, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message.replace("(", r"\(").replace(")", r"\)")) as err:
         load_pipeline(target, options=options)
     assert len(str(err.value).splitlines()) == 1
+
+
+def test_single_file_checkpoint_in_the_original_layout_is_converted_trained_and_exported(sd, tmp_path):
+    """An SD1.x single file in the original (LDM) layout -- UNet, VAE and CLIP text encoder of a pipeline whose
+    weights differ from the config folder's -- is converted by diffusers' ``from_single_file`` with the folder's
+    configs: every component holds the file's weights, none the folder's; DMD2 trains on it and exports a folder
+    that plain ``from_pretrained`` loads, with the file's VAE and text encoder."""
+    from diffusers import DiffusionPipeline
+
+    from fastgen.train.runner import run_training
+
+    source = tiny_sd_pipeline(tmp_path / "source", seed=1)  # not the weights of the config folder `sd` (seed 0)
+    file = tmp_path / "sd15-original.safetensors"
+    written = save_original_sd_checkpoint(source, file)
+    assert any(k.startswith("model.diffusion_model.input_blocks.") for k in written)
+    folder_pipe = load_pipeline(str(sd))
+    pipe = load_pipeline(str(file), options=LoadOptions(single_file_config=str(sd)))
+    assert type(pipe).__name__ == "StableDiffusionPipeline" and type(pipe.scheduler) is type(folder_pipe.scheduler)
+    for name in ("unet", "vae", "text_encoder"):
+        got, want = getattr(pipe, name).state_dict(), getattr(source, name).state_dict()
+        assert got.keys() == want.keys(), name
+        assert all(torch.equal(got[k], want[k]) for k in want), name
+        assert not torch.equal(next(iter(got.values())), next(iter(getattr(folder_pipe, name).state_dict().values())))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red dress\na blue bag\n")
+    out = run_training("dmd2_1step", [f"loading.single_file_config={sd}", f"data.prompts={prompts}", "train.steps=2",
+                                      "train.batch_size=2", "train.progress=false", "train.checkpoint_every=0",
+                                      "optim.generator.warmup_steps=0", "optim.generator.lr=1e-2"],
+                       teacher=str(file), out=str(tmp_path / "run"))
+    student = DiffusionPipeline.from_pretrained(out)
+    assert not torch.equal(student.unet.conv_out.weight, source.unet.conv_out.weight)  # trained
+    assert torch.equal(student.vae.decoder.conv_out.weight, source.vae.decoder.conv_out.weight)
+    assert torch.equal(student.text_encoder.get_input_embeddings().weight,
+                       source.text_encoder.get_input_embeddings().weight)
+    image = student("a red dress", num_inference_steps=1, guidance_scale=0.0, output_type="pt").images
+    assert image.shape == (1, 3, 16, 16) and torch.isfinite(image).all()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA, xformers may be available")
