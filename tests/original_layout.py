@@ -31,68 +31,76 @@ def _rename(rest: str, pairs) -> str:
     return rest
 
 
-def unet_to_original(unet) -> dict[str, torch.Tensor]:
-    """``UNet2DConditionModel`` weights under ``model.diffusion_model.`` in the LDM ``UNetModel`` layout."""
-    per_block = unet.config.layers_per_block + 1
-    layers = DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"]
+def _convert(state: dict, layers: dict, rules: list, what: str) -> dict[str, torch.Tensor]:
+    """``state`` with each key renamed by ``layers`` (one-to-one names) or by the first ``(pattern, rule)`` whose
+    pattern matches it whole; ``rule(match, value)`` gives the new key and value."""
     out = {}
-    for key, value in unet.state_dict().items():
+    for key, value in state.items():
         if key in layers:
             out[layers[key]] = value
             continue
-        if m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
-            b, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
-            index = per_block * b + j + 1
-            new = f"input_blocks.{index}.0.{_rename(rest, UNET_RESNET)}" if kind == "resnets" else \
-                f"input_blocks.{index}.1.{rest}"
-        elif m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
-            new = f"input_blocks.{per_block * (int(m[1]) + 1)}.0.op.{m[2]}"
-        elif m := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.+)", key):
-            new = f"middle_block.{2 * int(m[1])}.{_rename(m[2], UNET_RESNET)}"
-        elif m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", key):
-            new = f"middle_block.1.{m[1]}"
-        elif m := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
-            b, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
-            index = per_block * b + j
-            new = f"output_blocks.{index}.0.{_rename(rest, UNET_RESNET)}" if kind == "resnets" else \
-                f"output_blocks.{index}.1.{rest}"
-        elif m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
-            b = int(m[1])
-            slot = 2 if hasattr(unet.up_blocks[b], "attentions") else 1  # after the block's attention, if it has one
-            new = f"output_blocks.{per_block * b + per_block - 1}.{slot}.conv.{m[2]}"
+        for pattern, rule in rules:
+            if m := re.fullmatch(pattern, key):
+                new, value = rule(m, value)
+                break
         else:
-            raise KeyError(f"no original-layout rule for UNet key {key!r}")
+            raise KeyError(f"no original-layout rule for {what} key {key!r}")
         out[new] = value
+    return out
+
+
+def unet_to_original(unet) -> dict[str, torch.Tensor]:
+    """``UNet2DConditionModel`` weights under ``model.diffusion_model.`` in the LDM ``UNetModel`` layout."""
+    per_block = unet.config.layers_per_block + 1
+
+    def block(prefix, index, m, value):  # a resnet (slot 0, renamed) or an attention (slot 1, same names)
+        rest = f"0.{_rename(m[4], UNET_RESNET)}" if m[2] == "resnets" else f"1.{m[4]}"
+        return f"{prefix}.{index}.{rest}", value
+
+    def upsampler(m, value):  # after the up block's last layer, past its attention if it has one
+        b = int(m[1])
+        slot = 2 if hasattr(unet.up_blocks[b], "attentions") else 1
+        return f"output_blocks.{per_block * b + per_block - 1}.{slot}.conv.{m[2]}", value
+
+    rules = [
+        (r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)",
+         lambda m, v: block("input_blocks", per_block * int(m[1]) + int(m[3]) + 1, m, v)),
+        (r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)",
+         lambda m, v: (f"input_blocks.{per_block * (int(m[1]) + 1)}.0.op.{m[2]}", v)),
+        (r"mid_block\.resnets\.(\d+)\.(.+)",
+         lambda m, v: (f"middle_block.{2 * int(m[1])}.{_rename(m[2], UNET_RESNET)}", v)),
+        (r"mid_block\.attentions\.0\.(.+)", lambda m, v: (f"middle_block.1.{m[1]}", v)),
+        (r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)",
+         lambda m, v: block("output_blocks", per_block * int(m[1]) + int(m[3]), m, v)),
+        (r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", upsampler),
+    ]
+    out = _convert(unet.state_dict(), DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"], rules, "UNet")
     return {LDM_UNET_KEY + k: v for k, v in out.items()}
 
 
 def vae_to_original(vae) -> dict[str, torch.Tensor]:
     """``AutoencoderKL`` weights under ``first_stage_model.`` in the LDM ``AutoencoderKL`` layout."""
-    layers = DIFFUSERS_TO_LDM_MAPPING["vae"]
     num_up = len(vae.config.up_block_types)
-    out = {}
-    for key, value in vae.state_dict().items():
-        if key in layers:
-            out[layers[key]] = value
-            continue
-        if m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
-            new = f"encoder.down.{m[1]}.block.{m[2]}.{m[3]}"
-        elif m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
-            new = f"encoder.down.{m[1]}.downsample.conv.{m[2]}"
-        elif m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
-            new = f"decoder.up.{num_up - 1 - int(m[1])}.block.{m[2]}.{m[3]}"
-        elif m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
-            new = f"decoder.up.{num_up - 1 - int(m[1])}.upsample.conv.{m[2]}"
-        elif m := re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.+)", key):
-            new = f"{m[1]}.mid.block_{int(m[2]) + 1}.{m[3]}"
-        elif m := re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)", key):
-            new = f"{m[1]}.mid.attn_1.{_rename(m[2], VAE_ATTENTION)}"
-            if value.ndim == 2:
-                value = value[:, :, None, None]
-        else:
-            raise KeyError(f"no original-layout rule for VAE key {key!r}")
-        out[new.replace("conv_shortcut", "nin_shortcut")] = value
-    return {"first_stage_model." + k: v for k, v in out.items()}
+
+    def attention(m, value):  # the original's 1x1 convolutions
+        value = value[:, :, None, None] if value.ndim == 2 else value
+        return f"{m[1]}.mid.attn_1.{_rename(m[2], VAE_ATTENTION)}", value
+
+    rules = [
+        (r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)",
+         lambda m, v: (f"encoder.down.{m[1]}.block.{m[2]}.{m[3]}", v)),
+        (r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)",
+         lambda m, v: (f"encoder.down.{m[1]}.downsample.conv.{m[2]}", v)),
+        (r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)",
+         lambda m, v: (f"decoder.up.{num_up - 1 - int(m[1])}.block.{m[2]}.{m[3]}", v)),
+        (r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)",
+         lambda m, v: (f"decoder.up.{num_up - 1 - int(m[1])}.upsample.conv.{m[2]}", v)),
+        (r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.+)",
+         lambda m, v: (f"{m[1]}.mid.block_{int(m[2]) + 1}.{m[3]}", v)),
+        (r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)", attention),
+    ]
+    out = _convert(vae.state_dict(), DIFFUSERS_TO_LDM_MAPPING["vae"], rules, "VAE")
+    return {"first_stage_model." + k.replace("conv_shortcut", "nin_shortcut"): v for k, v in out.items()}
 
 
 def text_encoder_to_original(text_encoder) -> dict[str, torch.Tensor]:
