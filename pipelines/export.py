@@ -495,12 +495,13 @@ def set_default_resolution(pipe, pixels: int, what: str) -> None:
     ``ValueError`` naming ``what`` (the setting) for pipelines that generate at their network's ``sample_size``
     (``DDPMPipeline``, ``StableDiffusionPipeline``) or a size the latents cannot take (the VAE's factor times the
     transformer's patch -- Flux packs 2x2 -- or the UNet's downsampling)."""
-    network = getattr(pipe, network_component(pipe), None)
+    name = network_component(pipe)
+    network = getattr(pipe, name, None)
     if network is None or not hasattr(pipe, "default_sample_size"):
         raise ValueError(f"{what} applies to pipelines whose call defaults to default_sample_size (SDXL, SD3, Flux); "
                          f"{type(pipe).__name__} generates at its network's sample_size: leave {what} out.")
     factor = getattr(pipe, "vae_scale_factor", None) or 1
-    if network_component(pipe) == "transformer":
+    if name == "transformer":
         patch, unit = 2 * (getattr(network.config, "patch_size", None) or 1), "patch"
     else:
         patch, unit = 2 ** (len(network.config.block_out_channels) - 1), "downsampling"

@@ -196,13 +196,13 @@ class SiD(DistributionMatchingMethod):
             return loss, {"sid": loss, "masked_g": (~keep).sum().float()}
         x_g, y_real, y_fake = x_g[keep], y_real[keep], y_fake[keep]
         sid = self.sid_loss(x_g, y_real, y_fake).mean()
-        logs, loss = {"sid": sid, "masked_g": (~keep).sum().float()}, sid
+        logs, loss, numel = {"sid": sid, "masked_g": (~keep).sum().float()}, sid, x_g[0].numel()  # numel: CHW
         if self.regression_weight:
             logs["reg"] = self.regression_loss(batch)
-            loss = loss + self.regression_weight * x_g[0].numel() * logs["reg"]
+            loss = loss + self.regression_weight * numel * logs["reg"]
         if logits is not None:
             logs["gan_g"] = gan_generator_loss(logits[keep])
-            gan = sida_gan_loss(logits[keep], SiDLoss.normaliser(x_g, y_real), x_g[0].numel())
+            gan = sida_gan_loss(logits[keep], SiDLoss.normaliser(x_g, y_real), numel)
             loss = loss + self.gan_generator_weight * gan
         return loss, logs
 
