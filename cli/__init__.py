@@ -49,9 +49,10 @@ def _loading_options(parser: argparse.ArgumentParser) -> None:
                         help="torch dtype of the pipeline's networks (default: fp32; train: loading.dtype)")
     parser.add_argument("--variant", default=None, help="weight-file variant, e.g. fp16 (loading.variant)")
     parser.add_argument("--revision", default=None, help="hub revision: branch, tag or commit (loading.revision)")
-    parser.add_argument("--component", action="append", default=[], metavar="NAME=none|FOLDER",
-                        help="replace a component: text_encoder_3=none drops T5 from SD3, vae=FOLDER loads another "
-                             "(repeatable; loading.components)")
+    parser.add_argument("--component", action="append", default=[], metavar="NAME=none|FOLDER|FILE",
+                        help="replace a component: text_encoder_3=none drops T5 from SD3, vae=FOLDER loads another, "
+                             "transformer=FILE.safetensors converts one from a single file in its original layout, "
+                             "e.g. a Flux transformer (repeatable; loading.components)")
     parser.add_argument("--single-file-config", default=None, metavar="FOLDER",
                         help="for a single-file checkpoint (.safetensors) as the pipeline: the diffusers pipeline "
                              "folder whose configs convert it (loading.single_file_config)")

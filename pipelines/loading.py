@@ -16,14 +16,16 @@ ATTENTION = ("sdpa", "xformers")
 @dataclass
 class LoadOptions:
     """How a pipeline is loaded. Recipe: ``[loading]``; commands: ``--dtype``, ``--variant``, ``--revision``,
-    ``--component NAME=none|FOLDER``, ``--single-file-config``, ``--attention``.
+    ``--component NAME=none|FOLDER|FILE``, ``--single-file-config``, ``--attention``.
 
     Args:
         dtype: ``"fp32"`` (default), ``"fp16"`` or ``"bf16"``: ``torch_dtype`` of every network.
         variant: weight-file variant (``"fp16"`` reads ``*.fp16.safetensors``); ``""``: the default files.
         revision: hub revision (branch, tag or commit); ``""``: the default branch.
         components: replaced components: ``{"text_encoder_3": "none"}`` drops one (SD3 without T5), a folder
-            loads that component from it (with the class the pipeline's ``model_index.json`` names).
+            loads that component from it (with the class the pipeline's ``model_index.json`` names), a
+            ``.safetensors`` file converts it from a single file in its original layout (a Flux transformer file:
+            that class's ``from_single_file`` with the configs of the pipeline's subfolder of that name).
         single_file_config: for a single-file checkpoint (``.safetensors`` / ``.ckpt`` as the teacher), the
             diffusers pipeline folder or hub id whose configs it is converted with (``from_single_file(config=)``;
             offline, a local folder).
@@ -34,8 +36,8 @@ class LoadOptions:
     dtype: str = option("fp32", "torch dtype of the teacher's networks: fp32, fp16 or bf16")
     variant: str = option("", "weight-file variant, e.g. 'fp16' (*.fp16.safetensors); '': the default files")
     revision: str = option("", "hub revision (branch, tag or commit); '': the default branch")
-    components: dict = option({}, "replaced components, e.g. {text_encoder_3 = \"none\"} (drop T5) or "
-                                  "{vae = \"path/to/vae\"}")
+    components: dict = option({}, "replaced components, e.g. {text_encoder_3 = \"none\"} (drop T5), "
+                                  "{vae = \"path/to/vae\"} or {transformer = \"flux1-dev.safetensors\"}")
     single_file_config: str = option("", "a single-file checkpoint teacher (.safetensors): the diffusers pipeline "
                                          "folder whose configs convert it (from_single_file(config=))")
     attention: str = option("sdpa", "'sdpa' (PyTorch scaled-dot-product attention) or 'xformers' (CUDA + xformers; "
@@ -48,7 +50,8 @@ class LoadOptions:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, not {self.attention!r}.")
         bad = [k for k, v in self.components.items() if not isinstance(v, str) or not v]
         if bad:
-            raise ValueError(f"components: {', '.join(bad)} must be 'none' (drop it) or a component folder.")
+            raise ValueError(f"components: {', '.join(bad)} must be 'none' (drop it), a component folder or a "
+                             ".safetensors single file.")
 
     def torch_dtype(self):
         import torch
@@ -57,8 +60,9 @@ class LoadOptions:
 
 
 def _component_overrides(target: str, components: dict, dtype) -> dict:
-    """``from_pretrained`` keyword arguments for replaced components: ``None`` for ``"none"``, else the component
-    loaded from its folder with the class the pipeline's ``model_index.json`` names for it."""
+    """``from_pretrained`` / ``from_single_file`` keyword arguments for replaced components: ``None`` for
+    ``"none"``, else the component with the class the pipeline's ``model_index.json`` names for it, loaded from its
+    folder or converted from a ``.safetensors`` single file (:func:`_single_file_component`)."""
     import importlib
     import json
 
@@ -69,14 +73,46 @@ def _component_overrides(target: str, components: dict, dtype) -> dict:
         if value.lower() == "none":
             out[name] = None
             continue
-        if not Path(value).is_dir():
-            raise FileNotFoundError(f"--component {name}={value}: not a folder (give a component folder or 'none').")
+        single_file = Path(value).is_file() and Path(value).suffix == ".safetensors"
+        if not Path(value).is_dir() and not single_file:
+            raise FileNotFoundError(f"--component {name}={value}: neither a folder nor a .safetensors file (give a "
+                                    "component folder, a .safetensors single file of it, or 'none').")
         library, cls = (names.get(name) or [None, None])[:2]
         if cls is None:
             raise ValueError(f"--component {name}: the pipeline has no component {name!r} (its components: "
                              f"{', '.join(k for k, v in names.items() if isinstance(v, list)) or 'unknown'}).")
-        out[name] = getattr(importlib.import_module(library), cls).from_pretrained(value, dtype=dtype)
+        cls = getattr(importlib.import_module(library), cls)
+        out[name] = (_single_file_component(cls, name, value, target, dtype) if single_file
+                     else cls.from_pretrained(value, dtype=dtype))
     return out
+
+
+def _conversion_errors() -> tuple:
+    """What diffusers' single-file conversion raises for a file it cannot convert (a missing key, a shape that
+    does not fit the config, a component the file does not hold)."""
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
+
+    return OSError, ValueError, KeyError, IndexError, RuntimeError, SingleFileComponentError
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
+def _single_file_component(cls, name: str, file: str, config: str, dtype):
+    """Component ``name`` (a diffusers model class) converted from a single file in its original layout by
+    ``cls.from_single_file(file, config=config, subfolder=name)``: the configs of ``config``'s subfolder ``name``,
+    the weights of the file (e.g. a Flux transformer file such as flux1-dev.safetensors into a Flux folder)."""
+    from diffusers import FromOriginalModelMixin
+
+    if not issubclass(cls, FromOriginalModelMixin):
+        raise ValueError(f"--component {name}={file}: diffusers converts single files only for its own models (UNet, "
+                         f"VAE, transformers), not {cls.__name__}; give a component folder.")
+    try:
+        return cls.from_single_file(file, config=str(config), subfolder=name, dtype=dtype)
+    except _conversion_errors() as err:
+        raise FileNotFoundError(f"Could not convert --component {name}={file} with the configs of "
+                                f"{str(Path(config) / name)!r}: {_first_line(err)}") from None
 
 
 def set_attention(pipe, attention: str) -> None:
@@ -152,7 +188,7 @@ def load_pipeline(name_or_path: str, device: str | None = None, what: str = "Pip
     try:
         pipe = DiffusionPipeline.from_pretrained(target, use_safetensors=None if allow_pickle else True, **kwargs)
     except (OSError, ValueError) as err:
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        first = _first_line(err)
         hint = ""
         if not allow_pickle and ".safetensors" in str(err):
             hint = (" (fastgen loads only safetensors weights: pickled .bin files can run code when loaded; "
@@ -197,14 +233,20 @@ def _load_single_file(path: Path, what: str, allow_pickle: bool, options: LoadOp
                                 "model_index.json); fastgen converts single files offline, from a local folder.")
     import json
 
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
+
     cls = getattr(diffusers, json.loads(index.read_text())["_class_name"])
+    overrides = _component_overrides(config, options.components, options.torch_dtype())
     try:
-        return cls.from_single_file(str(path), config=str(config), torch_dtype=options.torch_dtype(),
-                                    **_component_overrides(config, options.components, options.torch_dtype()))
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        return cls.from_single_file(str(path), config=str(config), torch_dtype=options.torch_dtype(), **overrides)
+    except _conversion_errors() as err:
+        hint = ""
+        if isinstance(err, SingleFileComponentError):
+            hint = (" (the file lacks that network and diffusers does not take it from the config folder: give it "
+                    "with --component NAME=FOLDER, e.g. the config folder's subfolder, or give the folder as the "
+                    "teacher and this file as --component NAME=FILE for each network it holds)")
         raise FileNotFoundError(f"Could not convert {what.lower()} {str(path)!r} with the configs of {config!r}: "
-                                f"{first}") from None
+                                f"{_first_line(err)}{hint}") from None
 
 
 def module_digest(module) -> str:

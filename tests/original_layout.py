@@ -1,16 +1,16 @@
-"""Write a Stable Diffusion 1.x pipeline as a single-file checkpoint in the original (CompVis LDM) layout.
+"""Write tiny pipelines as single-file checkpoints in their original (non-diffusers) layouts.
 
-A test fixture, not part of fastgen: diffusers' library converts only from the original layout
-(``diffusers.loaders.single_file_utils``: ``convert_ldm_unet_checkpoint``, ``convert_ldm_vae_checkpoint``,
-``convert_ldm_clip_checkpoint``), and its reverse script is not importable. Offline there is no real SD
-checkpoint to convert, so the tests make a tiny one here: each rule below undoes one rule of those functions
-(the block arithmetic follows ``convert_ldm_unet_checkpoint``; the renames are its tables read backwards), and
-the tests check the file with diffusers' own converters before they use it.
+A test fixture, not part of fastgen: diffusers' library converts only from the original layouts
+(``diffusers.loaders.single_file_utils``), and its reverse scripts are not importable. Offline there is no real
+checkpoint to convert, so the tests make tiny ones here: each writer below undoes one of those converters (named in
+its docstring; the renames are their tables read backwards), and the tests check the file with diffusers' own
+converters before they use it. :data:`ORIGINAL_LAYOUTS` says which components a family's file holds.
 """
 
 from __future__ import annotations
 
 import re
+from functools import partial
 
 import torch
 
@@ -21,6 +21,8 @@ UNET_RESNET = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "ou
                ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection")]
 # ``update_vae_attentions_ldm_to_diffusers``'s renames, backwards (the original attention uses 1x1 convolutions)
 VAE_ATTENTION = [("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")]
+# the slices of one fused original attention tensor (qkv, in_proj), concatenated in this order
+FUSED = {"q": 0, "k": 1, "v": 2}
 
 
 def _rename(rest: str, pairs) -> str:
@@ -32,25 +34,50 @@ def _rename(rest: str, pairs) -> str:
 
 
 def _convert(state: dict, layers: dict, rules: list, what: str) -> dict[str, torch.Tensor]:
-    """``state`` with each key renamed by ``layers`` (one-to-one names) or by the first ``(pattern, rule)`` whose
-    pattern matches it whole; ``rule(match, value)`` gives the new key and value."""
-    out = {}
+    """``state`` with each key renamed by ``layers`` (one-to-one names) or by the first rule
+    ``(pattern, target[, transform])`` whose pattern matches it whole: ``target`` is a template for
+    ``match.expand`` or a function ``(match, value) -> (key, value)``; ``transform`` changes the value. A pattern
+    with a group named ``part`` (q, k or v) matches one slice of a fused original tensor: the slices of one key are
+    concatenated along dim 0 in :data:`FUSED` order."""
+    out, fused = {}, {}
     for key, value in state.items():
         if key in layers:
             out[layers[key]] = value
             continue
-        for pattern, rule in rules:
+        for pattern, target, *transform in rules:
             if m := re.fullmatch(pattern, key):
-                new, value = rule(m, value)
                 break
         else:
             raise KeyError(f"no original-layout rule for {what} key {key!r}")
-        out[new] = value
+        new, value = target(m, value) if callable(target) else (m.expand(target), value)
+        value = transform[0](value) if transform else value
+        if m.groupdict().get("part"):
+            fused.setdefault(new, {})[FUSED[m["part"]]] = value
+        else:
+            out[new] = value
+    for key, parts in fused.items():
+        out[key] = torch.cat([parts[i] for i in sorted(parts)])
     return out
 
 
+def _modules(table) -> list:
+    """Rules for whole modules: ``(diffusers module pattern, original module template[, transform])`` rows, each
+    applied to the module's weight and bias."""
+    return [(rf"{module}\.(?P<leaf>weight|bias)", rf"{original}.\g<leaf>", *transform)
+            for module, original, *transform in table]
+
+
+def _swap_halves(weight: torch.Tensor) -> torch.Tensor:
+    """An adaLN projection with its two halves exchanged: the original computes (shift, scale), diffusers'
+    ``AdaLayerNormContinuous`` (scale, shift); undoes ``swap_scale_shift``."""
+    first, second = weight.chunk(2, dim=0)
+    return torch.cat([second, first], dim=0)
+
+
 def unet_to_original(unet) -> dict[str, torch.Tensor]:
-    """``UNet2DConditionModel`` weights under ``model.diffusion_model.`` in the LDM ``UNetModel`` layout."""
+    """``UNet2DConditionModel`` weights under ``model.diffusion_model.`` in the LDM ``UNetModel`` layout (SD1.x and
+    SDXL's generative-models layout); undoes ``convert_ldm_unet_checkpoint``, SDXL's text-time embedding
+    (``add_embedding``) as ``label_emb.0.0`` / ``label_emb.0.2``."""
     per_block = unet.config.layers_per_block + 1
 
     def block(prefix, index, m, value):  # a resnet (slot 0, renamed) or an attention (slot 1, same names)
@@ -74,12 +101,16 @@ def unet_to_original(unet) -> dict[str, torch.Tensor]:
          lambda m, v: block("output_blocks", per_block * int(m[1]) + int(m[3]), m, v)),
         (r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", upsampler),
     ]
-    out = _convert(unet.state_dict(), DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"], rules, "UNet")
+    layers = dict(DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"])
+    if unet.config.addition_embed_type == "text_time":
+        layers.update(DIFFUSERS_TO_LDM_MAPPING["unet"]["addition_embed_type"])
+    out = _convert(unet.state_dict(), layers, rules, "UNet")
     return {LDM_UNET_KEY + k: v for k, v in out.items()}
 
 
 def vae_to_original(vae) -> dict[str, torch.Tensor]:
-    """``AutoencoderKL`` weights under ``first_stage_model.`` in the LDM ``AutoencoderKL`` layout."""
+    """``AutoencoderKL`` weights under ``first_stage_model.`` in the LDM ``AutoencoderKL`` layout (SD1.x, SDXL and
+    SD3 files alike); undoes ``convert_ldm_vae_checkpoint``."""
     num_up = len(vae.config.up_block_types)
 
     def attention(m, value):  # the original's 1x1 convolutions
@@ -103,19 +134,89 @@ def vae_to_original(vae) -> dict[str, torch.Tensor]:
     return {"first_stage_model." + k.replace("conv_shortcut", "nin_shortcut"): v for k, v in out.items()}
 
 
-def text_encoder_to_original(text_encoder) -> dict[str, torch.Tensor]:
-    """A ``CLIPTextModel`` under ``cond_stage_model.transformer.text_model.``: SD1.x files hold the transformers
-    4.x layout of the time (transformers 5 no longer names the ``text_model.`` level in its state dict)."""
-    prefix = LDM_CLIP_PREFIX_TO_REMOVE[0]
+def text_encoder_to_original(text_encoder, prefix: str) -> dict[str, torch.Tensor]:
+    """A ``CLIPTextModel`` under ``prefix`` + ``text_model.``, in the transformers 4.x layout of the time
+    (transformers 5 no longer names the ``text_model.`` level in its state dict); undoes
+    ``convert_ldm_clip_checkpoint``. SD1.x: ``cond_stage_model.transformer.``; SDXL's first encoder:
+    ``conditioner.embedders.0.transformer.``."""
     return {prefix + (k if k.startswith("text_model.") else "text_model." + k): v
             for k, v in text_encoder.state_dict().items()}
 
 
-def save_original_sd_checkpoint(pipe, path) -> dict[str, torch.Tensor]:
-    """Write ``pipe``'s UNet, VAE and text encoder as one original-layout ``.safetensors`` file; return its tensors."""
+def open_clip_to_original(text_encoder, prefix: str = "conditioner.embedders.1.model.") -> dict[str, torch.Tensor]:
+    """A ``CLIPTextModelWithProjection`` under ``prefix`` in OpenCLIP's text-tower layout (SDXL's second encoder);
+    undoes ``convert_open_clip_checkpoint``: each layer's q, k and v fused into ``attn.in_proj_weight`` /
+    ``in_proj_bias``, the projection a plain (width, projection) matrix, the transpose of diffusers' Linear weight."""
+    layers = dict(DIFFUSERS_TO_LDM_MAPPING["openclip"]["layers"])
+    projection = layers.pop("text_projection.weight")
+    layer, resblock = r"text_model\.encoder\.layers\.(?P<n>\d+)\.", r"transformer.resblocks.\g<n>."
+    rules = [(layer + r"self_attn\.(?P<part>[qkv])_proj\.(?P<leaf>weight|bias)", resblock + r"attn.in_proj_\g<leaf>"),
+             (r"text_projection\.weight", projection, torch.t)]
+    rules += _modules([(layer + r"self_attn\.out_proj", resblock + "attn.out_proj"),
+                       (layer + "layer_norm1", resblock + "ln_1"), (layer + "layer_norm2", resblock + "ln_2"),
+                       (layer + r"mlp\.fc1", resblock + "mlp.c_fc"), (layer + r"mlp\.fc2", resblock + "mlp.c_proj")])
+    return {prefix + k: v for k, v in _convert(text_encoder.state_dict(), layers, rules, "OpenCLIP").items()}
+
+
+# an MMDiT joint block's two streams: (diffusers' image-stream module, its text-stream module, the original module
+# in ``x_block`` and in ``context_block``)
+SD3_STREAMS = [
+    (r"attn\.to_(?P<part>[qkv])", r"attn\.add_(?P<part>[qkv])_proj", "attn.qkv"),
+    (r"attn\.to_out\.0", r"attn\.to_add_out", "attn.proj"),
+    (r"norm1\.linear", r"norm1_context\.linear", "adaLN_modulation.1"),
+    (r"ff\.net\.0\.proj", r"ff_context\.net\.0\.proj", "mlp.fc1"),
+    (r"ff\.net\.2", r"ff_context\.net\.2", "mlp.fc2"),
+]
+SD3_EMBEDDERS = [
+    (r"pos_embed\.proj", "x_embedder.proj"),
+    (r"time_text_embed\.timestep_embedder\.linear_1", "t_embedder.mlp.0"),
+    (r"time_text_embed\.timestep_embedder\.linear_2", "t_embedder.mlp.2"),
+    (r"time_text_embed\.text_embedder\.linear_1", "y_embedder.mlp.0"),
+    (r"time_text_embed\.text_embedder\.linear_2", "y_embedder.mlp.2"),
+    (r"context_embedder", "context_embedder"),
+    (r"proj_out", "final_layer.linear"),
+    (r"norm_out\.linear", "final_layer.adaLN_modulation.1", _swap_halves),
+]
+
+
+def sd3_transformer_to_original(transformer) -> dict[str, torch.Tensor]:
+    """``SD3Transformer2DModel`` weights under ``model.diffusion_model.`` in the original MMDiT layout of
+    sd3_medium.safetensors; undoes ``convert_sd3_transformer_checkpoint_to_diffusers``: each stream's q, k and v
+    fused into ``attn.qkv``, and the halves swapped back where diffusers uses ``AdaLayerNormContinuous`` (the final
+    layer and the last block's text stream, which has no attention output and no MLP). SD3-medium only: no q/k
+    norms, no second attention (SD3.5); a key without a rule raises."""
+    last = transformer.config.num_layers - 1
+    block, joint = r"transformer_blocks\.(?P<n>\d+)\.", r"joint_blocks.\g<n>."
+    table = [(rf"transformer_blocks\.(?P<n>{last})\.norm1_context\.linear",
+              joint + "context_block.adaLN_modulation.1", _swap_halves)]
+    for image, text, original in SD3_STREAMS:
+        table += [(block + image, joint + "x_block." + original), (block + text, joint + "context_block." + original)]
+    rules = _modules(table + SD3_EMBEDDERS)
+    out = _convert(transformer.state_dict(), {"pos_embed.pos_embed": "pos_embed"}, rules, "SD3 transformer")
+    return {LDM_UNET_KEY + k: v for k, v in out.items()}
+
+
+SD_CLIP = partial(text_encoder_to_original, prefix=LDM_CLIP_PREFIX_TO_REMOVE[0])  # cond_stage_model.transformer.
+SDXL_CLIP = partial(text_encoder_to_original, prefix=LDM_CLIP_PREFIX_TO_REMOVE[1])  # conditioner.embedders.0.trans...
+# pipeline class -> the components its original single file holds, each with its writer (a loader gives the others
+# from elsewhere: real SD3 files such as sd3_medium.safetensors hold the transformer and VAE only)
+ORIGINAL_LAYOUTS = {
+    "StableDiffusionPipeline": {"unet": unet_to_original, "vae": vae_to_original, "text_encoder": SD_CLIP},
+    "StableDiffusionXLPipeline": {"unet": unet_to_original, "vae": vae_to_original, "text_encoder": SDXL_CLIP,
+                                  "text_encoder_2": open_clip_to_original},
+    "StableDiffusion3Pipeline": {"transformer": sd3_transformer_to_original, "vae": vae_to_original},
+}
+
+
+def save_original_checkpoint(pipe, path, components=None) -> dict[str, torch.Tensor]:
+    """Write ``pipe``'s components (``components``, default: all that :data:`ORIGINAL_LAYOUTS` names for its class)
+    as one original-layout ``.safetensors`` file; return its tensors."""
     from safetensors.torch import save_file
 
-    state = {**unet_to_original(pipe.unet), **vae_to_original(pipe.vae), **text_encoder_to_original(pipe.text_encoder)}
+    writers = ORIGINAL_LAYOUTS[type(pipe).__name__]
+    state = {}
+    for name in components or writers:
+        state.update(writers[name](getattr(pipe, name)))
     state = {k: v.detach().contiguous().clone() for k, v in state.items()}
     save_file(state, str(path))
     return state

@@ -4,13 +4,14 @@ unchanged."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import tiny_sd3_pipeline, tiny_sd_pipeline, tiny_vae
-from original_layout import save_original_sd_checkpoint
+from conftest import tiny_clip, tiny_sd3_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline, tiny_vae
+from original_layout import ORIGINAL_LAYOUTS, save_original_checkpoint
 
 from fastgen.pipelines.loading import LoadOptions, load_pipeline
 
@@ -63,40 +64,146 @@ def test_bad_options_are_one_line_errors(sd, tmp_path, options, file, message):
     assert len(str(err.value).splitlines()) == 1
 
 
-def test_single_file_checkpoint_in_the_original_layout_is_converted_trained_and_exported(sd, tmp_path):
-    """An SD1.x single file in the original (LDM) layout -- UNet, VAE and CLIP text encoder of a pipeline whose
-    weights differ from the config folder's -- is converted by diffusers' ``from_single_file`` with the folder's
-    configs: every component holds the file's weights, none the folder's; DMD2 trains on it and exports a folder
-    that plain ``from_pretrained`` loads, with the file's VAE and text encoder."""
+def sdxl_with_two_widths(folder, seed: int = 0):
+    """``tiny_sdxl_pipeline`` with its second text encoder 16 wide (the first stays 8; the UNet attends over 8 + 16),
+    as real SDXL's are (768 and 1280): diffusers tells the two CLIP encoders of a single file apart by width only
+    (``create_diffusers_clip_model_from_ldm`` gives ``conditioner.embedders.0`` to every encoder of its width)."""
+    from diffusers import UNet2DConditionModel
+
+    pipe = tiny_sdxl_pipeline(folder, seed=seed)
+    unet = UNet2DConditionModel.from_config({**pipe.unet.config, "cross_attention_dim": 24})
+    wide = tiny_clip(pipe.tokenizer, projection=True, hidden_size=16)
+    return type(pipe)(**{**pipe.components, "unet": unet.eval(), "text_encoder_2": wide.eval()})
+
+
+def seeded_sd3_pipeline(folder, seed: int = 0):
+    torch.manual_seed(seed)
+    return tiny_sd3_pipeline(folder)
+
+
+SD3_TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+# family -> (tiny pipeline builder (folder, seed), the networks the file lacks, given from the config folder with
+# --component NAME=FOLDER: diffusers' from_single_file takes none from the folder, see test_single_files_as_components)
+SINGLE_FILE_FAMILIES = {
+    "sd15": (lambda folder, seed: tiny_sd_pipeline(folder, seed=seed), ()),
+    "sdxl": (sdxl_with_two_widths, ()),
+    "sd3": (seeded_sd3_pipeline, SD3_TEXT_ENCODERS),  # transformer and VAE in the file, as in sd3_medium.safetensors
+}
+
+
+def converted_by_diffusers(module, name, checkpoint, config) -> dict:
+    """``module``'s weights as diffusers converts them from a single file's tensors: the checkpoint mapping function
+    of ``from_single_file`` for the module's class (diffusers' own models), else
+    ``create_diffusers_clip_model_from_ldm`` with the configs of the folder ``config`` (CLIP text encoders)."""
+    from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
+    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+
+    checkpoint = dict(checkpoint)  # SD3's converter pops what it converts
+    mapping = SINGLE_FILE_LOADABLE_CLASSES.get(type(module).__name__)
+    if mapping is not None:
+        return mapping["checkpoint_mapping_fn"](checkpoint=checkpoint, config=module.config)
+    clip = create_diffusers_clip_model_from_ldm(type(module), checkpoint, config=str(config), subfolder=name)
+    return clip.state_dict()
+
+
+def assert_weights(got: dict, want: dict, other: dict, what: str) -> None:
+    """``got`` holds exactly ``want``'s weights, and so not ``other``'s (a pipeline of another seed)."""
+    assert got.keys() == want.keys(), what
+    assert all(torch.equal(got[k], want[k]) for k in want), what
+    assert any(not torch.equal(got[k], other[k]) for k in other), what
+
+
+def networks(pipe) -> dict:
+    return {name: m.state_dict() for name, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
+
+
+def assert_sources(pipe, in_file, file_weights: dict, folder_weights: dict, trained: str = "") -> None:
+    """Each network of ``pipe`` named in ``in_file`` holds the file's weights, every other the folder's; the
+    ``trained`` one holds neither its start's."""
+    for name, got in networks(pipe).items():
+        want, other = (file_weights, folder_weights) if name in in_file else (folder_weights, file_weights)
+        if name == trained:
+            assert any(not torch.equal(got[k], want[name][k]) for k in got), f"{name} not trained"
+        else:
+            assert_weights(got, want[name], other[name], name)
+
+
+@pytest.mark.parametrize("family", list(SINGLE_FILE_FAMILIES))
+def test_single_file_checkpoint_in_the_original_layout_is_converted_trained_and_exported(tmp_path, family):
+    """A single file in the family's original layout (tests/original_layout.py; SD1.x: UNet, VAE, CLIP; SDXL: UNet,
+    VAE, CLIP, OpenCLIP; SD3: transformer and VAE), of a pipeline whose weights differ from the config folder's:
+    diffusers' own converters give the source's weights back; loaded through fastgen with the folder's configs, every
+    network in the file holds the file's weights and every other the folder's; DMD2 trains on it and exports a
+    folder that plain ``from_pretrained`` loads, with those same networks beside the trained one."""
     from diffusers import DiffusionPipeline
 
     from fastgen.train.runner import run_training
 
-    source = tiny_sd_pipeline(tmp_path / "source", seed=1)  # not the weights of the config folder `sd` (seed 0)
-    file = tmp_path / "sd15-original.safetensors"
-    written = save_original_sd_checkpoint(source, file)
-    assert any(k.startswith("model.diffusion_model.input_blocks.") for k in written)
-    folder_pipe = load_pipeline(str(sd))
-    pipe = load_pipeline(str(file), options=LoadOptions(single_file_config=str(sd)))
-    assert type(pipe).__name__ == "StableDiffusionPipeline" and type(pipe.scheduler) is type(folder_pipe.scheduler)
-    for name in ("unet", "vae", "text_encoder"):
-        got, want = getattr(pipe, name).state_dict(), getattr(source, name).state_dict()
-        assert got.keys() == want.keys(), name
-        assert all(torch.equal(got[k], want[k]) for k in want), name
-        assert not torch.equal(next(iter(got.values())), next(iter(getattr(folder_pipe, name).state_dict().values())))
+    build, from_folder = SINGLE_FILE_FAMILIES[family]
+    config, file = tmp_path / "config", tmp_path / f"{family}-original.safetensors"
+    build(config, 0).save_pretrained(config)
+    source = build(tmp_path / "source", 1)  # not the weights of the config folder (seed 0)
+    written = save_original_checkpoint(source, file)
+    in_file = ORIGINAL_LAYOUTS[type(source).__name__]
+    assert all(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner."))
+               for k in written)
+    folder, want = networks(load_pipeline(str(config))), networks(source)
+    for name in in_file:
+        got = converted_by_diffusers(getattr(source, name), name, written, config)
+        assert_weights(got, want[name], folder[name], f"{name}, converted by diffusers")
+    components = {name: str(config / name) for name in from_folder}
+    pipe = load_pipeline(str(file), options=LoadOptions(single_file_config=str(config), components=components))
+    assert type(pipe) is type(source) and type(pipe.scheduler) is type(source.scheduler)
+    assert set(networks(pipe)) == set(in_file) | set(from_folder)
+    assert_sources(pipe, in_file, want, folder)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red dress\na blue bag\n")
-    out = run_training("dmd2_1step", [f"loading.single_file_config={sd}", f"data.prompts={prompts}", "train.steps=2",
-                                      "train.batch_size=2", "train.progress=false", "train.checkpoint_every=0",
-                                      "optim.generator.warmup_steps=0", "optim.generator.lr=1e-2"],
-                       teacher=str(file), out=str(tmp_path / "run"))
+    sets = [f"loading.single_file_config={config}", f"data.prompts={prompts}", "train.steps=2", "train.batch_size=2",
+            "train.progress=false", "train.checkpoint_every=0", "optim.generator.warmup_steps=0",
+            "optim.generator.lr=1e-2"]
+    if components:
+        sets.append("loading.components={" + ", ".join(f"{k} = {json.dumps(v)}" for k, v in components.items()) + "}")
+    out = run_training("dmd2_1step", sets, teacher=str(file), out=str(tmp_path / "run"))
     student = DiffusionPipeline.from_pretrained(out)
-    assert not torch.equal(student.unet.conv_out.weight, source.unet.conv_out.weight)  # trained
-    assert torch.equal(student.vae.decoder.conv_out.weight, source.vae.decoder.conv_out.weight)
-    assert torch.equal(student.text_encoder.get_input_embeddings().weight,
-                       source.text_encoder.get_input_embeddings().weight)
+    assert_sources(student, in_file, want, folder, trained="unet" if hasattr(source, "unet") else "transformer")
     image = student("a red dress", num_inference_steps=1, guidance_scale=0.0, output_type="pt").images
     assert image.shape == (1, 3, 16, 16) and torch.isfinite(image).all()
+
+
+def test_single_files_as_components_and_the_errors_around_them(tmp_path):
+    """``--component NAME=FILE``: an SD3 folder teacher whose transformer and VAE are converted from an original-layout
+    file (each by its class's ``from_single_file`` with the folder's configs; the way to a transformer-only Flux file
+    such as flux1-dev.safetensors, which ``FluxPipeline.from_single_file`` cannot take alone: it loads no network the
+    file lacks from the config folder). A single-file teacher with T5 dropped. One-line errors: a single file without
+    the text encoders and no --component for them, a file for a component diffusers does not convert, a file without
+    that component's weights, a file that is not .safetensors."""
+    config, file, transformer = tmp_path / "config", tmp_path / "sd3.safetensors", tmp_path / "transformer.safetensors"
+    seeded_sd3_pipeline(config, 0).save_pretrained(config)
+    source = seeded_sd3_pipeline(tmp_path / "source", 1)
+    save_original_checkpoint(source, file)
+    save_original_checkpoint(source, transformer, components=["transformer"])
+    (tmp_path / "vae.ckpt").write_bytes(b"")
+    folder, want = networks(load_pipeline(str(config))), networks(source)
+    pipe = load_pipeline(str(config), options=LoadOptions(components={"transformer": str(file), "vae": str(file)}))
+    assert_sources(pipe, ("transformer", "vae"), want, folder)
+    clips = {name: str(config / name) for name in SD3_TEXT_ENCODERS[:2]}
+    no_t5 = load_pipeline(str(file), options=LoadOptions(single_file_config=str(config),
+                                                           components={**clips, "text_encoder_3": "none"}))
+    assert no_t5.text_encoder_3 is None and set(networks(no_t5)) == {"transformer", "vae", *clips}
+    for target, options, message in [
+        (file, LoadOptions(single_file_config=str(config)), "Failed to load CLIPTextModelWithProjection. Weights "
+         "for this component appear to be missing in the checkpoint. (the file lacks that network and diffusers does "
+         "not take it from the config folder: give it with --component NAME=FOLDER"),
+        (config, LoadOptions(components={"text_encoder": str(file)}), "--component text_encoder="
+         f"{file}: diffusers converts single files only for its own models (UNet, VAE, transformers), not "
+         "CLIPTextModelWithProjection; give a component folder."),
+        (config, LoadOptions(components={"vae": str(transformer)}), f"Could not convert --component vae={transformer} "
+         f"with the configs of '{config / 'vae'}': Failed to load AutoencoderKL. Weights for this component appear"),
+        (config, LoadOptions(components={"vae": str(tmp_path / "vae.ckpt")}), "neither a folder nor a .safetensors"),
+    ]:
+        with pytest.raises((ValueError, FileNotFoundError), match=re.escape(message)) as err:
+            load_pipeline(str(target), options=options)
+        assert len(str(err.value).splitlines()) == 1
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA, xformers may be available")
