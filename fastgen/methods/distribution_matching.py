@@ -5,8 +5,8 @@ Each of them has a generator ``G`` (the student: a copy of the teacher or a LoRA
 with the teacher's denoising loss. The generator's loss compares the teacher's x0 (``mu_real``, with
 guidance) and the critic's x0 at a noisy version of each sample; the methods differ in that loss and in
 their update schedule (see :mod:`.dmd`, :mod:`.dmd2`, :mod:`.sid`). DMD2 and SiD (as SiDA) may add a GAN
-term on real images whose discriminator is the critic's GAN head; its checks, data needs and critic calls
-live here. The math is in shared/METHODS.md.
+term on real images whose discriminator is the critic's GAN head, and DMD's regression loss on cached teacher
+ODE pairs (DMD's own, an option of DMD2 and SiD); their checks, data needs and critic calls live here. The math is in shared/METHODS.md.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from fastgen.critic import CriticOptions, FakeScoreCritic
 from fastgen.denoiser import Conditioning, check_guidance_scale
 
-from .base import Batch, DataNeeds, DistillationMethod, OptimizerOptions, StepOutput, frozen, option, student_parameters
+from .base import (Batch, DataNeeds, DistillationMethod, OptimizerOptions, StepOutput, TeacherPairs, frozen, option,
+                   student_parameters)
 from .common import check_t_range, guided_x0, noised
 
 
@@ -54,6 +55,39 @@ class GANOptions:
         if self.gan_generator_weight < 0 or self.gan_critic_weight < 0:
             raise ValueError(f"gan_generator_weight and gan_critic_weight must be >= 0, got "
                              f"{self.gan_generator_weight} and {self.gan_critic_weight}.")
+
+
+@dataclass
+class RegressionOptions:
+    """DMD's regression loss on cached teacher ODE pairs (DMD: on by default; DMD2: an option, off by default)."""
+
+    regression_weight: float = option(0.25, "lambda_reg of the regression loss on teacher ODE pairs (0: none)")
+    ode_pairs: int = option(1024, "number of cached teacher ODE pairs")
+    ode_steps: int = option(50, "DDIM steps of the teacher's ODE sampler for the pairs")
+    pair_batch_size: int = option(0, "ODE pairs per batch (0: train.batch_size)")
+
+    def validate(self) -> None:
+        if self.regression_weight < 0:
+            raise ValueError(f"regression_weight must be >= 0, got {self.regression_weight}.")
+        if self.regression_weight and (self.ode_pairs < 1 or self.ode_steps < 1 or self.pair_batch_size < 0):
+            raise ValueError(f"ode_pairs and ode_steps must be >= 1 and pair_batch_size >= 0, got {self.ode_pairs}, "
+                             f"{self.ode_steps} and {self.pair_batch_size}.")
+
+    def teacher_pairs(self, guidance_scale: float | None) -> TeacherPairs | None:
+        """The ODE pairs the regression loss needs (``None`` without it), sampled at ``guidance_scale``."""
+        if not self.regression_weight:
+            return None
+        return TeacherPairs(self.ode_pairs, self.ode_steps, guidance_scale, self.pair_batch_size)
+
+
+class RegressionLoss:
+    """DMD's ``L_reg = mean ||G(z) - y||^2`` against the teacher's ODE sample ``y`` from the same ``z``.
+
+    The paper uses LPIPS on images; on 8x8 latents LPIPS is meaningless, so this is L2.
+    """
+
+    def __call__(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(x.float(), target.float())
 
 
 class DistributionMatchingLoss:
@@ -92,6 +126,7 @@ class DistributionMatchingMethod(DistillationMethod):
         self.critic = FakeScoreCritic.from_options(teacher, critic or CriticOptions())
         self.guidance_scale = self.resolve_guidance(self.options.guidance_scale)
         self.dm_t_range = (self.options.dm_t_min, self.options.dm_t_max)
+        self.reg_loss = RegressionLoss()  # used where the options have a regression_weight (DMD, DMD2, SiD)
 
     def check_teacher_output(self) -> None:
         """The losses read the teacher's output as x0: it must have its input's shape (no learned variance)."""
@@ -132,7 +167,7 @@ class DistributionMatchingMethod(DistillationMethod):
         return guided_x0(self.teacher, x_t, t, batch.cond, batch.uncond, self.guidance_scale)
 
     def regression_loss(self, batch: Batch) -> torch.Tensor:
-        """DMD's ``L_reg`` as DMD2 and SiD add it (``self.reg_loss``): the first step's x0 from the pairs' noise
+        """DMD's ``L_reg`` as DMD2 and SiD add it: the first step's x0 from the pairs' noise
         against the teacher's ODE samples."""
         if batch.pair_noise is None:
             raise ValueError(f"{self.name}.regression_weight > 0 needs teacher ODE pairs in every batch.")
@@ -216,4 +251,5 @@ class DistributionMatchingMethod(DistillationMethod):
         return StepOutput(losses, {k: v.detach() for k, v in logs.items()})
 
 
-__all__ = ["DistributionMatchingMethod", "DistributionMatchingOptions", "DistributionMatchingLoss", "GANOptions"]
+__all__ = ["DistributionMatchingMethod", "DistributionMatchingOptions", "DistributionMatchingLoss", "GANOptions",
+           "RegressionLoss", "RegressionOptions"]

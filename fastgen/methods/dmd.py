@@ -12,35 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from fastgen.denoiser import Conditioning
 
-from .base import Batch, DataNeeds, StepOutput, TeacherPairs, option, register
-from .distribution_matching import DistributionMatchingLoss, DistributionMatchingMethod, DistributionMatchingOptions
-
-
-@dataclass
-class RegressionOptions:
-    """DMD's regression loss on cached teacher ODE pairs (DMD: on by default; DMD2: an option, off by default)."""
-
-    regression_weight: float = option(0.25, "lambda_reg of the regression loss on teacher ODE pairs (0: none)")
-    ode_pairs: int = option(1024, "number of cached teacher ODE pairs")
-    ode_steps: int = option(50, "DDIM steps of the teacher's ODE sampler for the pairs")
-    pair_batch_size: int = option(0, "ODE pairs per batch (0: train.batch_size)")
-
-    def validate(self) -> None:
-        if self.regression_weight < 0:
-            raise ValueError(f"regression_weight must be >= 0, got {self.regression_weight}.")
-        if self.regression_weight and (self.ode_pairs < 1 or self.ode_steps < 1 or self.pair_batch_size < 0):
-            raise ValueError(f"ode_pairs and ode_steps must be >= 1 and pair_batch_size >= 0, got {self.ode_pairs}, "
-                             f"{self.ode_steps} and {self.pair_batch_size}.")
-
-    def teacher_pairs(self, guidance_scale: float | None) -> TeacherPairs | None:
-        """The ODE pairs the regression loss needs (``None`` without it), sampled at ``guidance_scale``."""
-        if not self.regression_weight:
-            return None
-        return TeacherPairs(self.ode_pairs, self.ode_steps, guidance_scale, self.pair_batch_size)
+from .base import Batch, DataNeeds, StepOutput, register
+from .distribution_matching import (DistributionMatchingLoss, DistributionMatchingMethod, DistributionMatchingOptions,
+                                    RegressionOptions)
 
 
 @dataclass
@@ -50,16 +27,6 @@ class DMDOptions(RegressionOptions, DistributionMatchingOptions):
     def validate(self) -> None:
         DistributionMatchingOptions.validate(self)
         RegressionOptions.validate(self)
-
-
-class RegressionLoss:
-    """DMD's ``L_reg = mean ||G(z) - y||^2`` against the teacher's ODE sample ``y`` from the same ``z``.
-
-    The paper uses LPIPS on images; on 8x8 latents LPIPS is meaningless, so this is L2.
-    """
-
-    def __call__(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return F.mse_loss(x.float(), target.float())
 
 
 @register
@@ -77,7 +44,7 @@ class DMD(DistributionMatchingMethod):
         if self.critic.head is not None:
             raise ValueError("dmd has no GAN term: set critic.gan_head = false (DMD2 has one).")
         self.regression_weight = self.options.regression_weight
-        self.dm_loss, self.reg_loss = DistributionMatchingLoss(), RegressionLoss()
+        self.dm_loss = DistributionMatchingLoss()
 
     def check_timesteps(self, timesteps):
         if len(timesteps) != 1:
@@ -119,4 +86,4 @@ class DMD(DistributionMatchingMethod):
         return StepOutput({"generator": generator, "critic": c["dsm"]}, {k: v.detach() for k, v in {**g, **c}.items()})
 
 
-__all__ = ["DMD", "DMDOptions", "RegressionLoss", "RegressionOptions"]
+__all__ = ["DMD", "DMDOptions"]

@@ -17,8 +17,7 @@ from fastgen.critic import gan_generator_loss
 
 from .base import Batch, DataNeeds, option, register
 from .distribution_matching import (DistributionMatchingLoss, DistributionMatchingMethod, DistributionMatchingOptions,
-                                    GANOptions)
-from .dmd import RegressionLoss, RegressionOptions
+                                    GANOptions, RegressionOptions)
 
 
 @dataclass
@@ -54,7 +53,7 @@ class DMD2(DistributionMatchingMethod):
         self.init_gan()
         self.ratio = o.ratio
         self.regression_weight = o.regression_weight
-        self.dm_loss, self.reg_loss = DistributionMatchingLoss(), RegressionLoss()
+        self.dm_loss = DistributionMatchingLoss()
 
     def data_needs(self) -> DataNeeds:
         return self.gan_data_needs("data-free DMD2: the distribution-matching loss only",

@@ -55,8 +55,7 @@ from fastgen.critic import gan_generator_loss
 
 from .base import Batch, DataNeeds, OptimizerOptions, option, register
 from .common import guided_x0
-from .distribution_matching import DistributionMatchingMethod, DistributionMatchingOptions, GANOptions
-from .dmd import RegressionLoss, RegressionOptions
+from .distribution_matching import DistributionMatchingMethod, DistributionMatchingOptions, GANOptions, RegressionOptions
 
 GUIDANCE_MODES = ("teacher", "lsg", "zero", "anti")
 
@@ -164,7 +163,7 @@ class SiD(DistributionMatchingMethod):
                              "reads unguided features; use the GAN with guidance 'teacher', 'zero' or 'anti'.")
         self.ratio = o.ratio
         self.regression_weight = o.regression_weight
-        self.sid_loss, self.reg_loss = SiDLoss(o.alpha), RegressionLoss()
+        self.sid_loss = SiDLoss(o.alpha)
 
     def data_needs(self) -> DataNeeds:
         return self.gan_data_needs("data-free SiD", teacher_pairs=self.options.teacher_pairs(self.guidance_scale))
