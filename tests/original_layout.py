@@ -21,8 +21,9 @@ UNET_RESNET = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "ou
                ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection")]
 # ``update_vae_attentions_ldm_to_diffusers``'s renames, backwards (the original attention uses 1x1 convolutions)
 VAE_ATTENTION = [("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")]
-# the slices of one fused original attention tensor (qkv, in_proj), concatenated in this order
-FUSED = {"q": 0, "k": 1, "v": 2}
+# the slices of one fused original tensor (qkv, in_proj; Flux's single-block linear1 = q, k, v and the MLP's input),
+# concatenated in this order
+FUSED = {"q": 0, "k": 1, "v": 2, "mlp": 3}
 
 
 def _rename(rest: str, pairs) -> str:
@@ -158,25 +159,35 @@ def open_clip_to_original(text_encoder, prefix: str = "conditioner.embedders.1.m
     return {prefix + k: v for k, v in _convert(text_encoder.state_dict(), layers, rules, "OpenCLIP").items()}
 
 
-# an MMDiT joint block's two streams: (diffusers' image-stream module, its text-stream module, the original module
-# in ``x_block`` and in ``context_block``)
-SD3_STREAMS = [
-    (r"attn\.to_(?P<part>[qkv])", r"attn\.add_(?P<part>[qkv])_proj", "attn.qkv"),
-    (r"attn\.to_out\.0", r"attn\.to_add_out", "attn.proj"),
-    (r"norm1\.linear", r"norm1_context\.linear", "adaLN_modulation.1"),
-    (r"ff\.net\.0\.proj", r"ff_context\.net\.0\.proj", "mlp.fc1"),
-    (r"ff\.net\.2", r"ff_context\.net\.2", "mlp.fc2"),
+# a joint (MMDiT / Flux double-stream) block's two streams: diffusers' image-stream module, its text-stream module,
+# the original module in SD3 (under ``x_block`` / ``context_block``) and in Flux (after ``img_`` / ``txt_``)
+JOINT_STREAMS = [
+    (r"attn\.to_(?P<part>[qkv])", r"attn\.add_(?P<part>[qkv])_proj", "attn.qkv", "attn.qkv"),
+    (r"attn\.to_out\.0", r"attn\.to_add_out", "attn.proj", "attn.proj"),
+    (r"norm1\.linear", r"norm1_context\.linear", "adaLN_modulation.1", "mod.lin"),
+    (r"ff\.net\.0\.proj", r"ff_context\.net\.0\.proj", "mlp.fc1", "mlp.0"),
+    (r"ff\.net\.2", r"ff_context\.net\.2", "mlp.fc2", "mlp.2"),
 ]
-SD3_EMBEDDERS = [
-    (r"pos_embed\.proj", "x_embedder.proj"),
-    (r"time_text_embed\.timestep_embedder\.linear_1", "t_embedder.mlp.0"),
-    (r"time_text_embed\.timestep_embedder\.linear_2", "t_embedder.mlp.2"),
-    (r"time_text_embed\.text_embedder\.linear_1", "y_embedder.mlp.0"),
-    (r"time_text_embed\.text_embedder\.linear_2", "y_embedder.mlp.2"),
-    (r"context_embedder", "context_embedder"),
-    (r"proj_out", "final_layer.linear"),
-    (r"norm_out\.linear", "final_layer.adaLN_modulation.1", _swap_halves),
+# the transformers' embedders and final layer: diffusers' module, the original one in SD3 and in Flux (None: the
+# family has no such module)[, a transform of the weights]
+TRANSFORMER_ENDS = [
+    (r"pos_embed\.proj", "x_embedder.proj", None),
+    (r"x_embedder", None, "img_in"),
+    (r"time_text_embed\.timestep_embedder\.linear_1", "t_embedder.mlp.0", "time_in.in_layer"),
+    (r"time_text_embed\.timestep_embedder\.linear_2", "t_embedder.mlp.2", "time_in.out_layer"),
+    (r"time_text_embed\.text_embedder\.linear_1", "y_embedder.mlp.0", "vector_in.in_layer"),
+    (r"time_text_embed\.text_embedder\.linear_2", "y_embedder.mlp.2", "vector_in.out_layer"),
+    (r"time_text_embed\.guidance_embedder\.linear_1", None, "guidance_in.in_layer"),  # guidance-distilled Flux
+    (r"time_text_embed\.guidance_embedder\.linear_2", None, "guidance_in.out_layer"),
+    (r"context_embedder", "context_embedder", "txt_in"),
+    (r"proj_out", "final_layer.linear", "final_layer.linear"),
+    (r"norm_out\.linear", "final_layer.adaLN_modulation.1", "final_layer.adaLN_modulation.1", _swap_halves),
 ]
+
+
+def _ends(family: int) -> list:
+    """:data:`TRANSFORMER_ENDS` as ``_modules`` rows for one family (1: SD3, 2: Flux)."""
+    return [(row[0], row[family], *row[3:]) for row in TRANSFORMER_ENDS if row[family] is not None]
 
 
 def sd3_transformer_to_original(transformer) -> dict[str, torch.Tensor]:
@@ -189,11 +200,32 @@ def sd3_transformer_to_original(transformer) -> dict[str, torch.Tensor]:
     block, joint = r"transformer_blocks\.(?P<n>\d+)\.", r"joint_blocks.\g<n>."
     table = [(rf"transformer_blocks\.(?P<n>{last})\.norm1_context\.linear",
               joint + "context_block.adaLN_modulation.1", _swap_halves)]
-    for image, text, original in SD3_STREAMS:
+    for image, text, original, _ in JOINT_STREAMS:
         table += [(block + image, joint + "x_block." + original), (block + text, joint + "context_block." + original)]
-    rules = _modules(table + SD3_EMBEDDERS)
+    rules = _modules(table + _ends(1))
     out = _convert(transformer.state_dict(), {"pos_embed.pos_embed": "pos_embed"}, rules, "SD3 transformer")
     return {LDM_UNET_KEY + k: v for k, v in out.items()}
+
+
+def flux_transformer_to_original(transformer) -> dict[str, torch.Tensor]:
+    """``FluxTransformer2DModel`` weights in Black Forest Labs' layout of flux1-dev.safetensors (no prefix: those
+    files hold the transformer alone); undoes ``convert_flux_transformer_checkpoint_to_diffusers``: in each double
+    block the streams' q, k and v fused into ``img_attn.qkv`` / ``txt_attn.qkv``, in each single block q, k, v and
+    the MLP's input fused into ``linear1`` (that converter splits it at FLUX.1's width, so only a 3072-wide
+    transformer converts), the final adaLN's halves swapped back; the q/k RMSNorm weights as ``.scale``."""
+    double, d = r"transformer_blocks\.(?P<n>\d+)\.", r"double_blocks.\g<n>."
+    single, o = r"single_transformer_blocks\.(?P<n>\d+)\.", r"single_blocks.\g<n>."
+    table = [(single + r"norm\.linear", o + "modulation.lin"), (single + "proj_out", o + "linear2")]
+    for image, text, _, original in JOINT_STREAMS:
+        table += [(double + image, d + "img_" + original), (double + text, d + "txt_" + original)]
+    rules = [(single + r"attn\.to_(?P<part>[qkv])\.(?P<leaf>weight|bias)", o + r"linear1.\g<leaf>"),
+             (single + r"proj_(?P<part>mlp)\.(?P<leaf>weight|bias)", o + r"linear1.\g<leaf>")]
+    norms = [("norm_q", "img_attn.norm.query_norm"), ("norm_k", "img_attn.norm.key_norm"),
+             ("norm_added_q", "txt_attn.norm.query_norm"), ("norm_added_k", "txt_attn.norm.key_norm")]
+    rules += [(double + rf"attn\.{name}\.weight", d + original + ".scale") for name, original in norms]
+    rules += [(single + rf"attn\.{name}\.weight", o + original.split(".", 1)[1] + ".scale")
+              for name, original in norms[:2]]
+    return _convert(transformer.state_dict(), {}, rules + _modules(table + _ends(2)), "Flux transformer")
 
 
 SD_CLIP = partial(text_encoder_to_original, prefix=LDM_CLIP_PREFIX_TO_REMOVE[0])  # cond_stage_model.transformer.
@@ -205,6 +237,7 @@ ORIGINAL_LAYOUTS = {
     "StableDiffusionXLPipeline": {"unet": unet_to_original, "vae": vae_to_original, "text_encoder": SDXL_CLIP,
                                   "text_encoder_2": open_clip_to_original},
     "StableDiffusion3Pipeline": {"transformer": sd3_transformer_to_original, "vae": vae_to_original},
+    "FluxPipeline": {"transformer": flux_transformer_to_original},
 }
 
 

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_clip, tiny_sd3_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline, tiny_vae
+from conftest import tiny_clip, tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline, tiny_vae
 from original_layout import ORIGINAL_LAYOUTS, save_original_checkpoint
 
 from fastgen.pipelines.loading import LoadOptions, load_pipeline
@@ -204,6 +204,53 @@ def test_single_files_as_components_and_the_errors_around_them(tmp_path):
         with pytest.raises((ValueError, FileNotFoundError), match=re.escape(message)) as err:
             load_pipeline(str(target), options=options)
         assert len(str(err.value).splitlines()) == 1
+
+
+def flux_width_transformer(seed: int):
+    """A ``FluxTransformer2DModel`` at FLUX.1's width (24 heads of 128; diffusers' Flux converter splits the single
+    blocks' fused ``linear1`` at that width only) with one double and one single block: 530M parameters, made on the
+    meta device and drawn straight in bf16 (N(0, 0.02)), 1 GB, so that the test needs seconds, not a minute."""
+    from accelerate import init_empty_weights
+    from diffusers import FluxTransformer2DModel
+
+    with init_empty_weights(include_buffers=True):
+        model = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                       attention_head_dim=128, num_attention_heads=24, joint_attention_dim=16,
+                                       pooled_projection_dim=8, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+    model = model.to(torch.bfloat16).to_empty(device="cpu")
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02, generator=generator)
+    return model.eval()
+
+
+def test_flux_transformer_file_in_the_original_layout_as_a_component(tmp_path):
+    """A Flux transformer file in Black Forest Labs' layout (as flux1-dev.safetensors: the transformer alone), given to
+    a Flux folder teacher as ``--component transformer=FILE`` with ``--dtype bf16``: diffusers' converter gives the
+    file's weights back exactly, and the pipeline holds them beside the folder's own text encoders and VAE. The folder
+    holds the transformer's config only, so the file is the one source of its weights."""
+    import shutil
+
+    from diffusers import FluxPipeline
+
+    config, file = tmp_path / "flux", tmp_path / "flux1-tiny.safetensors"
+    folder_pipe = tiny_flux_pipeline(config)
+    folder_pipe.save_pretrained(config)
+    source = flux_width_transformer(seed=1)
+    shutil.rmtree(config / "transformer")
+    source.save_config(config / "transformer")
+    written = save_original_checkpoint(FluxPipeline(**{**folder_pipe.components, "transformer": source}), file)
+    assert {"double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight", "guidance_in.in_layer.weight",
+            "final_layer.adaLN_modulation.1.weight"} <= set(written)
+    del written
+    pipe = load_pipeline(str(config), options=LoadOptions(dtype="bf16", components={"transformer": str(file)}))
+    got, want = pipe.transformer.state_dict(), source.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    for name, weights in networks(folder_pipe).items():
+        if name != "transformer":
+            loaded = getattr(pipe, name).state_dict()
+            assert all(torch.equal(loaded[k], v.to(loaded[k].dtype)) for k, v in weights.items()), name
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA, xformers may be available")
