@@ -6,7 +6,8 @@ with the teacher's denoising loss. The generator's loss compares the teacher's x
 guidance) and the critic's x0 at a noisy version of each sample; the methods differ in that loss and in
 their update schedule (see :mod:`.dmd`, :mod:`.dmd2`, :mod:`.sid`). DMD2 and SiD (as SiDA) may add a GAN
 term on real images whose discriminator is the critic's GAN head, and DMD's regression loss on cached teacher
-ODE pairs (DMD's own, an option of DMD2 and SiD); their checks, data needs and critic calls live here. The math is in shared/METHODS.md.
+ODE pairs (DMD's own, an option of DMD2 and SiD); their checks, data needs and critic calls live here. The math
+is in shared/METHODS.md.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ class GANOptions:
 
 @dataclass
 class RegressionOptions:
-    """DMD's regression loss on cached teacher ODE pairs (DMD: on by default; DMD2: an option, off by default)."""
+    """DMD's regression loss on cached teacher ODE pairs (DMD: on by default; DMD2, SiD: an option, off by default)."""
 
     regression_weight: float = option(0.25, "lambda_reg of the regression loss on teacher ODE pairs (0: none)")
     ode_pairs: int = option(1024, "number of cached teacher ODE pairs")
