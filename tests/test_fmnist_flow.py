@@ -94,12 +94,13 @@ def test_scm_student_of_fmnist_flow_exports_the_teachers_prompt_options(zoo_dir,
     assert_plain_call_matches_fastgen(student)
 
 
-@pytest.mark.parametrize("recipe", ["dmd2_fmnist_flow_1step", "sid_fmnist_flow_1step"])
-def test_one_step_students_of_fmnist_flow_start_from_pure_noise_and_load_in_plain_diffusers(recipe, zoo_dir, tmp_path,
-                                                                                             monkeypatch):
-    """The shipped 1-step DMD2 and SiD recipes of the flow teacher, 2 steps: the student runs at sigma 1 (timestep
-    1000.0, not an integer below 1000), and its README call in a fresh diffusers-only process equals fastgen's
-    sampler."""
+@pytest.mark.parametrize("recipe, sigmas", [("dmd2_fmnist_flow_1step", [1.0]), ("sid_fmnist_flow_1step", [1.0]),
+                                            ("sid_fmnist_flow_4step", [1.0, 0.75, 0.5, 0.25])])
+def test_students_of_fmnist_flow_start_from_pure_noise_and_load_in_plain_diffusers(recipe, sigmas, zoo_dir, tmp_path,
+                                                                                   monkeypatch):
+    """The shipped DMD2 and SiD recipes of the flow teacher (1 and 4 steps), 2 training steps: the student starts at
+    sigma 1 (timestep 1000.0, not an integer below 1000), runs at the teacher's flow sigmas x 1000, and its README
+    call in a fresh diffusers-only process equals fastgen's sampler."""
     from fastgen.pipelines.export import read_metadata
     from fastgen.train.runner import run_training
 
@@ -107,8 +108,8 @@ def test_one_step_students_of_fmnist_flow_start_from_pure_noise_and_load_in_plai
     student = run_training(recipe, ["train.steps=2", "train.batch_size=4", "train.checkpoint_every=0",
                                     "train.progress=false"], out=str(tmp_path / "run"))
     meta = read_metadata(student)
-    assert meta["timesteps"] == [1000.0]
-    assert meta["call"] == "sigmas=[1.0], guidance_scale=0.0, max_sequence_length=0"
+    assert meta["timesteps"] == [1000.0 * sigma for sigma in sigmas]
+    assert meta["call"] == f"sigmas={sigmas}, guidance_scale=0.0, max_sequence_length=0"
     assert_plain_call_matches_fastgen(student)
 
 
