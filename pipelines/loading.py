@@ -95,7 +95,8 @@ def _conversion_errors() -> tuple:
     return OSError, ValueError, KeyError, IndexError, RuntimeError, SingleFileComponentError
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
+    """An exception's message cut to its first line (its class name when it has none): for one-line errors."""
     return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
@@ -112,7 +113,7 @@ def _single_file_component(cls, name: str, file: str, config: str, dtype):
         return cls.from_single_file(file, config=str(config), subfolder=name, dtype=dtype)
     except _conversion_errors() as err:
         raise FileNotFoundError(f"Could not convert --component {name}={file} with the configs of "
-                                f"{str(Path(config) / name)!r}: {_first_line(err)}") from None
+                                f"{str(Path(config) / name)!r}: {first_line(err)}") from None
 
 
 def set_attention(pipe, attention: str) -> None:
@@ -188,7 +189,7 @@ def load_pipeline(name_or_path: str, device: str | None = None, what: str = "Pip
     try:
         pipe = DiffusionPipeline.from_pretrained(target, use_safetensors=None if allow_pickle else True, **kwargs)
     except (OSError, ValueError) as err:
-        first = _first_line(err)
+        first = first_line(err)
         hint = ""
         if not allow_pickle and ".safetensors" in str(err):
             hint = (" (fastgen loads only safetensors weights: pickled .bin files can run code when loaded; "
@@ -246,7 +247,7 @@ def _load_single_file(path: Path, what: str, allow_pickle: bool, options: LoadOp
                     "with --component NAME=FOLDER, e.g. the config folder's subfolder, or give the folder as the "
                     "teacher and this file as --component NAME=FILE for each network it holds)")
         raise FileNotFoundError(f"Could not convert {what.lower()} {str(path)!r} with the configs of {config!r}: "
-                                f"{_first_line(err)}{hint}") from None
+                                f"{first_line(err)}{hint}") from None
 
 
 def module_digest(module) -> str:

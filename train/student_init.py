@@ -19,7 +19,7 @@ from pathlib import Path
 
 from fastgen.denoiser import Denoiser
 from fastgen.pipelines.generate import network_component, network_denoiser
-from fastgen.pipelines.loading import module_digest
+from fastgen.pipelines.loading import first_line, module_digest
 
 from .runfolder import TEACHER_FILE, read_json
 
@@ -61,8 +61,8 @@ def load_student_init(path: str, pipe) -> Denoiser:
         network = cls.from_pretrained(str(folder), subfolder=name, use_safetensors=True)
         scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     except (OSError, ValueError) as err:
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise FileNotFoundError(f"{WHAT} = {path!r}: could not load its {name} and scheduler: {first}") from None
+        raise FileNotFoundError(f"{WHAT} = {path!r}: could not load its {name} and scheduler: "
+                                f"{first_line(err)}") from None
     network.requires_grad_(False).eval()
     return network_denoiser(network, scheduler, getattr(pipe, "default_sample_size", None))
 
