@@ -38,7 +38,7 @@ def _convert(state: dict, layers: dict, rules: list, what: str) -> dict[str, tor
     """``state`` with each key renamed by ``layers`` (one-to-one names) or by the first rule
     ``(pattern, target[, transform])`` whose pattern matches it whole: ``target`` is a template for
     ``match.expand`` or a function ``(match, value) -> (key, value)``; ``transform`` changes the value. A pattern
-    with a group named ``part`` (q, k or v) matches one slice of a fused original tensor: the slices of one key are
+    with a group named ``part`` (q, k, v or mlp) matches one slice of a fused original tensor: the slices of one key are
     concatenated along dim 0 in :data:`FUSED` order."""
     out, fused = {}, {}
     for key, value in state.items():
