@@ -362,7 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("recipe", help="recipe name (e.g. dmd2_fmnist_1step), a TOML file, or a run's recipe.json "
                                    "(its run folder is then the default --out)")
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a recipe key, e.g. --set train.steps=2000 --set optim.generator.lr=1e-4 (repeatable)")
+                    help="override a recipe key, e.g. --set train.steps=2000 --set optim.generator.lr=1e-4 (repeatable; "
+                         "KEY=none unsets an optional key, e.g. --set sid.guidance_scale=none)")
     tr.add_argument("--train-steps", type=int, default=None, help="training iterations (same as --set train.steps=N)")
     tr.add_argument("--seed", type=int, default=None, help="random seed (same as --set seed=N)")
     tr.add_argument("--prompts", default=None, metavar="FILE",

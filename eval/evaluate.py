@@ -62,23 +62,24 @@ def parse_metrics(text: str | list[str] | tuple) -> list[str]:
     return items
 
 
-def check_counts(metrics: list[str], num_images: int, num_classes: int | None) -> None:
+def check_counts(metrics: list[str], num_images: int, num_classes: int | None, flag: str = "--num-images") -> None:
     """Raise a one-line ``ValueError`` before generating when ``num_images`` is too few for ``metrics``.
 
     Args:
         metrics: parsed metric names.
         num_images: images to be generated.
         num_classes: prompted classes the images cycle through (``None``: unconditional pipeline).
+        flag: the option that set ``num_images``, named in the message.
     """
     from .metrics import MIN_IMAGES_FD
 
     needs_n = [m for m in metrics if (m in DOMAIN_METRICS and m not in ("acc", "fd_class")) or m == "fid"]
     if needs_n and num_images < MIN_IMAGES_FD:
-        raise ValueError(f"{', '.join(needs_n)}: at least {MIN_IMAGES_FD} images needed, got --num-images {num_images}.")
+        raise ValueError(f"{', '.join(needs_n)}: at least {MIN_IMAGES_FD} images needed, got {flag} {num_images}.")
     if "fd_class" in metrics and num_classes and num_images < MIN_IMAGES_FD * num_classes:
-        raise ValueError(f"fd_class needs at least {MIN_IMAGES_FD} images per class: --num-images "
-                         f"{MIN_IMAGES_FD * num_classes} or more for {num_classes} classes (got {num_images}), "
-                         f"or leave fd_class out of --metrics.")
+        leave = "or leave fd_class out of --metrics" if flag == "--num-images" else "the class FD needs them"
+        raise ValueError(f"fd_class needs at least {MIN_IMAGES_FD} images per class: {flag} "
+                         f"{MIN_IMAGES_FD * num_classes} or more for {num_classes} classes (got {num_images}); {leave}.")
 
 
 def check_domain(metrics: list[str], zoo_name: str | None) -> None:
@@ -387,3 +388,17 @@ def training_evaluator(folder: str, num_images: int, device: str = "cpu", grid: 
     result = evaluate(folder, num_images=num_images, metrics=TRAINING_METRICS, progress=False, device=device,
                       grid=grid)
     return {k: v for k, v in result["metrics"].items() if k in TRAINING_METRICS}
+
+
+def check_training_evaluation(num_images: int, text: bool) -> None:
+    """What :func:`training_evaluator` would refuse at the run's first evaluation, refused before training (and
+    before its data, such as teacher ODE pairs, is made): too few ``train.eval_images`` for its metrics.
+
+    Args:
+        num_images: ``train.eval_images``.
+        text: whether the teacher is text-to-image (its students are scored per zoo class prompt).
+    """
+    check_counts(list(TRAINING_METRICS), num_images, len(zoo.prompts()) if text else None, "train.eval_images =")
+
+
+training_evaluator.check = check_training_evaluation  # the runner calls it before any long work

@@ -215,6 +215,11 @@ CASES = [
     (["train", "lcm_lora_fmnist", "--out", "{new}", "--set", "lcm.guidance_embedding=true"],
      "lcm.guidance_embedding = true needs a full-weight student"),
     (TRAIN + ["--set", "train.trackers=['no-such-tracker-fastgen']"], "no-such-tracker-fastgen"),
+    # the evaluator's counts, before the 2048 teacher ODE pairs are made
+    (["train", "sid_fmnist_1step", "--out", "{new}", "--set", "train.eval_every=1", "--set", "train.eval_images=20"],
+     "fd_class needs at least 10 images per class: train.eval_images = 100 or more for 10 classes (got 20)"),
+    (["train", "sid_digits_1step", "--out", "{new}", "--set", "train.eval_every=1", "--set", "train.eval_images=5"],
+     "at least 10 images needed, got train.eval_images = 5"),
     (["train", "{recipe}", "--teacher", "fmnist-ldm", "--out", "{new}", "--set", "data.prompts=/no/prompts.txt"],
      "Prompt file '/no/prompts.txt' not found"),
     (["train", "{recipe}", "--teacher", "fmnist-ldm", "--out", "{new}", "--set", "data.prompts={f}/binary.txt"],

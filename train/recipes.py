@@ -185,7 +185,10 @@ def _hint_name(hint) -> str:
 
 def _check_type(key: str, value, default, hint: str, optional: bool = False):
     """Type check of one value against its field (ints are accepted for floats). ``None`` (JSON's null: a run's
-    ``recipe.json`` writes unset optional keys so) is accepted for ``optional`` fields only."""
+    ``recipe.json`` writes unset optional keys so) is accepted for ``optional`` fields only, and so is the string
+    ``"none"``: TOML has no null, so ``--set sid.guidance_scale=none`` is how a command line unsets such a key."""
+    if optional and isinstance(value, str) and value.lower() == "none":
+        value = None
     if value is None:
         if optional:
             return None

@@ -49,7 +49,8 @@ OPTIONS_HELP = describe_options
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 # ``evaluate(folder, num_images, device, grid=PNG) -> metrics``: scores an exported student folder and writes its
-# sample grid to ``grid`` (fastgen.eval.evaluate.training_evaluator).
+# sample grid to ``grid`` (fastgen.eval.evaluate.training_evaluator); an optional attribute ``check(num_images, text)``
+# raises what its first call would refuse, called before training.
 FolderEvaluator = Callable[..., dict]
 SAMPLES_DIR = "samples"  # the sample grid of each evaluation during training: samples/step-<N>.png
 
@@ -436,6 +437,9 @@ def _run(cfg: Recipe, out_dir: Path, checkpoint: Path | None, evaluate_folder, a
     lora_folder = lora_output(cfg, pipe, out_dir / "student_lora")
     acc = trainer.accelerator
     if t.eval_every:
+        check = getattr(evaluate_folder, "check", None)  # the evaluator's own refusals, before the data is made
+        if check is not None:
+            check(t.eval_images, hasattr(pipe, "encode_prompt"))
         trainer.evaluate = folder_evaluation(method, pipe, out_dir, evaluate_folder, t.eval_images, trainer.device)
     if len(trainer.round_ends) > 1:  # a method with rounds: each round's student is a folder of its own
         trainer.on_round_end = lambda r, step: export(method, pipe, out_dir / "rounds" / f"round-{r}",
