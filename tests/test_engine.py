@@ -182,12 +182,14 @@ def test_recipe_errors_name_the_section_and_the_valid_choices(tmp_path, text, er
 
 def test_set_none_unsets_an_optional_key_and_only_an_optional_one():
     # Zero-CFG needs no guidance scale; a recipe that sets one is switched to it from the command line so
-    recipe = recipes.load_recipe("sid_fmnist_1step", ["sid.guidance=zero", "sid.guidance_scale=none"])
+    recipe = recipes.load_recipe("sid_fmnist_4step", ["sid.guidance=zero", "sid.guidance_scale=none"])
     assert recipe.options.guidance == "zero" and recipe.options.guidance_scale is None
     with pytest.raises(ValueError, match=r"guidance = 'zero' uses no guidance scale; remove guidance_scale \(1.5\)"):
-        recipes.load_recipe("sid_fmnist_1step", ["sid.guidance=zero"])
+        recipes.load_recipe("sid_fmnist_4step", ["sid.guidance=zero"])
     with pytest.raises(ValueError, match=r"Recipe key 'train.steps' expects int, got 'none'"):
-        recipes.load_recipe("sid_fmnist_1step", ["train.steps=none"])
+        recipes.load_recipe("sid_fmnist_4step", ["train.steps=none"])
+    # and back: the teacher-CFG variant of the Zero-CFG recipe
+    assert recipes.load_recipe("sid_fmnist_1step", ["sid.guidance=teacher", "sid.guidance_scale=1.5"]).options.guidance_scale == 1.5
 
 
 def test_a_method_needing_real_images_given_none_fails_before_training(ddpm_teacher, tmp_path):
