@@ -189,7 +189,8 @@ def test_set_none_unsets_an_optional_key_and_only_an_optional_one():
     with pytest.raises(ValueError, match=r"Recipe key 'train.steps' expects int, got 'none'"):
         recipes.load_recipe("sid_fmnist_4step", ["train.steps=none"])
     # and back: the teacher-CFG variant of the Zero-CFG recipe
-    assert recipes.load_recipe("sid_fmnist_1step", ["sid.guidance=teacher", "sid.guidance_scale=1.5"]).options.guidance_scale == 1.5
+    teacher_cfg = recipes.load_recipe("sid_fmnist_1step", ["sid.guidance=teacher", "sid.guidance_scale=1.5"])
+    assert teacher_cfg.options.guidance_scale == 1.5
 
 
 def test_a_method_needing_real_images_given_none_fails_before_training(ddpm_teacher, tmp_path):

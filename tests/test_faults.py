@@ -215,6 +215,7 @@ CASES = [
     (["train", "lcm_lora_fmnist", "--out", "{new}", "--set", "lcm.guidance_embedding=true"],
      "lcm.guidance_embedding = true needs a full-weight student"),
     (TRAIN + ["--set", "train.trackers=['no-such-tracker-fastgen']"], "no-such-tracker-fastgen"),
+    (TRAIN + ["--set", "train.steps=none"], "Recipe key 'train.steps' expects int, got 'none' (str)"),  # only optional keys
     # the evaluator's counts, before the 2048 teacher ODE pairs are made
     (["train", "sid_fmnist_1step", "--out", "{new}", "--set", "train.eval_every=1", "--set", "train.eval_images=20"],
      "fd_class needs at least 10 images per class: train.eval_images = 100 or more for 10 classes (got 20)"),
