@@ -102,6 +102,23 @@ def test_loss_on_a_fixed_batch_decreases(pipes, name):
     assert after < 0.6 * before
 
 
+def test_the_loss_weightings(pipes):
+    """On a 1-step round (one timestep, near T: SNR < 1) the paper's max(SNR, 1) is the x0 error itself and the
+    epsilon weighting is SNR_t times it, on the same draws."""
+    losses = {}
+    for weighting in ("truncated_snr", "x0", "eps"):
+        method = method_on(pipes["digits-ddpm"], steps=1, teacher_steps=2, weighting=weighting)
+        method.begin_round(1)
+        torch.manual_seed(0)
+        real = torch.randn(4, 1, 8, 8)
+        losses[weighting] = method.training_step(Batch(size=4, real=real), 0).losses["generator"].detach()
+    (t,) = method.grid()
+    snr = method.schedule.snr(torch.tensor(t)).item()
+    assert snr < 1
+    torch.testing.assert_close(losses["truncated_snr"], losses["x0"])
+    torch.testing.assert_close(losses["eps"], snr * losses["x0"])
+
+
 @pytest.mark.parametrize("name", ["digits-ddpm", "fmnist-ldm"])
 def test_every_rounds_export_is_the_methods_own_sampler(pipes, tmp_path, name):
     """Each round's N-step student (N = 6 and 3: neither divides T = 1000) exported as a plain DDIMScheduler folder;
@@ -177,6 +194,7 @@ progress = false
     ("progressive.prediction_type='epsilon'", "an epsilon-output student cannot take a step"),
     ("student.timesteps=[999]", "progressive sets the student's timesteps itself"),
     ("progressive.guidance_min=2.0", "guidance_min and guidance_max go together"),
+    ("progressive.weighting='l1'", "weighting must be one of truncated_snr, x0, eps, not 'l1'"),
 ])
 def test_recipe_errors(setting, message):
     with pytest.raises(RecipeError, match=message.replace("(", r"\(").replace(")", r"\)")):

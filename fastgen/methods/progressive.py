@@ -39,6 +39,7 @@ from .common import check_vp_teacher, ddim_step
 from .guidance import DistilledGuidance, GuidanceRangeOptions
 
 PREDICTION_TYPES = ("v_prediction", "sample")
+WEIGHTINGS = ("truncated_snr", "x0", "eps")
 
 
 def ddim_grid(num_train_timesteps: int, finest: int, n: int) -> list[int]:
@@ -67,6 +68,9 @@ class ProgressiveOptions(GuidanceRangeOptions):
     first_round_weight: float = option(1.0, "train.steps is split over the rounds in proportion to their weights: "
                                             "this one for the first round when it converts the teacher (guidance, "
                                             "parameterisation), 1 for every halving round")
+    weighting: str = option("truncated_snr", "the loss weight on the x0 error per timestep: 'truncated_snr' max(SNR_t, "
+                                             "1) (the paper), 'x0' 1 (more weight on the high-noise steps), 'eps' "
+                                             "SNR_t (the epsilon error: more weight on the low-noise steps)")
 
     def validate(self) -> None:
         super().validate()
@@ -77,6 +81,8 @@ class ProgressiveOptions(GuidanceRangeOptions):
                              "(x_t - s_t eps) / a_t is ill-conditioned there); use 'v_prediction' or 'sample'.")
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, not {self.prediction_type!r}.")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}, not {self.weighting!r}.")
         if not (math.isfinite(self.first_round_weight) and self.first_round_weight > 0):
             raise ValueError(f"first_round_weight must be > 0, got {self.first_round_weight}.")
 
@@ -234,6 +240,8 @@ class ProgressiveDistillation(DistillationMethod):
             target = self.target(x_t, t, batch, w)
         x0 = self.student(x_t, t, self.guidance.student_cond(batch.real_cond, w)).x0
         weight = self.schedule.snr(t).to(x0).clamp_min(1.0)  # max(SNR_t, 1)
+        if self.options.weighting != "truncated_snr":
+            weight = torch.ones_like(weight) if self.options.weighting == "x0" else self.schedule.snr(t).to(x0)
         loss = (weight * (x0.float() - target.float()).pow(2).flatten(1).mean(1)).mean()
         return StepOutput({"generator": loss}, {"pd": loss.detach()})
 
@@ -252,4 +260,4 @@ class ProgressiveDistillation(DistillationMethod):
         return x
 
 
-__all__ = ["ProgressiveDistillation", "ProgressiveOptions", "ddim_grid", "halvings", "PREDICTION_TYPES"]
+__all__ = ["ProgressiveDistillation", "ProgressiveOptions", "ddim_grid", "halvings", "PREDICTION_TYPES", "WEIGHTINGS"]
