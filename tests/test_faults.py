@@ -194,6 +194,7 @@ CASES = [
     (PD + ["--set", "student.num_steps=5", "--set", "progressive.teacher_steps=48"],
      "progressive.teacher_steps = 48 does not halve to student.num_steps = 5 (48 -> 24 -> 12 -> 6)"),
     (PD + ["--set", "progressive.prediction_type=epsilon"], "an epsilon-output student cannot take a step to t = 0"),
+    (PD + ["--set", "progressive.weighting=l1"], "weighting must be one of truncated_snr, x0, eps, not 'l1'"),
     (PD + ["--set", "progressive.guidance_min=1.0", "--set", "progressive.guidance_max=3.0"],
      "progressive.guidance_min/guidance_max (guided PD) needs a teacher network "
      "that takes diffusers' guidance embedding (time_cond_proj_dim): UNet2DConditionModel; this teacher's network is a "

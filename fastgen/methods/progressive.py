@@ -239,9 +239,13 @@ class ProgressiveDistillation(DistillationMethod):
         with torch.no_grad():
             target = self.target(x_t, t, batch, w)
         x0 = self.student(x_t, t, self.guidance.student_cond(batch.real_cond, w)).x0
-        weight = self.schedule.snr(t).to(x0).clamp_min(1.0)  # max(SNR_t, 1)
-        if self.options.weighting != "truncated_snr":
-            weight = torch.ones_like(weight) if self.options.weighting == "x0" else self.schedule.snr(t).to(x0)
+        snr = self.schedule.snr(t).to(x0)
+        if self.options.weighting == "x0":
+            weight = torch.ones_like(snr)
+        elif self.options.weighting == "eps":
+            weight = snr
+        else:
+            weight = snr.clamp_min(1.0)  # max(SNR_t, 1): the paper
         loss = (weight * (x0.float() - target.float()).pow(2).flatten(1).mean(1)).mean()
         return StepOutput({"generator": loss}, {"pd": loss.detach()})
 
