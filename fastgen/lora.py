@@ -68,6 +68,12 @@ def add_lora(model: nn.Module, adapter_name: str, rank: int = 8, alpha: float | 
     from peft import LoraConfig, inject_adapter_in_model
 
     targets = default_targets(model) if target_modules is None else target_modules
+    if target_modules is not None:  # peft adapts whatever matches; a misspelt suffix would silently adapt less
+        names = [n for n, _ in model.named_modules()]
+        unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+        if unmatched:
+            raise ValueError(f"LoRA targets {unmatched} match no module of the {type(model).__name__}; module name "
+                             f"suffixes such as {', '.join(default_targets(model))}.")
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, init_lora_weights=init_lora_weights,
                         target_modules=list(targets))
     earlier = {n: p.requires_grad for n, p in model.named_parameters() if "lora_" in n}

@@ -208,6 +208,10 @@ class StudentOptions:
     lora_rank: int = option(0, "0: full copy of the teacher network; > 0: LoRA adapter 'student' of this rank on "
                                "the frozen teacher")
     lora_alpha: float = option(0.0, "LoRA alpha (0: equal to the rank)")
+    lora_targets: list = option([], "module name suffixes the student's LoRA adapter adapts ([]: fastgen.lora."
+                                    "default_targets: attention, ResNet convolutions and time projections of a "
+                                    "UNet); e.g. add 'ff.net.0.proj', 'ff.net.2' (the transformer blocks' feed-"
+                                    "forward), 'conv' (down/upsamplers), 'conv_in', 'conv_out'")
     ema_decay: float = option(0.0, "EMA decay of the student's weights per update (0: no EMA); the EMA is evaluated "
                                    "and exported")
     init: str = option("", "'' (the teacher's network), or an exported student folder (a run's student/, or a run "
@@ -234,6 +238,12 @@ class StudentOptions:
             raise ValueError(f"lora_rank and lora_alpha must be >= 0, got {self.lora_rank} and {self.lora_alpha}.")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}.")
+        if any(not isinstance(t, str) or not t for t in self.lora_targets):
+            raise ValueError(f"lora_targets = {self.lora_targets}: each must be a module name suffix such as "
+                             "'to_q' or 'ff.net.2'.")
+        if self.lora_targets and not self.lora_rank:
+            raise ValueError(f"lora_targets = {self.lora_targets} adapts a LoRA student, but lora_rank = 0 (a full "
+                             "copy): set lora_rank > 0 or lora_targets = [].")
         if self.init and self.lora_rank:
             raise ValueError(f"init = {self.init!r} starts a full-weight student; a LoRA student (lora_rank = "
                              f"{self.lora_rank}) cannot start from it, as an exported folder holds the fused network, "
@@ -403,7 +413,7 @@ class DistillationMethod(nn.Module):
 
     def build_student(self, teacher: Denoiser, opts: StudentOptions) -> Denoiser:
         """The student network, initialised from the teacher (a full copy or a LoRA adapter)."""
-        return make_student(teacher, opts.lora_rank, opts.lora_alpha or None)
+        return make_student(teacher, opts.lora_rank, opts.lora_alpha or None, opts.lora_targets or None)
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """Trained parameters per optimizer group (the keys of ``optimizer_defaults``)."""
