@@ -11,7 +11,7 @@ import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
 from fastgen import zoo
-from fastgen.lora import add_lora, use_adapter
+from fastgen.lora import DEFAULT_UNET_TARGETS, add_lora, use_adapter
 from fastgen.pipelines.export import export_student, exported_scheduler, read_metadata
 from fastgen.pipelines.generate import PipelineSampler
 from fastgen.pipelines.lora import fuse_student, save_lora_weights
@@ -131,13 +131,22 @@ def test_ddim_student_timesteps_are_the_exported_schedulers_for_every_n(teachers
         student_timesteps(schedule, 1001, "ddim")
 
 
-def test_lora_student_round_trip(teachers, tmp_path):
+# every layer with weights beyond the default targets: the transformer blocks' feed-forward, the resampling
+# convolutions, the first and last convolutions and the time embedding (student.lora_targets)
+ALL_UNET_LAYERS = DEFAULT_UNET_TARGETS + ("ff.net.0.proj", "ff.net.2", "conv", "conv_in", "conv_out", "linear_1",
+                                          "linear_2")
+
+
+@pytest.mark.parametrize("targets", [None, ALL_UNET_LAYERS], ids=["default", "every-layer"])
+def test_lora_student_round_trip(teachers, tmp_path, targets):
     """A LoRA student exported fused, and as a LoRA file on the teacher, gives fastgen's images."""
     pipe = teachers["fmnist-ldm"]
     unet = type(pipe.unet).from_config(pipe.unet.config)
     unet.load_state_dict(pipe.unet.state_dict())
     # attention and conv targets together, with lora_alpha != r: both are classic export pitfalls
-    add_lora(unet, "student", rank=4, alpha=8, init_lora_weights=False)
+    add_lora(unet, "student", rank=4, alpha=8, init_lora_weights=False, target_modules=targets)
+    adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in unet.named_parameters() if ".lora_A." in n}
+    assert ("conv_in" in adapted and "time_embedding.linear_2" in adapted) == (targets is not None)
     with torch.no_grad():
         for name, p in unet.named_parameters():
             if "lora_B" in name:
