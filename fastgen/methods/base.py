@@ -52,6 +52,12 @@ def option(default, help: str):
     return field(default=default, metadata={"help": help})
 
 
+def check_choice(name: str, value, choices) -> None:
+    """A one-line ``ValueError`` unless ``value`` is one of ``choices``: "NAME must be one of A, B, not 'x'."."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}, not {value!r}.")
+
+
 def option_default(f):
     """The default value of a dataclass field made by :func:`option`."""
     return f.default if f.default is not MISSING else f.default_factory()
@@ -183,8 +189,7 @@ class OptimizerOptions:
     decay: str = option("constant", "'constant' after warm-up, or 'linear': to 0 at the end of each training round")
 
     def validate(self) -> None:
-        if self.decay not in LR_DECAYS:
-            raise ValueError(f"decay must be one of {', '.join(LR_DECAYS)}, not {self.decay!r}.")
+        check_choice("decay", self.decay, LR_DECAYS)
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}.")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -501,5 +506,5 @@ class DistillationMethod(nn.Module):
 
 
 __all__ = ["Batch", "StepOutput", "DataNeeds", "TeacherPairs", "ExportSpec", "OptimizerOptions", "StudentOptions",
-           "DistillationMethod", "METHODS", "register", "option", "option_default", "frozen", "make_student",
+           "DistillationMethod", "METHODS", "register", "option", "option_default", "check_choice", "frozen", "make_student",
            "student_parameters", "start_student_from", "network_config", "LR_DECAYS"]

@@ -41,7 +41,7 @@ from fastgen.denoiser import Conditioning, Denoiser, check_guidance_scale
 from fastgen.guidance_embedding import check_guidance_network
 
 from .base import (Batch, DataNeeds, DistillationMethod, ExportSpec, OptimizerOptions, StepOutput, StudentOptions,
-                   make_student, option, register, student_parameters)
+                   check_choice, make_student, option, register, student_parameters)
 from fastgen.schedule import FlowSchedule
 
 from .common import consistency_function, ddim_step, heun_step
@@ -110,10 +110,8 @@ class ConsistencyOptions:
             raise ValueError(f"skip must be >= 1, got {self.skip}.")
         if not (math.isfinite(self.timestep_scaling) and self.timestep_scaling > 0):
             raise ValueError(f"timestep_scaling must be > 0, got {self.timestep_scaling}.")
-        if self.solver not in SOLVERS:
-            raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, not {self.solver!r}.")
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {', '.join(LOSSES)}, not {self.loss!r}.")
+        check_choice("solver", self.solver, SOLVERS)
+        check_choice("loss", self.loss, LOSSES)
         if not self.huber_c > 0:
             raise ValueError(f"huber_c must be > 0, got {self.huber_c}.")
         if not 0 <= self.target_decay < 1:

@@ -34,7 +34,7 @@ from fastgen.denoiser import Conditioning, Denoiser
 from fastgen.guidance_embedding import check_guidance_network
 
 from .base import (Batch, DataNeeds, DistillationMethod, ExportSpec, OptimizerOptions, StepOutput, StudentOptions,
-                   make_student, option, register, student_parameters)
+                   check_choice, make_student, option, register, student_parameters)
 from .common import check_vp_teacher, ddim_step
 from .guidance import DistilledGuidance, GuidanceRangeOptions
 
@@ -79,10 +79,8 @@ class ProgressiveOptions(GuidanceRangeOptions):
         if self.prediction_type == "epsilon":
             raise ValueError("prediction_type = 'epsilon': an epsilon-output student cannot take a step to t = 0 (x0 = "
                              "(x_t - s_t eps) / a_t is ill-conditioned there); use 'v_prediction' or 'sample'.")
-        if self.prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, not {self.prediction_type!r}.")
-        if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}, not {self.weighting!r}.")
+        check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
+        check_choice("weighting", self.weighting, WEIGHTINGS)
         if not (math.isfinite(self.first_round_weight) and self.first_round_weight > 0):
             raise ValueError(f"first_round_weight must be > 0, got {self.first_round_weight}.")
 

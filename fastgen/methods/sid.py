@@ -53,7 +53,7 @@ import torch
 
 from fastgen.critic import gan_generator_loss
 
-from .base import Batch, DataNeeds, OptimizerOptions, option, register
+from .base import Batch, DataNeeds, OptimizerOptions, check_choice, option, register
 from .common import guided_x0
 from .distribution_matching import DistributionMatchingMethod, DistributionMatchingOptions, GANOptions, RegressionOptions
 
@@ -83,8 +83,7 @@ class SiDOptions(GANOptions, RegressionOptions, DistributionMatchingOptions):
         DistributionMatchingOptions.validate(self)
         if not (math.isfinite(self.alpha) and 0 <= self.alpha <= 2):
             raise ValueError(f"alpha must be in [0, 2] (1.2 in the SiD paper), got {self.alpha}.")
-        if self.guidance not in GUIDANCE_MODES:
-            raise ValueError(f"guidance must be one of {', '.join(GUIDANCE_MODES)}, not {self.guidance!r}.")
+        check_choice("guidance", self.guidance, GUIDANCE_MODES)
         if self.guidance == "zero" and self.guidance_scale is not None:
             raise ValueError(f"guidance = 'zero' uses no guidance scale; remove guidance_scale ({self.guidance_scale}).")
         if self.ratio < 1:
