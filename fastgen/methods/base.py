@@ -506,5 +506,5 @@ class DistillationMethod(nn.Module):
 
 
 __all__ = ["Batch", "StepOutput", "DataNeeds", "TeacherPairs", "ExportSpec", "OptimizerOptions", "StudentOptions",
-           "DistillationMethod", "METHODS", "register", "option", "option_default", "check_choice", "frozen", "make_student",
-           "student_parameters", "start_student_from", "network_config", "LR_DECAYS"]
+           "DistillationMethod", "METHODS", "register", "option", "option_default", "check_choice", "frozen",
+           "make_student", "student_parameters", "start_student_from", "network_config", "LR_DECAYS"]
