@@ -215,8 +215,9 @@ class StudentOptions:
     lora_alpha: float = option(0.0, "LoRA alpha (0: equal to the rank)")
     lora_targets: list = option([], "module name suffixes the student's LoRA adapter adapts ([]: fastgen.lora."
                                     "default_targets: attention, ResNet convolutions and time projections of a "
-                                    "UNet); e.g. add 'ff.net.0.proj', 'ff.net.2' (the transformer blocks' feed-"
-                                    "forward), 'conv' (down/upsamplers), 'conv_in', 'conv_out'")
+                                    "UNet); a list replaces the defaults, so list them too and add e.g. "
+                                    "'ff.net.0.proj', 'ff.net.2' (the transformer blocks' feed-forward), 'conv' "
+                                    "(down/upsamplers), 'conv_in', 'conv_out'")
     ema_decay: float = option(0.0, "EMA decay of the student's weights per update (0: no EMA); the EMA is evaluated "
                                    "and exported")
     init: str = option("", "'' (the teacher's network), or an exported student folder (a run's student/, or a run "
