@@ -226,6 +226,22 @@ def test_gan_term_reaches_the_generator_through_the_frozen_critic():
         critic.loss(torch.randn(2, 4, 8, 8), batch.cond.index(slice(0, 2)))
 
 
+def test_student_lora_targets_choose_the_student_adapters_layers():
+    """student.lora_targets adapts exactly those layers for the student; the critic's adapter keeps the defaults."""
+    net = tiny_cond_unet()
+    teacher = AdapterDenoiser(net, schedule(), None)
+    method = DMD2(teacher, (999,), DMD2Options(guidance_scale=2.0, ratio=1),
+                  student=StudentOptions(lora_rank=2, lora_targets=["conv_in", "ff.net.2"]),
+                  critic=CriticOptions(lora_rank=2))
+    layers = lambda adapter: {n.split(".lora_A.")[0] for n, _ in net.named_parameters()  # noqa: E731
+                              if f".lora_A.{adapter}." in n}
+    student = layers("student")
+    assert all(n == "conv_in" or n.endswith(".ff.net.2") for n in student)
+    assert "conv_in" in student and any(n.endswith(".ff.net.2") for n in student)
+    assert "conv_in" not in layers("critic") and any(n.endswith("to_q") for n in layers("critic"))
+    assert method.parameter_groups()["generator"] == lora_parameters(net, "student")
+
+
 def test_lora_roles_share_one_frozen_base():
     net = tiny_cond_unet()
     teacher = AdapterDenoiser(net, schedule(), None)
