@@ -11,7 +11,6 @@ tuner layers directly, the same way for both.
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 import weakref
 
@@ -37,30 +36,6 @@ def default_targets(model: nn.Module) -> tuple[str, ...]:
     return TRANSFORMER_TARGETS if getattr(model, "transformer_blocks", None) is not None else DEFAULT_UNET_TARGETS
 
 
-def full_rank(module: nn.Module) -> int | None:
-    """The largest rank a LoRA update of ``module`` can have (``None``: not a layer LoRA adapts here): ``min(out,
-    in)`` for a linear layer, ``min(out, in / groups x kernel area)`` for a convolution (peft's convolution LoRA: A
-    convolves to ``r`` channels with the layer's kernel, B is 1x1). A peft layer answers for its base layer."""
-    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
-    if isinstance(base, nn.Linear):
-        return min(base.in_features, base.out_features)
-    if isinstance(base, nn.modules.conv._ConvNd):
-        return min(base.out_channels, base.in_channels // base.groups * math.prod(base.kernel_size))
-    return None
-
-
-def capped_ranks(model: nn.Module, targets, rank: int) -> dict[str, int]:
-    """``{module name: full rank}`` of the target layers of ``model`` whose full rank is below ``rank``: a larger
-    ``r`` adds compute and parameters but no expressiveness (tiny networks; never SD-size layers at usual ranks)."""
-    caps = {}
-    for name, module in model.named_modules():
-        if any(name == t or name.endswith("." + t) for t in targets):
-            cap = full_rank(module)
-            if cap is not None and cap < rank:
-                caps[name] = cap
-    return caps
-
-
 _LAYERS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
@@ -84,10 +59,6 @@ def add_lora(model: nn.Module, adapter_name: str, rank: int = 8, alpha: float | 
     Adapters added earlier keep their ``requires_grad`` flags (peft would freeze every adapter but
     the newest), so a student and a critic adapter can be added in either order.
 
-    A layer whose full rank (:func:`full_rank`) is below ``rank`` gets its full rank instead, at the same scale
-    ``alpha / rank``: the same updates are reachable, at less cost (on fmnist-ldm's 32-channel layers a rank-64
-    adapter costs twice the layer itself).
-
     Args:
         rank: LoRA rank ``r``.
         alpha: ``lora_alpha`` (default: ``rank``, i.e. scale 1).
@@ -103,10 +74,8 @@ def add_lora(model: nn.Module, adapter_name: str, rank: int = 8, alpha: float | 
         if unmatched:
             raise ValueError(f"LoRA targets {unmatched} match no module of the {type(model).__name__}; module name "
                              f"suffixes such as {', '.join(default_targets(model))}.")
-    alpha = alpha if alpha is not None else rank
-    caps = capped_ranks(model, targets, rank)  # peft matches these full names as it matches the targets
-    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=init_lora_weights, target_modules=list(targets),
-                        rank_pattern=caps, alpha_pattern={name: cap * alpha / rank for name, cap in caps.items()})
+    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, init_lora_weights=init_lora_weights,
+                        target_modules=list(targets))
     earlier = {n: p.requires_grad for n, p in model.named_parameters() if "lora_" in n}
     with warnings.catch_warnings():  # several adapters on one base is the point here
         warnings.filterwarnings("ignore", message=".*multiple adapters.*")

@@ -11,7 +11,7 @@ import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
 from fastgen import zoo
-from fastgen.lora import DEFAULT_UNET_TARGETS, add_lora, tuner_layers, use_adapter
+from fastgen.lora import DEFAULT_UNET_TARGETS, add_lora, use_adapter
 from fastgen.pipelines.export import export_student, exported_scheduler, read_metadata
 from fastgen.pipelines.generate import PipelineSampler
 from fastgen.pipelines.lora import fuse_student, save_lora_weights
@@ -137,25 +137,16 @@ ALL_UNET_LAYERS = DEFAULT_UNET_TARGETS + ("ff.net.0.proj", "ff.net.2", "conv", "
                                           "linear_2")
 
 
-@pytest.mark.parametrize("targets,rank", [(None, 4), (ALL_UNET_LAYERS, 4), (ALL_UNET_LAYERS, 40)],
-                         ids=["default", "every-layer", "every-layer-capped"])
-def test_lora_student_round_trip(teachers, tmp_path, targets, rank):
-    """A LoRA student exported fused, and as a LoRA file on the teacher, gives fastgen's images; rank 40 is above
-    the full rank of fmnist-ldm's 32-channel layers and of conv_out (4 output channels), whose adapters get those
-    ranks at the same scale (per-layer ranks and alphas in the file)."""
+@pytest.mark.parametrize("targets", [None, ALL_UNET_LAYERS], ids=["default", "every-layer"])
+def test_lora_student_round_trip(teachers, tmp_path, targets):
+    """A LoRA student exported fused, and as a LoRA file on the teacher, gives fastgen's images."""
     pipe = teachers["fmnist-ldm"]
     unet = type(pipe.unet).from_config(pipe.unet.config)
     unet.load_state_dict(pipe.unet.state_dict())
     # attention and conv targets together, with lora_alpha != r: both are classic export pitfalls
-    add_lora(unet, "student", rank=rank, alpha=2 * rank, init_lora_weights=False, target_modules=targets)
-    adapted = {n.rsplit(".lora_A", 1)[0]: p.shape[0] for n, p in unet.named_parameters() if ".lora_A." in n}
+    add_lora(unet, "student", rank=4, alpha=8, init_lora_weights=False, target_modules=targets)
+    adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in unet.named_parameters() if ".lora_A." in n}
     assert ("conv_in" in adapted and "time_embedding.linear_2" in adapted) == (targets is not None)
-    to_q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"  # 32 -> 32
-    mid_q = "mid_block.attentions.0.transformer_blocks.0.attn1.to_q"  # 64 -> 64
-    assert adapted[to_q] == min(rank, 32) and adapted[mid_q] == rank
-    if targets is not None:
-        assert adapted["conv_out"] == 4 and adapted["time_embedding.linear_2"] == rank
-    assert {layer.scaling["student"] for layer in tuner_layers(unet)} == {2.0}
     with torch.no_grad():
         for name, p in unet.named_parameters():
             if "lora_B" in name:

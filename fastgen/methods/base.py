@@ -211,7 +211,7 @@ class StudentOptions:
                                  "their number "
                                  "(set student.timesteps=[] to let num_steps choose them)")
     lora_rank: int = option(0, "0: full copy of the teacher network; > 0: LoRA adapter 'student' of this rank on "
-                               "the frozen teacher (a layer of lower full rank gets that rank, at the same scale)")
+                               "the frozen teacher")
     lora_alpha: float = option(0.0, "LoRA alpha (0: equal to the rank)")
     lora_targets: list = option([], "module name suffixes the student's LoRA adapter adapts ([]: fastgen.lora."
                                     "default_targets: attention, ResNet convolutions and time projections of a "
