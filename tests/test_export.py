@@ -16,6 +16,7 @@ from fastgen.pipelines.export import export_student, exported_scheduler, read_me
 from fastgen.pipelines.generate import PipelineSampler
 from fastgen.pipelines.lora import fuse_student, save_lora_weights
 from fastgen.pipelines.sampler import student_timesteps
+from fastgen.train.recipes import load_recipe
 
 PROMPTS = ["a photo of a sneaker", "a photo of a ankle boot", "a photo of a bag"]
 STEPS = (1, 2, 4)
@@ -131,10 +132,9 @@ def test_ddim_student_timesteps_are_the_exported_schedulers_for_every_n(teachers
         student_timesteps(schedule, 1001, "ddim")
 
 
-# every layer with weights beyond the default targets: the transformer blocks' feed-forward, the resampling
-# convolutions, the first and last convolutions and the time embedding (student.lora_targets)
-ALL_UNET_LAYERS = DEFAULT_UNET_TARGETS + ("ff.net.0.proj", "ff.net.2", "conv", "conv_in", "conv_out", "linear_1",
-                                          "linear_2")
+# every layer with weights, as the shipped every-layer LoRA recipe lists them (student.lora_targets): the default
+# targets plus the transformer blocks' feed-forward, the resampling convolutions, conv_in/out and the time embedding
+ALL_UNET_LAYERS = tuple(load_recipe("sid_fmnist_1step_lora").student.lora_targets)
 
 
 @pytest.mark.parametrize("targets", [None, ALL_UNET_LAYERS], ids=["default", "every-layer"])
@@ -147,6 +147,8 @@ def test_lora_student_round_trip(teachers, tmp_path, targets):
     add_lora(unet, "student", rank=4, alpha=8, init_lora_weights=False, target_modules=targets)
     adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in unet.named_parameters() if ".lora_A." in n}
     assert ("conv_in" in adapted and "time_embedding.linear_2" in adapted) == (targets is not None)
+    if targets is not None:  # the recipe's every-layer list keeps the default targets
+        assert set(DEFAULT_UNET_TARGETS) < set(targets)
     with torch.no_grad():
         for name, p in unet.named_parameters():
             if "lora_B" in name:
