@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from fastgen.checks import check_choice
 from fastgen.pipelines.folders import installed_output, keep_other_files, writing_folder
 from fastgen.zoo import USER_DIR, ZOO_DIR
 
@@ -275,8 +276,7 @@ def real_images(name: str, split: str = "test", n: int | None = None, seed: int 
         with_labels: also return the ``[N]`` integer labels.
     """
     name = classifier_for(name)
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', not {split!r}.")
+    check_choice("split", split, ("train", "test"))
     images, labels = _load_split(name, split)
     if n is not None and not 0 < n <= len(images):
         raise ValueError(f"n must be in 1..{len(images)} for the {name} {split} split, not {n}.")
@@ -302,8 +302,7 @@ def real_images_of_classes(name: str, labels, split: str = "train", seed: int = 
         seed: seed of the draws.
     """
     name = classifier_for(name)
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', not {split!r}.")
+    check_choice("split", split, ("train", "test"))
     labels = torch.as_tensor(labels).flatten()
     if labels.dtype.is_floating_point or (len(labels) and (labels.min() < 0 or labels.max() >= NUM_CLASSES)):
         raise ValueError(f"labels must be integer class indices 0..{NUM_CLASSES - 1}, got {labels.tolist()[:10]}...")

@@ -19,11 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import check_choice
 from .denoiser import Conditioning, Denoiser, Prediction
 from .lora import AdapterDenoiser, add_lora, base_copy, lora_parameters
 from .methods.base import option
 from .methods.common import check_t_range, sample_timesteps
 from .schedule import NoiseSchedule, edm_sigma
+
+
+WEIGHTINGS = ("own", "edm")  # the critic's denoising-loss weightings (DenoisingLoss)
 
 
 @dataclass
@@ -40,8 +44,7 @@ class CriticOptions:
     def validate(self) -> None:
         if self.lora_rank < 0 or self.lora_alpha < 0:
             raise ValueError(f"lora_rank and lora_alpha must be >= 0, got {self.lora_rank} and {self.lora_alpha}.")
-        if self.weighting not in ("own", "edm"):
-            raise ValueError(f"weighting must be 'own' or 'edm', not {self.weighting!r}.")
+        check_choice("weighting", self.weighting, WEIGHTINGS)
         check_t_range((self.t_min, self.t_max), "t_min, t_max")
 
 
@@ -64,8 +67,7 @@ class DenoisingLoss:
     """
 
     def __init__(self, schedule: NoiseSchedule, weighting: str = "own", sigma_data: float = 0.5):
-        if weighting not in ("own", "edm"):
-            raise ValueError(f"weighting must be 'own' or 'edm', not {weighting!r}.")
+        check_choice("weighting", weighting, WEIGHTINGS)
         self.schedule, self.weighting, self.sigma_data = schedule, weighting, sigma_data
 
     def __call__(self, raw: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, x_t: torch.Tensor,

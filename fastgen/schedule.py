@@ -23,6 +23,8 @@ from typing import Sequence
 
 import torch
 
+from .checks import check_choice
+
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow")
 
 
@@ -78,7 +80,7 @@ class NoiseSchedule:
             x0 = (x_t - sigma * pred) / (alpha + sigma)
             eps = (x_t + alpha * pred) / (alpha + sigma)
         else:
-            raise ValueError(f"Unknown prediction_type {kind!r}; expected one of {PREDICTION_TYPES}.")
+            check_choice("prediction_type", kind, PREDICTION_TYPES)
         return x0, eps
 
     def from_x0_eps(self, x0: torch.Tensor, eps: torch.Tensor, t, prediction_type: str | None = None):
@@ -93,7 +95,7 @@ class NoiseSchedule:
         if kind == "v_prediction":
             alpha, sigma = (_expand(c, x0) for c in self.alpha_sigma(t))
             return alpha * eps - sigma * x0
-        raise ValueError(f"Unknown prediction_type {kind!r}; expected one of {PREDICTION_TYPES}.")
+        check_choice("prediction_type", kind, PREDICTION_TYPES)
 
     def convert(self, pred: torch.Tensor, x_t: torch.Tensor, t, src: str | None = None, dst: str = "sample"):
         """Convert a prediction from parameterisation ``src`` (default: the teacher's) to ``dst``."""

@@ -156,7 +156,7 @@ CASES = [
     (["train", "dmd2_1step", "--out", "{new}"], "names no teacher (a recipe for your own teacher): pass --teacher"),
     (["train", "dmd2_1step", "--teacher", "{f}/sd", "--out", "{new}"],
      "data.prompts: the teacher '{f}/sd' is text-conditional and not a zoo teacher"),
-    (TRAIN + ["--set", "critic.weighting=foo"], "weighting must be 'own' or 'edm', not 'foo'"),
+    (TRAIN + ["--set", "critic.weighting=foo"], "weighting must be one of own, edm, not 'foo'"),
     (TRAIN + ["--set", "sid.alpha=1.0"], "section [sid] holds options of method 'sid'"),
     (TRAIN + ["--set", "method=nope"], "Unknown method 'nope'"),
     (TRAIN + ["--set", "data.max_real_images=0"], "max_real_images must be >= 1"),

@@ -37,6 +37,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
+from fastgen.checks import check_choice
 from fastgen.denoiser import DEFAULT_EMBEDDED_GUIDANCE, Conditioning, Denoiser
 from fastgen.guidance_embedding import guidance_conditioned_network
 from fastgen.lora import AdapterDenoiser, add_lora, base_copy, lora_parameters
@@ -50,12 +51,6 @@ def option(default, help: str):
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
-
-
-def check_choice(name: str, value, choices) -> None:
-    """A one-line ``ValueError`` unless ``value`` is one of ``choices``: "NAME must be one of A, B, not 'x'."."""
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}, not {value!r}.")
 
 
 def option_default(f):

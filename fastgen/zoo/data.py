@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastgen.checks import check_choice
+
 FASHION_MNIST_DIR = Path(os.environ.get("FASTGEN_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
 
 
@@ -27,8 +29,7 @@ def load_digits(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
     test, train = order[:300], order[300:]
     pick = {"train": train, "test": test, "all": order}
-    if split not in pick:
-        raise ValueError(f"split must be one of {list(pick)}, not {split!r}.")
+    check_choice("split", split, pick)
     return images[pick[split]], labels[pick[split]]
 
 
@@ -41,9 +42,8 @@ def check_fashion_mnist(splits=("train", "test")) -> tuple[Path, Path]:
     """``(images file, labels file)`` of the last of ``splits``, after checking every split's files exist;
     ``FileNotFoundError`` saying how to install them otherwise (commands check this before any long work)."""
     for split in splits:
-        prefix = {"train": "train", "test": "t10k"}.get(split)
-        if prefix is None:
-            raise ValueError(f"split must be 'train' or 'test', not {split!r}.")
+        check_choice("split", split, ("train", "test"))
+        prefix = {"train": "train", "test": "t10k"}[split]
         images_file = FASHION_MNIST_DIR / f"{prefix}-images-idx3-ubyte.gz"
         labels_file = FASHION_MNIST_DIR / f"{prefix}-labels-idx1-ubyte.gz"
         if not images_file.is_file() or not labels_file.is_file():
