@@ -153,8 +153,29 @@ def test_regression_loss_pulls_the_first_step_towards_the_teachers_ode_pairs(met
         opt.step()
     assert regs[-1] < 0.7 * regs[0]
     assert options_class().regression_weight == (0.25 if method_class is DMD else 0.0)  # DMD2, SiD: off by default
-    with pytest.raises(ValueError, match="regression_weight must be >= 0"):
+    with pytest.raises(ValueError, match="regression_weight and regression_steps must be >= 0"):
         options_class(regression_weight=-1.0).validate()
+
+
+@pytest.mark.parametrize("method_class, options_class, ratio", [(DMD, DMDOptions, {}), (DMD2, DMD2Options, {"ratio": 2}),
+                                                                (SiD, SiDOptions, {})])
+def test_regression_steps_end_the_regression_loss(method_class, options_class, ratio):
+    """``regression_steps = N``: the pairs' targets move the generator loss before iteration N, not from it on."""
+    teacher = Denoiser(tiny_unet(), schedule())
+    method = method_class(teacher, (999, 499)[:1 if method_class is DMD else 2],
+                          options_class(regression_weight=1.0, regression_steps=2, ode_pairs=8, ode_steps=5, **ratio))
+    batch = Batch(4)
+    batch.pair_noise = torch.randn(4, 1, 8, 8)
+
+    def generator_loss(step: int, target: float) -> float:
+        batch.pair_target = torch.full((4, 1, 8, 8), target)
+        torch.manual_seed(0)  # the same samples, noise and timesteps for both targets
+        return float(method(batch, step).losses["generator"])
+
+    assert generator_loss(0, 0.0) != generator_loss(0, 1.0)  # iteration 0 < 2: with the regression loss
+    assert generator_loss(2, 0.0) == generator_loss(2, 1.0)  # iteration 2 (a generator update for every ratio): none
+    with pytest.raises(ValueError, match="regression_weight and regression_steps must be >= 0"):
+        options_class(regression_steps=-1).validate()
 
 
 def test_backward_simulation_runs_earlier_steps_without_grad():
@@ -296,7 +317,7 @@ def test_sid_gradient_flows_through_both_predictions_into_the_generator():
         method.critic.denoiser.model.conv_out.bias.add_(0.3)  # a critic that differs from the teacher
     x = method.generate(Batch(4))
     torch.manual_seed(5)
-    loss, logs = method.generator_update(x, Batch(4))
+    loss, logs = method.generator_update(x, Batch(4), 0)
     (full,) = torch.autograd.grad(loss, x, retain_graph=True)
     # the same loss with both predictions detached: only the explicit x_g term
     torch.manual_seed(5)
@@ -323,7 +344,7 @@ def test_sid_generator_update_moves_samples_towards_the_teacher():
     with torch.no_grad():
         before = method.student_x0(z, 999)
     opt = torch.optim.SGD(method.parameter_groups()["generator"], lr=1e-3)
-    method.generator_update(method.generate(Batch(8)), Batch(8))[0].backward()
+    method.generator_update(method.generate(Batch(8)), Batch(8), 0)[0].backward()
     opt.step()
     with torch.no_grad():
         moved = method.student_x0(z, 999) - before
@@ -334,12 +355,12 @@ def test_sid_masks_non_finite_samples_and_counts_them(monkeypatch):
     method = SiD(Denoiser(tiny_unet(), schedule()), (999,), SiDOptions(guidance_scale=None))
     x = method.generate(Batch(4)).detach().clone()
     x[1, 0, 0, 0] = float("nan")
-    loss, logs = method.generator_update(x.requires_grad_(), Batch(4))
+    loss, logs = method.generator_update(x.requires_grad_(), Batch(4), 0)
     assert torch.isfinite(loss) and logs["masked_g"] == 1
     closs, clogs = method.critic_update(x.detach(), Batch(4))
     assert torch.isfinite(closs) and clogs["masked_c"] == 1
     x_all = torch.full_like(x, float("nan"))
-    assert not torch.isfinite(method.generator_update(x_all, Batch(4))[0])  # a batch masked whole stops training
+    assert not torch.isfinite(method.generator_update(x_all, Batch(4), 0)[0])  # a batch masked whole stops training
 
 
 @pytest.mark.parametrize("mode, teacher_w, critic_train, critic_eval, critic_gets_uncond", [
@@ -361,7 +382,7 @@ def test_sid_guidance_variants(mode, teacher_w, critic_train, critic_eval, criti
     monkeypatch.setattr(Denoiser, "forward", spy)
     x = method.generate(batch)
     seen.clear()
-    method.generator_update(x, batch)
+    method.generator_update(x, batch, 0)
     method.critic_update(x.detach(), batch)
     (t_role, t_w, _), (c_role, c_eval, c_uncond_eval), (_, c_train, c_uncond_train) = seen
     assert (t_role, c_role) == ("teacher", "critic")

@@ -35,7 +35,7 @@ def test_sida_generator_loss_is_sid_plus_the_weighted_gan_term_through_the_froze
     x = method.generate(batch)
     calls, hook = count_critic_calls(method)
     torch.manual_seed(5)
-    loss, logs = method.generator_update(x, batch)
+    loss, logs = method.generator_update(x, batch, 0)
     hook.remove()
     assert calls == [4]  # one critic call gives the critic's x0 and the GAN logits
     torch.manual_seed(5)
@@ -61,7 +61,7 @@ def test_sida_generator_loss_is_sid_plus_the_weighted_gan_term_through_the_froze
 def test_sida_under_anti_cfg_takes_the_gan_features_in_a_second_unguided_call():
     method, batch = sida(guidance="anti"), _cond_batch()
     calls, hook = count_critic_calls(method)
-    loss, logs = method.generator_update(method.generate(batch), batch)
+    loss, logs = method.generator_update(method.generate(batch), batch, 0)
     hook.remove()
     assert calls == [8, 4]  # guided x0 (cond + uncond rows), then the unguided GAN features
     assert torch.isfinite(loss) and "gan_g" in logs
@@ -102,7 +102,7 @@ def test_sida_masks_non_finite_samples_in_both_losses():
     method, batch = sida(), _cond_batch()
     x = method.generate(batch).detach().clone()
     x[1, 0, 0, 0] = float("nan")
-    loss, logs = method.generator_update(x.requires_grad_(), batch)
+    loss, logs = method.generator_update(x.requires_grad_(), batch, 0)
     assert torch.isfinite(loss) and logs["masked_g"] == 1 and torch.isfinite(logs["gan_g"])
     closs, clogs = method.critic_update(x.detach(), batch)
     assert torch.isfinite(closs) and clogs["masked_c"] == 1 and torch.isfinite(clogs["gan_d"])

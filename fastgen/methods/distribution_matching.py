@@ -66,10 +66,13 @@ class RegressionOptions:
     ode_pairs: int = option(1024, "number of cached teacher ODE pairs")
     ode_steps: int = option(50, "DDIM steps of the teacher's ODE sampler for the pairs")
     pair_batch_size: int = option(0, "ODE pairs per batch (0: train.batch_size)")
+    regression_steps: int = option(0, "iterations with the regression loss, then the other terms alone: a last "
+                                      "phase free of the ODE's pull (0: the whole run)")
 
     def validate(self) -> None:
-        if self.regression_weight < 0:
-            raise ValueError(f"regression_weight must be >= 0, got {self.regression_weight}.")
+        if self.regression_weight < 0 or self.regression_steps < 0:
+            raise ValueError(f"regression_weight and regression_steps must be >= 0, got {self.regression_weight} "
+                             f"and {self.regression_steps}.")
         if self.regression_weight and (self.ode_pairs < 1 or self.ode_steps < 1 or self.pair_batch_size < 0):
             raise ValueError(f"ode_pairs and ode_steps must be >= 1 and pair_batch_size >= 0, got {self.ode_pairs}, "
                              f"{self.ode_steps} and {self.pair_batch_size}.")
@@ -167,6 +170,12 @@ class DistributionMatchingMethod(DistillationMethod):
         """The teacher's x0 at ``(x_t, t)`` with classifier-free guidance ``guidance_scale``."""
         return guided_x0(self.teacher, x_t, t, batch.cond, batch.uncond, self.guidance_scale)
 
+    def regression_weight_at(self, step: int) -> float:
+        """lambda_reg at iteration ``step``: ``regression_weight`` for the first ``regression_steps`` iterations
+        (every iteration when 0), then 0."""
+        steps = self.options.regression_steps
+        return self.regression_weight if not steps or step < steps else 0.0
+
     def regression_loss(self, batch: Batch) -> torch.Tensor:
         """DMD's ``L_reg`` as DMD2 and SiD add it: the first step's x0 from the pairs' noise
         against the teacher's ODE samples."""
@@ -227,8 +236,8 @@ class DistributionMatchingMethod(DistillationMethod):
     def uses_all_parameters_every_step(self) -> bool:
         return self.ratio == 1  # the generator rests on the other iterations
 
-    def generator_update(self, x: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict]:
-        """``(loss, logged terms)`` of the generator on its samples ``x`` (with grad)."""
+    def generator_update(self, x: torch.Tensor, batch: Batch, step: int) -> tuple[torch.Tensor, dict]:
+        """``(loss, logged terms)`` of the generator on its samples ``x`` (with grad) at iteration ``step``."""
         raise NotImplementedError
 
     def critic_update(self, fake: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict]:
@@ -241,7 +250,7 @@ class DistributionMatchingMethod(DistillationMethod):
         losses, logs = {}, {}
         if "generator" in self.updates(step):
             x = self.generate(batch)
-            losses["generator"], g = self.generator_update(x, batch)
+            losses["generator"], g = self.generator_update(x, batch, step)
             logs.update(g)
             fake = x.detach()
         else:

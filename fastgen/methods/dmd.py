@@ -82,7 +82,8 @@ class DMD(DistributionMatchingMethod):
         x, x_pair = x[:batch.size], (x[batch.size:] if self.regression_weight else None)
         g = self.generator_loss(x, batch, x_pair)
         c = self.critic_loss(x, batch)  # phase 3: the critic, on the same samples
-        generator = g["dm"] + self.regression_weight * g["reg"] if "reg" in g else g["dm"]
+        regression_weight = self.regression_weight_at(step)
+        generator = g["dm"] + regression_weight * g["reg"] if "reg" in g and regression_weight else g["dm"]
         return StepOutput({"generator": generator, "critic": c["dsm"]}, {k: v.detach() for k, v in {**g, **c}.items()})
 
 

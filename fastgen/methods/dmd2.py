@@ -76,11 +76,11 @@ class DMD2(DistributionMatchingMethod):
         x0_fake, logits = self.fake_x0_and_logits(x_t, t, batch.cond)
         return {"dm": self.dm_loss(x, x0_real, x0_fake.detach()), "gan_g": gan_generator_loss(logits)}
 
-    def generator_update(self, x: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict]:
-        g = self.generator_loss(x, batch)
-        if self.regression_weight:
+    def generator_update(self, x: torch.Tensor, batch: Batch, step: int) -> tuple[torch.Tensor, dict]:
+        g, regression_weight = self.generator_loss(x, batch), self.regression_weight_at(step)
+        if regression_weight:
             g["reg"] = self.regression_loss(batch)
-        loss = g["dm"] + self.gan_generator_weight * g.get("gan_g", 0.0) + self.regression_weight * g.get("reg", 0.0)
+        loss = g["dm"] + self.gan_generator_weight * g.get("gan_g", 0.0) + regression_weight * g.get("reg", 0.0)
         return loss, g
 
     def critic_update(self, fake: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict]:

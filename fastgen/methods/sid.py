@@ -181,7 +181,7 @@ class SiD(DistributionMatchingMethod):
         """The critic's conditioning: the prompts, or the empty prompt under Zero-CFG."""
         return batch.uncond if self.critic_unconditional else batch.cond
 
-    def generator_update(self, x_g: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict]:
+    def generator_update(self, x_g: torch.Tensor, batch: Batch, step: int) -> tuple[torch.Tensor, dict]:
         """SiD's generator loss (+ SiDA's GAN loss); the gradient reaches ``x_g`` through both x0 predictions
         and the critic's GAN logits, the teacher's and the critic's weights frozen."""
         x_t, t = self.noised(x_g)
@@ -195,9 +195,9 @@ class SiD(DistributionMatchingMethod):
         x_g, y_real, y_fake = x_g[keep], y_real[keep], y_fake[keep]
         sid = self.sid_loss(x_g, y_real, y_fake).mean()
         logs, loss, numel = {"sid": sid, "masked_g": (~keep).sum().float()}, sid, x_g[0].numel()  # numel: CHW
-        if self.regression_weight:
+        if self.regression_weight_at(step):
             logs["reg"] = self.regression_loss(batch)
-            loss = loss + self.regression_weight * numel * logs["reg"]
+            loss = loss + self.regression_weight_at(step) * numel * logs["reg"]
         if logits is not None:
             logs["gan_g"] = gan_generator_loss(logits[keep])
             gan = sida_gan_loss(logits[keep], SiDLoss.normaliser(x_g, y_real), numel)
