@@ -195,9 +195,10 @@ class SiD(DistributionMatchingMethod):
         x_g, y_real, y_fake = x_g[keep], y_real[keep], y_fake[keep]
         sid = self.sid_loss(x_g, y_real, y_fake).mean()
         logs, loss, numel = {"sid": sid, "masked_g": (~keep).sum().float()}, sid, x_g[0].numel()  # numel: CHW
-        if self.regression_weight_at(step):
+        regression_weight = self.regression_weight_at(step)
+        if regression_weight:
             logs["reg"] = self.regression_loss(batch)
-            loss = loss + self.regression_weight_at(step) * numel * logs["reg"]
+            loss = loss + regression_weight * numel * logs["reg"]
         if logits is not None:
             logs["gan_g"] = gan_generator_loss(logits[keep])
             gan = sida_gan_loss(logits[keep], SiDLoss.normaliser(x_g, y_real), numel)
