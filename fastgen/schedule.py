@@ -188,8 +188,7 @@ class FlowSchedule(NoiseSchedule):
 
     def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0, mu: float | None = None,
                  time_shift_type: str = "exponential", config: dict | None = None):
-        if time_shift_type not in ("exponential", "linear"):
-            raise ValueError(f"time_shift_type must be 'exponential' or 'linear', not {time_shift_type!r}.")
+        check_choice("time_shift_type", time_shift_type, ("exponential", "linear"))
         self.num_train_timesteps = num_train_timesteps
         self.shift = float(shift)
         self.mu = None if mu is None else float(mu)

@@ -55,10 +55,11 @@ class DMD(DistributionMatchingMethod):
         return DataNeeds(teacher_pairs=self.options.teacher_pairs(self.guidance_scale))
 
     # --- phase 1: generate ------------------------------------------------------------------
-    def generate(self, batch: Batch) -> torch.Tensor:
-        """``x = G(z)``, ``z`` pure noise at ``timesteps[0]``; the ODE pairs' noise rides in the same call."""
+    def generate(self, batch: Batch, with_pairs: bool = True) -> torch.Tensor:
+        """``x = G(z)``, ``z`` pure noise at ``timesteps[0]``; the ODE pairs' noise rides in the same call (with the
+        regression loss and ``with_pairs``)."""
         z, cond = self.noise(batch.size), batch.cond
-        if self.regression_weight:
+        if with_pairs and self.regression_weight:
             if batch.pair_noise is None:
                 raise ValueError("DMD's regression loss needs teacher ODE pairs in every batch (or regression_weight=0).")
             z = torch.cat([z, batch.pair_noise.to(z)])
@@ -78,12 +79,12 @@ class DMD(DistributionMatchingMethod):
         return terms
 
     def training_step(self, batch: Batch, step: int) -> StepOutput:
-        x = self.generate(batch)
-        x, x_pair = x[:batch.size], (x[batch.size:] if self.regression_weight else None)
+        regression_weight = self.regression_weight_at(step)  # 0 after regression_steps: no pair forward then
+        x = self.generate(batch, with_pairs=bool(regression_weight))
+        x, x_pair = x[:batch.size], (x[batch.size:] if regression_weight else None)
         g = self.generator_loss(x, batch, x_pair)
         c = self.critic_loss(x, batch)  # phase 3: the critic, on the same samples
-        regression_weight = self.regression_weight_at(step)
-        generator = g["dm"] + regression_weight * g["reg"] if "reg" in g and regression_weight else g["dm"]
+        generator = g["dm"] + regression_weight * g["reg"] if "reg" in g else g["dm"]
         return StepOutput({"generator": generator, "critic": c["dsm"]}, {k: v.detach() for k, v in {**g, **c}.items()})
 
 
