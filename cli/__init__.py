@@ -181,7 +181,7 @@ def _eval(args) -> int:
                       solver=args.solver, batch_size=args.batch_size, seed=args.seed, fid_reference=args.fid_reference,
                       clip_model=args.clip_model, clip_pretrained=args.clip_pretrained, device=args.device,
                       allow_pickle=args.allow_pickle, prompts=args.prompts, gamma=args.gamma,
-                      loading=_load_options(args))
+                      loading=_load_options(args), seeds=_ints(args.seeds, "--seeds"))
     print(metrics_markdown(result))
     if args.out:
         print(f"wrote {args.out}/metrics.json, metrics.md and samples.png")
@@ -306,6 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default=None, help="output folder for metrics.json, metrics.md, samples.png")
     ev.add_argument("--batch-size", type=int, default=100, help="images per pipeline call (default: 100)")
     _sampling_options(ev)
+    ev.add_argument("--seeds", default=None, metavar="S,S,...",
+                    help="evaluate once per seed (e.g. 0,1,2,3,4; --num-images each) instead of --seed, and report "
+                         "each metric's mean and standard deviation over them: at a few thousand images FD moves "
+                         "with the seed alone")
     _scoring_options(ev)
     _loading_options(ev)
     ev.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)

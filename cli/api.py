@@ -68,7 +68,8 @@ def evaluate(target: str | Path, num_inference_steps: int | None = None, timeste
         device: torch device (``"cpu"``, ``"cuda"``, ...).
         out: also write ``metrics.json``, ``metrics.md`` and ``samples.png`` there.
         options: the other keywords of :func:`fastgen.eval.evaluate.evaluate` (``solver``, ``batch_size``,
-            ``fid_reference``, ``clip_model``, ``allow_pickle``, ...).
+            ``fid_reference``, ``clip_model``, ``allow_pickle``, ``seeds``: several evaluation seeds, whose mean
+            this returns, ...).
     """
     from fastgen.eval.evaluate import DEFAULT_METRICS
     from fastgen.eval.evaluate import evaluate as run_evaluation

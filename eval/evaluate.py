@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import functools
 import json
+import statistics
+import sys
 from pathlib import Path
 
 import torch
@@ -248,6 +250,43 @@ def run_one(pipe, zoo_name, metrics, num_images, steps=None, timesteps=None, gui
     return row, gen
 
 
+def check_seeds(seed: int, seeds) -> list[int]:
+    """The evaluation seeds: ``[seed]``, or ``seeds`` (two or more distinct whole numbers >= 0; ``seed`` left at its
+    default 0); a one-line ``ValueError`` naming ``--seeds`` otherwise."""
+    if seeds is None:
+        return [seed]
+    seeds = list(seeds)
+    if len(seeds) < 2 or len(set(seeds)) < len(seeds) or any(not isinstance(s, int) or s < 0 for s in seeds):
+        raise ValueError(f"--seeds expects two or more distinct whole numbers >= 0, e.g. 0,1,2,3,4; got {seeds}.")
+    if seed != 0:
+        raise ValueError(f"--seed {seed} and --seeds {','.join(map(str, seeds))}: give one of them.")
+    return seeds
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def mean_over_seeds(rows: list[dict]) -> tuple[dict, dict]:
+    """The mean and the sample standard deviation of each numeric metric over the rows of several evaluation seeds
+    (per-class dicts such as ``fd_by_class`` averaged per class; anything else taken from the first row).
+
+    Returns:
+        ``(mean, sd)``: the first has every key of ``rows[0]``, the second only the numeric ones.
+    """
+    mean, sd = {}, {}
+    for key, first in rows[0].items():
+        values = [row.get(key) for row in rows]
+        if all(_is_number(v) for v in values):  # equal values (nfe, the floors) kept as they are
+            same = all(v == first for v in values)
+            mean[key], sd[key] = (first, 0.0) if same else (statistics.fmean(values), statistics.stdev(values))
+        elif all(isinstance(v, dict) for v in values) and all(_is_number(x) for v in values for x in v.values()):
+            mean[key] = {k: statistics.fmean(v[k] for v in values) for k in first}
+        else:
+            mean[key] = first
+    return mean, sd
+
+
 def student_call(pipe) -> dict:
     """``{"steps"|"timesteps", "guidance"}`` from an exported student's fastgen metadata ({} for others)."""
     meta = pipeline_metadata(pipe)
@@ -274,7 +313,8 @@ def evaluate(target: str, steps: int | None = None, timesteps: list | None = Non
              out: str | Path | None = None, solver: str | None = None, batch_size: int = 100, seed: int = 0,
              fid_reference=None, clip_model: str = "ViT-B-32", clip_pretrained: str | None = "openai",
              device: str = "cpu", progress: bool = True, allow_pickle: bool = False, prompts=None,
-             grid: str | Path | None = None, gamma: float | None = None, loading=None) -> dict:
+             grid: str | Path | None = None, gamma: float | None = None, loading=None,
+             seeds: list[int] | None = None) -> dict:
     """Evaluate one pipeline (zoo name, folder or hub id) and write ``metrics.json``, ``metrics.md``, ``samples.png``.
 
     Args:
@@ -300,6 +340,10 @@ def evaluate(target: str, steps: int | None = None, timesteps: list | None = Non
             gamma in [0, 1], passed as the call's ``eta``: an inference option of consistency students (VP).
         loading: how the pipeline is loaded (:class:`~fastgen.pipelines.loading.LoadOptions`: dtype, variant,
             revision, replaced components, single-file config, attention).
+        seeds: evaluate with each of these seeds (``num_images`` each, one pipeline load) instead of ``seed``:
+            ``metrics`` is then the mean over them, ``metrics_sd`` the sample standard deviation and
+            ``metrics_by_seed`` each seed's row; the grid shows the first seed's images. At a few thousand images
+            an FD moves with the seed alone (docs/evaluation.md): compare samplers by the mean.
 
     Bad input (including missing FID / CLIP weights and an unwritable ``out``) is a one-line error raised
     before the first image is generated.
@@ -308,6 +352,7 @@ def evaluate(target: str, steps: int | None = None, timesteps: list | None = Non
 
     # every check that needs no pipeline first, then those that need it: all before the first image
     metrics = parse_metrics(metrics)
+    seed_list = check_seeds(seed, seeds)
     check_counts(metrics, num_images, None)
     check_generation(num_images, steps, timesteps, guidance, batch_size)
     if solver is not None and solver not in SOLVERS:
@@ -348,11 +393,22 @@ def evaluate(target: str, steps: int | None = None, timesteps: list | None = Non
         pipe.scheduler = timesteps_scheduler(pipe.scheduler, solver)
     if guidance is None:
         guidance = call.get("guidance", zoo.RECOMMENDED_GUIDANCE.get(zoo_name) if zoo_name else None)
-    row, gen = run_one(pipe, zoo_name, metrics, num_images, steps, timesteps, guidance, seed, batch_size, device,
-                       progress, prompts=prompt_list, eta=gamma, fid_reference=fid_reference, clip=clip)
+    rows, gen = [], None
+    for i, s in enumerate(seed_list):
+        if progress and len(seed_list) > 1:
+            print(f"evaluation seed {s} ({i + 1} of {len(seed_list)})", file=sys.stderr)
+        row, generated = run_one(pipe, zoo_name, metrics, num_images, steps, timesteps, guidance, s, batch_size,
+                                 device, progress, prompts=prompt_list, eta=gamma, fid_reference=fid_reference,
+                                 clip=clip)
+        rows.append(row)
+        gen = gen or generated  # the first seed's images make the grid
     result = {"target": target, "zoo": zoo_name, "solver": solver, "scheduler": type(pipe.scheduler).__name__,
               "gamma": gamma, "call": {k: v for k, v in gen.call.items()}, "guidance": guidance, "num_images": num_images,
-              "seed": seed, "threads": torch.get_num_threads(), "metrics": row}
+              "seed": seed_list[0] if len(seed_list) == 1 else None, "seeds": seed_list,
+              "threads": torch.get_num_threads(), "metrics": rows[0]}
+    if len(seed_list) > 1:
+        result["metrics"], result["metrics_sd"] = mean_over_seeds(rows)
+        result["metrics_by_seed"] = rows
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(result, indent=1))
@@ -368,17 +424,33 @@ OTHER_TABLE_KEYS = ("acc", "fid", "clip", "images_per_s", "s_per_image", "nfe", 
 
 
 def metrics_markdown(result: dict) -> str:
-    """The metrics of one :func:`evaluate` result as a Markdown table with the real-data floors."""
+    """The metrics of one :func:`evaluate` result as a Markdown table with the real-data floors (with several
+    evaluation seeds: the mean +- sample sd, then each seed's value)."""
     m = result["metrics"]
+    seeds = result.get("seeds") or [result["seed"]]
+    by_seed = result.get("metrics_by_seed", [])
+    if by_seed:
+        seed_text = f"seeds {', '.join(map(str, seeds))} ({result['num_images']} images each)"
+        header = ["| metric | mean +- sd | " + " | ".join(f"seed {s}" for s in seeds) + " | real-data floor |",
+                  "|---|---:|" + "---:|" * len(seeds) + "---:|"]
+    else:
+        seed_text = f"{result['num_images']} images, seed {seeds[0]}"
+        header = ["| metric | value | real-data floor |", "|---|---:|---:|"]
     lines = [f"# fastgen eval: {result['target']}", "",
-             f"call: `{result['call']}`, guidance {result['guidance']}, {result['num_images']} images, seed "
-             f"{result['seed']}, {result['threads']} CPU threads", "", "| metric | value | real-data floor |",
-             "|---|---:|---:|"]
+             f"call: `{result['call']}`, guidance {result['guidance']}, {seed_text}, {result['threads']} CPU threads",
+             "", *header]
     groups = [key for key in m if key.startswith(GROUP_KEY.format("")) and not key.endswith("_floor")]
     keys = (*DOMAIN_TABLE_KEYS, *groups, *OTHER_TABLE_KEYS)
     for key in keys:
-        if key in m:
-            lines.append(f"| {key} | {fmt(m[key], 4)} | {fmt(m.get(key + '_floor'), 4)} |")
+        if key not in m:
+            continue
+        if by_seed:
+            sd = result["metrics_sd"].get(key)
+            value = fmt(m[key], 4) + (f" +- {fmt(sd, 4)}" if sd else "")  # no sd where the seed changes nothing
+            value += " | " + " | ".join(fmt(row.get(key), 4) for row in by_seed)
+        else:
+            value = fmt(m[key], 4)
+        lines.append(f"| {key} | {value} | {fmt(m.get(key + '_floor'), 4)} |")
     return "\n".join(lines) + "\n"
 
 

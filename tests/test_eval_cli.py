@@ -147,11 +147,41 @@ def test_eval_with_gamma_samples_as_tcd(tmp_path):
     (["eval", "fmnist-ldm", "--steps", "1", "--num-images", "10", "--metrics", "fid"], "--fid-reference"),
     (["eval", "digits-ddpm", "--steps", "1", "--gamma", "1.5"], "gamma (TCD's stochasticity) must be a number in [0, 1]"),
     (["eval", "digits-ddpm", "--steps", "1", "--gamma", "0.3", "--solver", "ddim"], "give one of them"),
+    (["eval", "digits-ddpm", "--steps", "1", "--seeds", "3"], "--seeds expects two or more distinct"),
+    (["eval", "digits-ddpm", "--steps", "1", "--seeds", "0,1,0"], "--seeds expects two or more distinct"),
+    (["eval", "digits-ddpm", "--steps", "1", "--seeds", "0,-1"], "--seeds expects two or more distinct"),
+    (["eval", "digits-ddpm", "--steps", "1", "--seeds", "0,x"], "--seeds expects comma-separated whole numbers"),
+    (["eval", "digits-ddpm", "--steps", "1", "--seed", "2", "--seeds", "0,1"], "--seed 2 and --seeds 0,1"),
 ])
 def test_eval_bad_input_is_one_clear_line(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_eval_over_seeds_reports_each_seed_and_their_mean(tmp_path):
+    """--seeds: one row per seed, each the same as a --seed evaluation, and their mean +- sample sd."""
+    import statistics
+
+    out = tmp_path / "ev"
+    argv = ["eval", "digits-ddpm", "--steps", "2", "--num-images", "20", "--metrics", "fd,recall,speed"]
+    assert main([*argv, "--seeds", "0,1,2", "--out", str(out)]) == 0
+    result = json.loads((out / "metrics.json").read_text())
+    rows = result["metrics_by_seed"]
+    assert result["seeds"] == [0, 1, 2] and result["seed"] is None and len(rows) == 3
+    alone = evaluate("digits-ddpm", steps=2, num_images=20, metrics=["fd", "recall"], seed=1, progress=False)
+    assert rows[1]["fd"] == pytest.approx(alone["metrics"]["fd"], rel=1e-6)
+    assert rows[1]["recall"] == alone["metrics"]["recall"]
+    fds = [row["fd"] for row in rows]
+    assert len(set(fds)) == 3  # the seed moves FD at 20 images
+    assert result["metrics"]["fd"] == pytest.approx(statistics.fmean(fds))
+    assert result["metrics_sd"]["fd"] == pytest.approx(statistics.stdev(fds)) and result["metrics_sd"]["fd"] > 0
+    # what does not change with the seed stays as it is: the step count and the real-data floor
+    assert result["metrics"]["nfe"] == 2 and result["metrics_sd"]["fd_floor"] == 0.0
+    table = (out / "metrics.md").read_text()
+    assert "| metric | mean +- sd | seed 0 | seed 1 | seed 2 | real-data floor |" in table
+    assert f"| fd | {result['metrics']['fd']:.4f} +- {result['metrics_sd']['fd']:.4f} | {fds[0]:.4f} |" in table
+    assert (out / "samples.png").is_file()
 
 
 def test_eval_folder_without_pipeline(tmp_path, capsys):
