@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 # Image-folder I/O lives with the pipelines (training reads image folders too); re-exported here.
+from fastgen.checks import check_choice
 from fastgen.pipelines.images import IMAGE_EXTENSIONS, list_image_files, load_image_folder, size_tuple
 
 # Fewest images accepted for a Fréchet distance / KID. Two already give a covariance, but with
@@ -210,13 +211,12 @@ def blur(images: torch.Tensor, kernel_size: int = 3, kind: str = "box", sigma: f
     """
     if kernel_size % 2 != 1:
         raise ValueError(f"kernel_size must be odd, got {kernel_size}.")
+    check_choice("kind", kind, ("box", "gaussian"))
     if kind == "box":
         return F.avg_pool2d(images, kernel_size, stride=1, padding=kernel_size // 2, count_include_pad=False)
-    if kind == "gaussian":
-        from torchvision.transforms.functional import gaussian_blur
+    from torchvision.transforms.functional import gaussian_blur
 
-        return gaussian_blur(images, [kernel_size, kernel_size], None if sigma is None else [sigma, sigma])
-    raise ValueError(f"kind must be 'box' or 'gaussian', not {kind!r}.")
+    return gaussian_blur(images, [kernel_size, kernel_size], None if sigma is None else [sigma, sigma])
 
 
 # --- domain metrics (zoo classifiers) -----------------------------------------------------------

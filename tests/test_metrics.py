@@ -192,6 +192,8 @@ def test_metric_input_errors():
         prompt_accuracy(torch.rand(4, 1, 8, 8), [0, 1], "digits")
     with pytest.raises(ValueError, match="matching shapes"):
         frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+    with pytest.raises(ValueError, match="kind must be one of box, gaussian, not 'median'"):
+        blur(torch.rand(2, 1, 8, 8), 3, kind="median")
 
 
 # --- clean-fid ------------------------------------------------------------------------------------
