@@ -28,8 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-# Image-folder I/O lives with the pipelines (training reads image folders too); re-exported here.
 from fastgen.checks import check_choice
+# Image-folder I/O lives with the pipelines (training reads image folders too); re-exported here.
 from fastgen.pipelines.images import IMAGE_EXTENSIONS, list_image_files, load_image_folder, size_tuple
 
 # Fewest images accepted for a Fréchet distance / KID. Two already give a covariance, but with
