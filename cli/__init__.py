@@ -180,7 +180,7 @@ def _eval(args) -> int:
                       num_images=args.num_images, metrics=args.metrics or DEFAULT_METRICS, out=args.out,
                       solver=args.solver, batch_size=args.batch_size, seed=args.seed, fid_reference=args.fid_reference,
                       clip_model=args.clip_model, clip_pretrained=args.clip_pretrained, device=args.device,
-                      allow_pickle=args.allow_pickle, prompts=args.prompts, gamma=args.gamma,
+                      allow_pickle=args.allow_pickle, prompts=args.prompts, gamma=args.gamma, eta=args.eta,
                       loading=_load_options(args), seeds=_ints(args.seeds, "--seeds"))
     print(metrics_markdown(result))
     if args.out:
@@ -302,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="sample with diffusers' TCDScheduler at this gamma in [0, 1] (TCD's strategic stochastic "
                          "sampling; 0: deterministic), passed as the call's eta: an inference option of "
                          "consistency students (cd, lcm)")
+    ev.add_argument("--eta", type=float, default=None,
+                    help="DDIM's stochasticity in [0, 1] (0: deterministic, 1: DDPM's variance), passed as the call's "
+                         "eta to a DDIMScheduler: an inference option of progressive students")
     ev.add_argument("--num-images", type=int, default=1000, help="images to generate (default: 1000)")
     ev.add_argument("--out", default=None, help="output folder for metrics.json, metrics.md, samples.png")
     ev.add_argument("--batch-size", type=int, default=100, help="images per pipeline call (default: 100)")

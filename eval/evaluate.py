@@ -23,6 +23,7 @@ real train images against the real test split, at the same N and the same images
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import statistics
 import sys
@@ -308,13 +309,21 @@ def fmt(value, digits=3) -> str:
     return str(value)
 
 
+def check_eta(eta) -> float:
+    """A one-line ``ValueError`` unless ``eta`` (DDIM's stochasticity) lies in [0, 1]."""
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta <= 1:
+        raise ValueError(f"--eta (DDIM's stochasticity) must be a number in [0, 1] (0: deterministic DDIM, 1: DDPM's "
+                         f"variance), got {eta!r}.")
+    return float(eta)
+
+
 def evaluate(target: str, steps: int | None = None, timesteps: list | None = None,
              guidance: float | None = None, num_images: int = 1000, metrics=DEFAULT_METRICS,
              out: str | Path | None = None, solver: str | None = None, batch_size: int = 100, seed: int = 0,
              fid_reference=None, clip_model: str = "ViT-B-32", clip_pretrained: str | None = "openai",
              device: str = "cpu", progress: bool = True, allow_pickle: bool = False, prompts=None,
              grid: str | Path | None = None, gamma: float | None = None, loading=None,
-             seeds: list[int] | None = None) -> dict:
+             seeds: list[int] | None = None, eta: float | None = None) -> dict:
     """Evaluate one pipeline (zoo name, folder or hub id) and write ``metrics.json``, ``metrics.md``, ``samples.png``.
 
     Args:
@@ -344,6 +353,9 @@ def evaluate(target: str, steps: int | None = None, timesteps: list | None = Non
             ``metrics`` is then the mean over them, ``metrics_sd`` the sample standard deviation and
             ``metrics_by_seed`` each seed's row; the grid shows the first seed's images. At a few thousand images
             an FD moves with the seed alone (docs/evaluation.md): compare samplers by the mean.
+        eta: DDIM's stochasticity in [0, 1] (Song et al. 2021; 0: deterministic DDIM, 1: DDPM's posterior
+            variance), passed as the call's ``eta`` to a scheduler whose ``step`` takes it (``DDIMScheduler``: the
+            exported folder of a progressive student, or ``solver="ddim"``): an inference option of DDIM students.
 
     Bad input (including missing FID / CLIP weights and an unwritable ``out``) is a one-line error raised
     before the first image is generated.
@@ -361,6 +373,10 @@ def evaluate(target: str, steps: int | None = None, timesteps: list | None = Non
         check_gamma(gamma)
         if solver is not None:
             raise ValueError(f"--gamma samples with TCDScheduler and --solver with {solver}: give one of them.")
+    if eta is not None:
+        check_eta(eta)
+        if gamma is not None:
+            raise ValueError("--eta is DDIM's stochasticity and --gamma TCD's (its own eta): give one of them.")
     prompt_list = None if prompts is None or prompts == "zoo" else load_prompts(prompts)
     if out is not None:
         out = check_output_dir(out)
@@ -391,6 +407,9 @@ def evaluate(target: str, steps: int | None = None, timesteps: list | None = Non
         except ValueError as err:
             raise ValueError(f"--timesteps {list(timesteps)}: {err}") from None
         pipe.scheduler = timesteps_scheduler(pipe.scheduler, solver)
+    if eta is not None and "eta" not in inspect.signature(pipe.scheduler.step).parameters:
+        raise ValueError(f"--eta: {type(pipe.scheduler).__name__}.step takes no eta; DDIMScheduler does (a progressive "
+                         "student's folder, or --solver ddim without --timesteps).")
     if guidance is None:
         guidance = call.get("guidance", zoo.RECOMMENDED_GUIDANCE.get(zoo_name) if zoo_name else None)
     rows, gen = [], None
@@ -398,12 +417,12 @@ def evaluate(target: str, steps: int | None = None, timesteps: list | None = Non
         if progress and len(seed_list) > 1:
             print(f"evaluation seed {s} ({i + 1} of {len(seed_list)})", file=sys.stderr)
         row, generated = run_one(pipe, zoo_name, metrics, num_images, steps, timesteps, guidance, s, batch_size,
-                                 device, progress, prompts=prompt_list, eta=gamma, fid_reference=fid_reference,
+                                 device, progress, prompts=prompt_list, eta=gamma if gamma is not None else eta, fid_reference=fid_reference,
                                  clip=clip)
         rows.append(row)
         gen = gen or generated  # the first seed's images make the grid
     result = {"target": target, "zoo": zoo_name, "solver": solver, "scheduler": type(pipe.scheduler).__name__,
-              "gamma": gamma, "call": {k: v for k, v in gen.call.items()}, "guidance": guidance, "num_images": num_images,
+              "gamma": gamma, "eta": eta, "call": {k: v for k, v in gen.call.items()}, "guidance": guidance, "num_images": num_images,
               "seed": seed_list[0] if len(seed_list) == 1 else None, "seeds": seed_list,
               "threads": torch.get_num_threads(), "metrics": rows[0]}
     if len(seed_list) > 1:

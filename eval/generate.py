@@ -157,7 +157,8 @@ def unconditional_call(pipe, batch_size: int, num_inference_steps: int | None, g
     its loop with the two checks diffusers' other pipelines make; for DDPM, DDIM and LCM schedulers it
     gives exactly the pipeline's images (tested), and with ``timesteps`` (a scheduler that takes them) those
     of ``ConsistencyModelPipeline``, the class of exported unconditional students. ``eta``: passed to every
-    ``scheduler.step`` (a ``TCDScheduler``'s gamma; ``ConsistencyModelPipeline`` leaves it at the default 0.3).
+    ``scheduler.step`` (DDIM's eta as ``DDIMPipeline`` passes it, or a ``TCDScheduler``'s gamma, which
+    ``ConsistencyModelPipeline`` leaves at the default 0.3).
     """
     from diffusers.utils.torch_utils import randn_tensor
 
@@ -172,7 +173,7 @@ def unconditional_call(pipe, batch_size: int, num_inference_steps: int | None, g
     step_kwargs = {"generator": generator} if "generator" in step_params else {}
     if eta is not None:
         if "eta" not in step_params:
-            raise ValueError(f"{type(scheduler).__name__}.step takes no eta (TCD's gamma).")
+            raise ValueError(f"{type(scheduler).__name__}.step takes no eta (DDIM's or TCD's stochasticity).")
         step_kwargs["eta"] = eta
     for t in scheduler.timesteps:
         model_output = unet(scheduler.scale_model_input(image, t), t).sample
@@ -217,7 +218,8 @@ def generate(pipe, num_images: int, num_inference_steps: int | None = None, time
             image ``i`` shows class ``i % 10`` (its label).
         batch_size: images per pipeline call.
         seed: seed of ``torch.Generator`` (one generator for the whole run).
-        eta: the scheduler's ``eta`` in the call (a ``TCDScheduler``'s gamma); default: the pipeline's own.
+        eta: the scheduler's ``eta`` in the call (DDIM's stochasticity, or a ``TCDScheduler``'s gamma); default:
+            the pipeline's own.
     Returns:
         :class:`Generated`; ``nfe`` counts network evaluations per image (a CFG pair counts once).
     """
@@ -241,7 +243,7 @@ def generate(pipe, num_images: int, num_inference_steps: int | None = None, time
         nfe = num_inference_steps
     if eta is not None and text:
         if "eta" not in params:
-            raise ValueError(f"{type(pipe).__name__} cannot be called with eta (TCD's gamma).")
+            raise ValueError(f"{type(pipe).__name__} cannot be called with eta (DDIM's or TCD's stochasticity).")
         kwargs["eta"] = eta
     labels = None
     if text:

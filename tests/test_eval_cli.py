@@ -135,6 +135,32 @@ def test_eval_with_gamma_samples_as_tcd(tmp_path):
     assert result["call"]["timesteps"] == [999, 759, 499]
 
 
+def test_eval_with_eta_samples_as_diffusers_ddim(tmp_path):
+    """--eta: DDIM's stochastic sampling as diffusers runs it -- the evaluation loop gives DDIMPipeline(eta=E)'s
+    images -- for text pipelines passed as the call's eta, recorded, and not the deterministic images."""
+    from diffusers import DDIMPipeline, DDIMScheduler, DiffusionPipeline
+
+    from fastgen import zoo
+    from fastgen.eval.generate import generate
+
+    teacher = DiffusionPipeline.from_pretrained(zoo.path("digits-ddpm"))
+    ddim = DDIMPipeline(unet=teacher.unet, scheduler=DDIMScheduler.from_config(teacher.scheduler.config))
+    for eta in (0.0, 1.0):
+        gen = generate(ddim, 4, num_inference_steps=4, batch_size=4, progress=False, eta=eta)
+        want = ddim(batch_size=4, num_inference_steps=4, eta=eta, generator=torch.Generator().manual_seed(0),
+                    output_type="np").images
+        torch.testing.assert_close(gen.images, torch.from_numpy(want).permute(0, 3, 1, 2).float(), atol=1e-5, rtol=0)
+    assert (gen.images - generate(ddim, 4, num_inference_steps=4, batch_size=4, progress=False).images).abs().max() > 0.1
+    rows = {}
+    for eta in ("0", "1"):
+        out = tmp_path / f"eta{eta}"
+        assert main(["eval", "fmnist-ldm", "--solver", "ddim", "--steps", "4", "--eta", eta, "--num-images", "20",
+                     "--metrics", "fd", "--out", str(out)]) == 0
+        rows[eta] = json.loads((out / "metrics.json").read_text())
+        assert rows[eta]["eta"] == float(eta) and rows[eta]["call"]["eta"] == float(eta)
+    assert rows["0"]["metrics"]["fd"] != rows["1"]["metrics"]["fd"]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["eval", "no-such-teacher", "--steps", "1"], "neither a zoo teacher"),
     (["eval", "fmnist-ldm"], "--steps"),
@@ -147,6 +173,10 @@ def test_eval_with_gamma_samples_as_tcd(tmp_path):
     (["eval", "fmnist-ldm", "--steps", "1", "--num-images", "10", "--metrics", "fid"], "--fid-reference"),
     (["eval", "digits-ddpm", "--steps", "1", "--gamma", "1.5"], "gamma (TCD's stochasticity) must be a number in [0, 1]"),
     (["eval", "digits-ddpm", "--steps", "1", "--gamma", "0.3", "--solver", "ddim"], "give one of them"),
+    (["eval", "digits-ddpm", "--steps", "1", "--eta", "-0.5"], "--eta (DDIM's stochasticity) must be a number in [0, 1]"),
+    (["eval", "digits-ddpm", "--steps", "1", "--eta", "0.5", "--gamma", "0.3"], "give one of them"),
+    (["eval", "digits-ddpm", "--steps", "1", "--eta", "0.5"], "--eta: DDPMScheduler.step takes no eta"),
+    (["eval", "digits-ddpm", "--steps", "1", "--eta", "0.5", "--solver", "unipc"], "takes no eta; DDIMScheduler does"),
     (["eval", "digits-ddpm", "--steps", "1", "--seeds", "3"], "--seeds expects two or more distinct"),
     (["eval", "digits-ddpm", "--steps", "1", "--seeds", "0,1,0"], "--seeds expects two or more distinct"),
     (["eval", "digits-ddpm", "--steps", "1", "--seeds", "0,-1"], "--seeds expects two or more distinct"),
