@@ -417,12 +417,13 @@ def evaluate(target: str, steps: int | None = None, timesteps: list | None = Non
         if progress and len(seed_list) > 1:
             print(f"evaluation seed {s} ({i + 1} of {len(seed_list)})", file=sys.stderr)
         row, generated = run_one(pipe, zoo_name, metrics, num_images, steps, timesteps, guidance, s, batch_size,
-                                 device, progress, prompts=prompt_list, eta=gamma if gamma is not None else eta, fid_reference=fid_reference,
-                                 clip=clip)
+                                 device, progress, prompts=prompt_list, eta=gamma if gamma is not None else eta,
+                                 fid_reference=fid_reference, clip=clip)
         rows.append(row)
         gen = gen or generated  # the first seed's images make the grid
     result = {"target": target, "zoo": zoo_name, "solver": solver, "scheduler": type(pipe.scheduler).__name__,
-              "gamma": gamma, "eta": eta, "call": {k: v for k, v in gen.call.items()}, "guidance": guidance, "num_images": num_images,
+              "gamma": gamma, "eta": eta, "call": {k: v for k, v in gen.call.items()}, "guidance": guidance,
+              "num_images": num_images,
               "seed": seed_list[0] if len(seed_list) == 1 else None, "seeds": seed_list,
               "threads": torch.get_num_threads(), "metrics": rows[0]}
     if len(seed_list) > 1:

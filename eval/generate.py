@@ -241,8 +241,8 @@ def generate(pipe, num_images: int, num_inference_steps: int | None = None, time
             raise ValueError("Give a positive number of steps or explicit timesteps.")
         kwargs["num_inference_steps"] = num_inference_steps
         nfe = num_inference_steps
-    if eta is not None and text:
-        if "eta" not in params:
+    if eta is not None:  # unconditional pipelines: unconditional_call passes it to every step (recorded here)
+        if text and "eta" not in params:
             raise ValueError(f"{type(pipe).__name__} cannot be called with eta (DDIM's or TCD's stochasticity).")
         kwargs["eta"] = eta
     labels = None

@@ -150,6 +150,7 @@ def test_eval_with_eta_samples_as_diffusers_ddim(tmp_path):
         want = ddim(batch_size=4, num_inference_steps=4, eta=eta, generator=torch.Generator().manual_seed(0),
                     output_type="np").images
         torch.testing.assert_close(gen.images, torch.from_numpy(want).permute(0, 3, 1, 2).float(), atol=1e-5, rtol=0)
+    assert gen.call["eta"] == 1.0
     assert (gen.images - generate(ddim, 4, num_inference_steps=4, batch_size=4, progress=False).images).abs().max() > 0.1
     rows = {}
     for eta in ("0", "1"):
